@@ -1,0 +1,284 @@
+"""moed protocol v1: the one definition both the daemon and its clients import.
+
+Every message is one msgpack map in one ZeroMQ frame (the ROUTER adds the
+peer identity frame on the daemon side). Every map has ``type``; messages that
+belong to a request carry the client's request ``id``. Unknown fields are
+ignored so that minor versions can add them; unknown types get an error.
+See docs/protocol.md for the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = (1, 0)
+
+# Limits on what a peer may send. The daemon sets ZeroMQ's MAXMSGSIZE to
+# MAX_MESSAGE_BYTES so oversized frames never reach Python, and unpacks with
+# per-container limits so a small frame cannot expand into a huge object.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_STRING_BYTES = MAX_MESSAGE_BYTES
+MAX_ARRAY_LEN = 256 * 1024
+MAX_MAP_LEN = 4096
+MAX_DEPTH = 32
+MAX_REQUEST_ID_LEN = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+
+# Client -> daemon message types.
+HELLO = "hello"
+GENERATE = "generate"
+CANCEL = "cancel"
+STATUS = "status"
+PING = "ping"
+SHUTDOWN = "shutdown"
+CLIENT_TYPES = frozenset({HELLO, GENERATE, CANCEL, STATUS, PING, SHUTDOWN})
+
+# Daemon -> client message types (``hello`` and ``status`` are also replies).
+CHUNK = "chunk"
+DONE = "done"
+ERROR = "error"
+PONG = "pong"
+PROGRESS = "progress"
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class ErrorCode:
+    """Stable error codes. Clients branch on these; never rename one."""
+
+    BAD_MESSAGE = "bad_message"  # not msgpack, not a map, too large, too deep
+    UNKNOWN_TYPE = "unknown_type"
+    VERSION_MISMATCH = "version_mismatch"
+    INVALID_REQUEST = "invalid_request"  # a field has a wrong type or value
+    DUPLICATE_ID = "duplicate_id"  # this client already has a live request with that id
+    UNKNOWN_REQUEST = "unknown_request"  # cancel of an id this client does not own
+    BUSY = "busy"  # the queue is full
+    LIMIT_EXCEEDED = "limit_exceeded"  # prompt or max_tokens over the daemon's limits
+    ENGINE_RESTARTED = "engine_restarted"  # the engine died; the request is gone
+    ENGINE_ERROR = "engine_error"  # the engine raised while serving this request
+    SHUTTING_DOWN = "shutting_down"
+    NOT_READY = "not_ready"  # the model is still loading
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted. ``code`` is an ErrorCode value."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    """Decode one untrusted frame into a message map, or raise ProtocolError."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=MAX_MESSAGE_BYTES,
+            max_str_len=MAX_STRING_BYTES,
+            max_bin_len=MAX_STRING_BYTES,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, UnicodeDecodeError) as e:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {type(e).__name__}: {e}") from None
+    except Exception as e:  # msgpack raises a few other types on hostile input
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {type(e).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message must be a map, got {type(obj).__name__}")
+    if _depth(obj) > MAX_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message nests deeper than {MAX_DEPTH}")
+    mtype = obj.get("type")
+    if not isinstance(mtype, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no string 'type' field")
+    return obj
+
+
+def _depth(obj: Any) -> int:
+    # Iterative, so a hostile message cannot blow the Python stack.
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, d + 1) for v in item)
+    return deepest
+
+
+# --------------------------------------------------------------------------
+# Message constructors (one place that knows each message's fields)
+
+
+def hello(client_name: str = "moed-client") -> dict:
+    return {"type": HELLO, "version": list(PROTOCOL_VERSION), "client": client_name}
+
+
+def hello_reply(instance_id: str, model: dict, ready: bool) -> dict:
+    return {"type": HELLO, "version": list(PROTOCOL_VERSION), "instance_id": instance_id, "model": model, "ready": ready}
+
+
+def chunk(request_id: str, text: str, token_ids: list[int]) -> dict:
+    return {"type": CHUNK, "id": request_id, "text": text, "token_ids": token_ids}
+
+
+def done(request_id: str, finish_reason: str, usage: dict, timings: dict) -> dict:
+    assert finish_reason in FINISH_REASONS, finish_reason
+    return {"type": DONE, "id": request_id, "finish_reason": finish_reason, "usage": usage, "timings": timings}
+
+
+def error(code: str, message: str, request_id: str | None = None) -> dict:
+    msg = {"type": ERROR, "code": code, "message": message}
+    if request_id is not None:
+        msg["id"] = request_id
+    return msg
+
+
+def progress(stage: str, message: str, fraction: float | None = None) -> dict:
+    return {"type": PROGRESS, "stage": stage, "message": message, "fraction": fraction}
+
+
+def check_version(msg: dict) -> None:
+    """Raise VERSION_MISMATCH unless the peer speaks our major version."""
+    version = msg.get("version")
+    if not (isinstance(version, (list, tuple)) and len(version) >= 1 and isinstance(version[0], int)):
+        raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"hello carries no valid version (got {version!r}); this daemon speaks {PROTOCOL_VERSION[0]}.x")
+    if version[0] != PROTOCOL_VERSION[0]:
+        raise ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"protocol major version {version[0]} is not supported; this side speaks {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}",
+        )
+
+
+# --------------------------------------------------------------------------
+# Validation of a generate request
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateRequest:
+    id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    token_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def to_dict(self) -> dict:
+        d = {"id": self.id, "prompt": self.prompt, "messages": self.messages, "token_ids": self.token_ids}
+        d.update(self.sampling.__dict__)
+        return d
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_REQUEST, message)
+
+
+def _number(msg: dict, name: str, default, kind, lo=None, hi=None):
+    value = msg.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"'{name}' must be a number, got {type(value).__name__}")
+    if kind is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise _invalid(f"'{name}' must be an integer")
+            value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise _invalid(f"'{name}' must be finite")
+    if lo is not None and value < lo:
+        raise _invalid(f"'{name}' must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise _invalid(f"'{name}' must be <= {hi}, got {value}")
+    return value
+
+
+def request_id(msg: dict) -> str:
+    rid = msg.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID_LEN:
+        raise _invalid(f"'id' must be a non-empty string of at most {MAX_REQUEST_ID_LEN} characters")
+    return rid
+
+
+def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateRequest:
+    """Validate a ``generate`` map. Unknown fields are ignored by design."""
+    rid = request_id(msg)
+    prompt, messages, token_ids = msg.get("prompt"), msg.get("messages"), msg.get("token_ids")
+    given = [x is not None for x in (prompt, messages, token_ids)]
+    if sum(given) != 1:
+        raise _invalid("exactly one of 'prompt', 'messages' or 'token_ids' is required")
+    if prompt is not None and not isinstance(prompt, str):
+        raise _invalid("'prompt' must be a string")
+    if prompt is not None and not prompt:
+        raise _invalid("'prompt' must not be empty")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            raise _invalid("'messages' must be a non-empty list of {role, content} maps")
+        for m in messages:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise _invalid("each message must be a map with string 'role' and 'content'")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if token_ids is not None:
+        if not isinstance(token_ids, list) or not token_ids:
+            raise _invalid("'token_ids' must be a non-empty list of integers")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids):
+            raise _invalid("'token_ids' must hold non-negative integers")
+    stop = msg.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
+        raise _invalid(f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+    if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_LEN for s in stop):
+        raise _invalid(f"each stop string must be 1..{MAX_STOP_STRING_LEN} characters")
+    seed = msg.get("seed")
+    if seed is not None:
+        seed = _number(msg, "seed", None, int, 0, 2**63 - 1)
+    sampling = SamplingParams(
+        max_tokens=_number(msg, "max_tokens", 256, int, 1),
+        temperature=_number(msg, "temperature", 0.0, float, 0.0, 100.0),
+        top_p=_number(msg, "top_p", 1.0, float, 0.0, 1.0),
+        top_k=_number(msg, "top_k", 0, int, 0, 1 << 20),
+        min_p=_number(msg, "min_p", 0.0, float, 0.0, 1.0),
+        seed=seed,
+        stop=list(stop),
+    )
+    if sampling.max_tokens > max_tokens_limit:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")
+    return GenerateRequest(id=rid, prompt=prompt, messages=messages, token_ids=token_ids, sampling=sampling)
