@@ -38,3 +38,24 @@ def watchdog_interval() -> float | None:
         return int(usec) / 2e6
     except ValueError:
         return None
+
+
+def open_uncached(path) -> int:
+    """A read-only fd whose reads do not fill the page cache where the OS offers that (macOS F_NOCACHE).
+
+    Pair it with ``evict_file_cache`` so reads measure the disk, not memory.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(fcntl, "F_NOCACHE"):
+        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+    return fd
+
+
+def evict_file_cache(fd: int) -> bool:
+    """Drop a file's clean cached pages (Linux posix_fadvise DONTNEED); False where the OS has no such call."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return True
