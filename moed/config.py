@@ -1,0 +1,233 @@
+"""Settings for moed and moectl: a TOML file < ``MOED_*`` environment variables < flags.
+
+The file is ``config.toml`` in the platform's config dir (``~/Library/Application
+Support/moed`` on macOS, ``~/.config/moed`` on Linux); ``MOED_CONFIG`` names
+another file. Every setting has one name, used as the TOML key, as the
+environment variable (``MOED_`` + upper case) and as the flag (``--`` + dashes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import platformdirs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+APP = "moed"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used, with a message meant for a person."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type  # str, int, float, bool or "size" (bytes, parsed by parse_size)
+    default: Any
+    help: str
+
+
+SIZE = "size"
+
+SETTINGS = (
+    Setting("model", str, None, "local model directory or Hugging Face repo id (default: the embedded model)"),
+    Setting("memory_budget", SIZE, None, "memory the expert caches may use, e.g. 8G (default: the whole model in memory)"),
+    Setting("capacity", int, None, "expert slots per layer (overrides the one derived from memory_budget)"),
+    Setting("approximate", bool, False, "allow approximate output (skip experts missing from the cache)"),
+    Setting("prefetch", bool, True, "stream predicted experts from disk ahead of the router"),
+    Setting("socket", str, None, "daemon socket path (default: moed.sock in the runtime dir)"),
+    Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
+    Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
+    Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
+    Setting("start_timeout", float, 600.0, "seconds moectl start waits for the model to be ready"),
+    Setting("stop_timeout", float, 30.0, "seconds moectl stop waits for a graceful exit before signalling"),
+    Setting("max_tokens", int, 512, "moectl run/chat: most tokens per answer"),
+    Setting("temperature", float, 0.0, "moectl run/chat: sampling temperature (0 = greedy)"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = None
+    memory_budget: int | None = None
+    capacity: int | None = None
+    approximate: bool = False
+    prefetch: bool = True
+    socket: str | None = None
+    tcp: str | None = None
+    http: str | None = None
+    log_dir: str | None = None
+    start_timeout: float = 600.0
+    stop_timeout: float = 30.0
+    max_tokens: int = 512
+    temperature: float = 0.0
+    source: Mapping[str, str] | None = None  # setting -> "default" | "file" | "env" | "flag"
+
+    def serve_args(self) -> list[str]:
+        """The ``moed serve`` flags that carry this configuration to the daemon."""
+        args: list[str] = []
+        for name, flag in (("model", "--model"), ("socket", "--socket"), ("tcp", "--tcp"), ("http", "--http")):
+            value = getattr(self, name)
+            if value is not None:
+                args += [flag, str(value)]
+        if self.memory_budget is not None:
+            args += ["--memory-budget", str(self.memory_budget)]
+        if self.capacity is not None:
+            args += ["--capacity", str(self.capacity)]
+        if self.approximate:
+            args.append("--approximate")
+        if not self.prefetch:
+            args.append("--no-prefetch")
+        return args
+
+    def log_path(self) -> Path:
+        return Path(self.log_dir).expanduser() / "moed.log" if self.log_dir else default_log_dir() / "moed.log"
+
+
+assert [f.name for f in fields(Config)][:-1] == [s.name for s in SETTINGS], "Config fields and SETTINGS disagree"
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    override = env.get("MOED_CONFIG")
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir(APP, appauthor=False)) / "config.toml"
+
+
+def default_log_dir() -> Path:
+    return Path(platformdirs.user_log_dir(APP, appauthor=False))
+
+
+def env_name(name: str) -> str:
+    return "MOED_" + name.upper()
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``8G``, ``8GB``, ``8GiB``, ``512m`` or a plain byte count. Units are powers of 1024."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ConfigError(f"not a size: {value!r} (use a byte count or a number with K, M, G or T, e.g. 8G)")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ConfigError(f"a size must be positive, got {value!r}")
+    return size
+
+
+def format_size(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(setting: Setting, value: Any, where: str) -> Any:
+    """``value`` (a TOML value, or a string from the environment) as the setting's kind."""
+    try:
+        if setting.kind == SIZE:
+            return parse_size(value)
+        if setting.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ConfigError(f"expected true or false, got {value!r}")
+        if setting.kind is int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ConfigError(f"expected an integer, got {value!r}")
+            return int(value)
+        if setting.kind is float:
+            if isinstance(value, bool):
+                raise ConfigError(f"expected a number, got {value!r}")
+            return float(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}")
+        return value
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {setting.kind.__name__}, got {value!r}") from None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file; a missing file is an empty one."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in BY_NAME:
+            known = ", ".join(BY_NAME)
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
+        values[name] = _convert(BY_NAME[name], value, f"{path}: {key}")
+    return values
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, path: Path | None = None) -> Config:
+    """Defaults < config file < ``MOED_*`` environment < ``flags`` (``None`` flag values are unset)."""
+    env = os.environ if env is None else env
+    path = config_path(env) if path is None else path
+    values = {s.name: s.default for s in SETTINGS}
+    source = {s.name: "default" for s in SETTINGS}
+    for name, value in read_file(path).items():
+        values[name], source[name] = value, "file"
+    for s in SETTINGS:
+        raw = env.get(env_name(s.name))
+        if raw is not None and raw != "":
+            values[s.name], source[s.name] = _convert(s, raw, f"environment variable {env_name(s.name)}"), "env"
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        if name not in BY_NAME:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name], source[name] = _convert(BY_NAME[name], value, f"--{name.replace('_', '-')}"), "flag"
+    _check(values)
+    return Config(**values, source=source)
+
+
+def _check(values: dict[str, Any]) -> None:
+    for name in ("capacity", "max_tokens"):
+        if values[name] is not None and values[name] < 1:
+            raise ConfigError(f"{name} must be at least 1, got {values[name]}")
+    for name in ("start_timeout", "stop_timeout"):
+        if values[name] <= 0:
+            raise ConfigError(f"{name} must be positive, got {values[name]}")
+    if values["temperature"] < 0:
+        raise ConfigError(f"temperature must be >= 0, got {values['temperature']}")
+    for name in ("tcp", "http"):
+        if values[name] is not None and not re.match(r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$", values[name]):
+            raise ConfigError(f"{name} must be HOST:PORT, got {values[name]!r}")
