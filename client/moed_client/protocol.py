@@ -92,7 +92,6 @@ def unpack(data: bytes) -> dict:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=MAX_MESSAGE_BYTES,
             max_str_len=MAX_STRING_BYTES,
             max_bin_len=MAX_STRING_BYTES,
             max_array_len=MAX_ARRAY_LEN,
