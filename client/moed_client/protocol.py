@@ -25,6 +25,9 @@ MAX_STRING_BYTES = MAX_MESSAGE_BYTES
 MAX_ARRAY_LEN = 256 * 1024
 MAX_MAP_LEN = 4096
 MAX_DEPTH = 32
+# Maps + arrays in one message: bounds the CPU and memory a 4 MiB frame of
+# empty containers (~70x expansion) can cost before it is rejected.
+MAX_CONTAINERS = 65536
 MAX_REQUEST_ID_LEN = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
@@ -87,6 +90,15 @@ def unpack(data: bytes) -> dict:
     """Decode one untrusted frame into a message map, or raise ProtocolError."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    containers = 0
+
+    def count_container(container):
+        nonlocal containers
+        containers += 1
+        if containers > MAX_CONTAINERS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message holds more than {MAX_CONTAINERS} maps and arrays")
+        return container
+
     try:
         obj = msgpack.unpackb(
             data,
@@ -97,11 +109,13 @@ def unpack(data: bytes) -> dict:
             max_array_len=MAX_ARRAY_LEN,
             max_map_len=MAX_MAP_LEN,
             max_ext_len=0,
+            list_hook=count_container,
+            object_hook=count_container,
         )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, UnicodeDecodeError) as e:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {type(e).__name__}: {e}") from None
-    except Exception as e:  # msgpack raises a few other types on hostile input
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {type(e).__name__}") from None
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises ValueError, StackError, TypeError... on hostile input
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message must be a map, got {type(obj).__name__}")
     if _depth(obj) > MAX_DEPTH:
@@ -113,18 +127,20 @@ def unpack(data: bytes) -> dict:
 
 
 def _depth(obj: Any) -> int:
-    # Iterative, so a hostile message cannot blow the Python stack.
+    # Iterative, so a hostile message cannot blow the Python stack; only
+    # containers are pushed, so a long flat array costs one C-speed scan.
     deepest = 0
     stack = [(obj, 1)]
     while stack:
         item, d = stack.pop()
-        deepest = max(deepest, d)
-        if d > MAX_DEPTH:
-            return d
-        if isinstance(item, dict):
-            stack.extend((v, d + 1) for v in item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, d + 1) for v in item)
+        values = item.values() if isinstance(item, dict) else item
+        if values:
+            deepest = max(deepest, d + 1)  # its elements sit one level down
+        else:
+            deepest = max(deepest, d)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((v, d + 1) for v in [v for v in values if type(v) is dict or type(v) is list])
     return deepest
 
 
@@ -259,7 +275,9 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
             raise _invalid("'token_ids' must be a non-empty list of integers")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids):
             raise _invalid("'token_ids' must hold non-negative integers")
-    stop = msg.get("stop") or []
+    stop = msg.get("stop")
+    if stop is None or stop == "":
+        stop = []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
