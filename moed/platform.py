@@ -5,7 +5,15 @@ service managers (launchd vs systemd), readiness notification, memory probing.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Callable
+from xml.sax.saxutils import escape as xml_escape
 
 
 def notify(state: str) -> bool:
@@ -59,3 +67,226 @@ def evict_file_cache(fd: int) -> bool:
         return False
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return True
+
+
+# --------------------------------------------------------------------------
+# Service managers: a LaunchAgent on macOS, a systemd user unit on Linux.
+
+LAUNCHD_LABEL = "com.moed.daemon"
+SYSTEMD_UNIT = "moed.service"
+_TEMPLATES = Path(__file__).parent / "templates"
+
+Runner = Callable[[list], subprocess.CompletedProcess]
+
+
+class ServiceError(Exception):
+    """A service manager refused an operation; the message says which command and why."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service definition needs: the daemon's argv (absolute paths) and where it logs."""
+
+    program: list[str]
+    log_path: Path
+    working_directory: Path
+    environment: dict[str, str] = field(default_factory=dict)
+    start_timeout_s: int = 1800
+    exit_timeout_s: int = 60
+    watchdog_s: int = 30
+
+
+def service_manager() -> str | None:
+    """``"launchd"``, ``"systemd"``, or None where moed knows no service manager."""
+    if sys.platform == "darwin":
+        return "launchd"
+    if sys.platform.startswith("linux") and shutil.which("systemctl"):
+        return "systemd"
+    return None
+
+
+def service_file(manager: str | None = None, home: Path | None = None) -> Path:
+    manager = manager or service_manager()
+    home = Path.home() if home is None else home
+    if manager == "launchd":
+        return home / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    if manager == "systemd":
+        config_home = os.environ.get("XDG_CONFIG_HOME") if home == Path.home() else None
+        return Path(config_home or home / ".config") / "systemd" / "user" / SYSTEMD_UNIT
+    raise ServiceError(f"no supported service manager on {sys.platform}: use `moectl start` to run moed as a detached process")
+
+
+def is_service_installed(manager: str | None = None, home: Path | None = None) -> bool:
+    manager = manager or service_manager()
+    return manager is not None and service_file(manager, home).is_file()
+
+
+def render_plist(spec: ServiceSpec) -> str:
+    def string(value: str, indent: str) -> str:
+        return f"{indent}<string>{xml_escape(str(value))}</string>"
+
+    environment = "\n".join(
+        f"\t\t<key>{xml_escape(k)}</key>\n{string(v, chr(9) * 2)}" for k, v in sorted(spec.environment.items())
+    )
+    return Template((_TEMPLATES / "com.moed.daemon.plist.in").read_text()).substitute(
+        label=LAUNCHD_LABEL,
+        program_arguments="\n".join(string(a, "\t\t") for a in spec.program),
+        environment=environment,
+        working_directory=xml_escape(str(spec.working_directory)),
+        exit_timeout=int(spec.exit_timeout_s),
+        log_path=xml_escape(str(spec.log_path)),
+    )
+
+
+def _systemd_quote(value: str, command: bool = True) -> str:
+    """One quoted word of a unit: specifiers (%) escaped, and $ too in commands, where systemd expands variables."""
+    value = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if command:
+        value = value.replace("$", "$$")
+    if "\n" in value:
+        raise ServiceError(f"a newline cannot go into a systemd unit: {value!r}")
+    return f'"{value}"'
+
+
+def render_systemd_unit(spec: ServiceSpec) -> str:
+    environment = "\n".join(f"Environment={_systemd_quote(f'{k}={v}', command=False)}" for k, v in sorted(spec.environment.items()))
+    for path in (spec.log_path, spec.working_directory):
+        if any(c.isspace() for c in str(path)) or "%" in str(path):
+            raise ServiceError(f"systemd cannot take this path in a unit (spaces or %): {path}")
+    return Template((_TEMPLATES / "moed.service.in").read_text()).substitute(
+        exec_start=" ".join(_systemd_quote(a) for a in spec.program),
+        environment=environment,
+        working_directory=spec.working_directory,
+        watchdog_sec=int(spec.watchdog_s),
+        start_timeout=int(spec.start_timeout_s),
+        exit_timeout=int(spec.exit_timeout_s),
+        log_path=spec.log_path,
+    )
+
+
+def _run(argv: list) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: command not found")
+
+
+def _checked(run: Runner, argv: list) -> subprocess.CompletedProcess:
+    result = run(argv)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout or "").strip()
+        raise ServiceError(f"`{' '.join(map(str, argv))}` failed ({result.returncode}): {detail}")
+    return result
+
+
+def _launchd_domain() -> str:
+    return f"gui/{os.getuid()}"
+
+
+def _launchd_target() -> str:
+    return f"{_launchd_domain()}/{LAUNCHD_LABEL}"
+
+
+def _systemctl(*args: str) -> list[str]:
+    return ["systemctl", "--user", *args]
+
+
+def install_service(spec: ServiceSpec, *, manager: str | None = None, run: Runner = _run, home: Path | None = None) -> Path:
+    """Write the service definition and register it; launchd starts it at once (RunAtLoad)."""
+    manager = manager or service_manager()
+    path = service_file(manager, home)
+    text = render_plist(spec) if manager == "launchd" else render_systemd_unit(spec)
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if manager == "launchd" and run(["launchctl", "print", _launchd_target()]).returncode == 0:
+        run(["launchctl", "bootout", _launchd_target()])  # a loaded old definition would shadow the new file
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    if manager == "launchd":
+        _checked(run, ["launchctl", "bootstrap", _launchd_domain(), str(path)])
+    else:
+        _checked(run, _systemctl("daemon-reload"))
+        _checked(run, _systemctl("enable", SYSTEMD_UNIT))
+    return path
+
+
+def uninstall_service(*, manager: str | None = None, run: Runner = _run, home: Path | None = None) -> bool:
+    """Stop and unregister the service and delete its file; False if none was installed."""
+    manager = manager or service_manager()
+    path = service_file(manager, home)
+    if not path.exists():
+        return False
+    if manager == "launchd":
+        run(["launchctl", "bootout", _launchd_target()])  # fails harmlessly when it is not loaded
+        path.unlink()
+    else:
+        run(_systemctl("disable", "--now", SYSTEMD_UNIT))
+        path.unlink()
+        _checked(run, _systemctl("daemon-reload"))
+    return True
+
+
+def start_service(*, manager: str | None = None, run: Runner = _run) -> None:
+    """Ask the service manager to start the daemon and return at once (readiness is polled by the caller)."""
+    manager = manager or service_manager()
+    if manager == "launchd":
+        if run(["launchctl", "print", _launchd_target()]).returncode == 0:
+            _checked(run, ["launchctl", "kickstart", _launchd_target()])
+        else:  # booted out by `moectl stop`: load it again, which starts it (RunAtLoad)
+            _checked(run, ["launchctl", "bootstrap", _launchd_domain(), str(service_file(manager))])
+    else:
+        _checked(run, _systemctl("start", "--no-block", SYSTEMD_UNIT))
+
+
+def stop_service(*, manager: str | None = None, run: Runner = _run) -> None:
+    """Have the service manager stop the daemon: SIGTERM, then SIGKILL after the definition's exit timeout.
+
+    launchd would restart a job killed by a signal (KeepAlive), so the job is booted out instead;
+    ``start_service`` bootstraps it again.
+    """
+    manager = manager or service_manager()
+    if manager == "launchd":
+        run(["launchctl", "bootout", _launchd_target()])
+    else:
+        _checked(run, _systemctl("stop", SYSTEMD_UNIT))
+
+
+# --------------------------------------------------------------------------
+# Processes and memory
+
+
+def total_memory_bytes() -> int | None:
+    """Physical memory of this machine."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    if sys.platform == "darwin":
+        out = _run(["sysctl", "-n", "hw.memsize"]).stdout.strip()
+        return int(out) if out.isdigit() else None
+    return None
+
+
+def process_rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process, or None if it is gone or cannot be read."""
+    statm = Path(f"/proc/{pid}/statm")
+    if statm.exists():
+        try:
+            return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+    out = _run(["ps", "-o", "rss=", "-p", str(pid)]).stdout.strip()  # KiB on macOS and BSDs
+    return int(out) * 1024 if out.isdigit() else None
+
+
+def process_command(pid: int) -> str | None:
+    """The command line of a process (to tell a stale pidfile from a live daemon), or None."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            return None
+    out = _run(["ps", "-o", "command=", "-p", str(pid)]).stdout.strip()
+    return out or None

@@ -1,0 +1,79 @@
+"""Platform helpers: sd_notify datagrams, watchdog interval, memory and process probes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from moed import platform
+
+
+@pytest.fixture
+def notify_socket(monkeypatch):
+    path = os.path.join(tempfile.mkdtemp(prefix="moed-", dir="/tmp"), "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+
+
+def test_notify_sends_a_datagram(notify_socket):
+    assert platform.notify("READY=1") is True
+    assert notify_socket.recv(4096) == b"READY=1"
+
+
+def test_notify_is_a_no_op_without_systemd(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert platform.notify("READY=1") is False
+
+
+def test_notify_to_a_dead_socket_is_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert platform.notify("WATCHDOG=1") is False
+
+
+def test_watchdog_interval_is_half_the_deadline_and_only_for_this_pid(monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert platform.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert platform.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert platform.watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert platform.watchdog_interval() is None
+
+
+def test_total_memory_is_plausible():
+    total = platform.total_memory_bytes()
+    assert total is not None and 256 << 20 < total < 1 << 50
+
+
+def test_process_rss_follows_allocations():
+    code = "import sys; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); sys.stdin.read()"
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
+        try:
+            assert p.stdout.readline().strip() == b"ok"
+            rss = platform.process_rss_bytes(p.pid)
+            assert rss is not None and 200 << 20 <= rss < 1 << 30
+        finally:
+            p.kill()
+    assert platform.process_rss_bytes(p.pid) is None
+
+
+def test_process_command_names_the_program():
+    assert "python" in platform.process_command(os.getpid()).lower()
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as p:
+        pass
+    assert platform.process_command(p.pid) is None
