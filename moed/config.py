@@ -49,7 +49,7 @@ SETTINGS = (
     Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
     Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
-    Setting("start_timeout", float, 600.0, "seconds moectl start waits for the model to be ready"),
+    Setting("start_timeout", float, 1800.0, "seconds moectl start waits for the model to be ready"),
     Setting("stop_timeout", float, 30.0, "seconds moectl stop waits for a graceful exit before signalling"),
     Setting("max_tokens", int, 512, "moectl run/chat: most tokens per answer"),
     Setting("temperature", float, 0.0, "moectl run/chat: sampling temperature (0 = greedy)"),
@@ -68,7 +68,7 @@ class Config:
     tcp: str | None = None
     http: str | None = None
     log_dir: str | None = None
-    start_timeout: float = 600.0
+    start_timeout: float = 1800.0
     stop_timeout: float = 30.0
     max_tokens: int = 512
     temperature: float = 0.0
