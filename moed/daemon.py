@@ -1,0 +1,644 @@
+"""``moed serve``: the front process.
+
+It owns the sockets, the sessions and the queue, and supervises the engine
+process (moed/engine.py), the only process that imports MLX. Clients speak
+protocol v1 (moed_client.protocol) to a ZeroMQ ROUTER; the front forwards
+admitted requests to the engine over a private PAIR socket and fans the
+engine's token events back out. ``status``, ``ping`` and ``cancel`` never wait
+for the engine, so they are answered while it decodes or loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import errno
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+import zmq
+import zmq.asyncio
+
+from moed_client import paths
+from moed_client import protocol as P
+
+log = logging.getLogger("moed.daemon")
+
+VERSION = "0.1.0"
+ENGINE_START_TIMEOUT_S = 600.0
+GRACEFUL_SHUTDOWN_S = 30.0
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# ZMTP heartbeats let the ROUTER notice peers that vanish without closing
+# their connection (a dead TCP peer); ipc peers are noticed at once.
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 6000
+# A client that stops reading is dropped rather than allowed to stall the others.
+CLIENT_SNDHWM = 100_000
+TOK_RATE_WINDOW_S = 5.0
+
+
+class DaemonError(Exception):
+    """A reason the daemon cannot start, with a message meant for a person."""
+
+
+# --------------------------------------------------------------------------
+# Logging
+
+
+def log_dir() -> Path:
+    override = os.environ.get("MOED_LOG_DIR")
+    return Path(override) if override else Path(platformdirs.user_log_dir("moed", ensure_exists=False))
+
+
+def setup_logging(name: str, debug: bool = False) -> Path:
+    """Log to ``<log dir>/<name>.log`` and stderr; returns the file's path."""
+    directory = log_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.log"
+    fmt = logging.Formatter(f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in (logging.FileHandler(path), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    return path
+
+
+# --------------------------------------------------------------------------
+# Runtime files: one daemon per runtime dir
+
+
+class RuntimeFiles:
+    """The pidfile lock and the socket path of one daemon.
+
+    An flock on the pidfile decides who owns the runtime dir: libzmq would
+    silently take over a live daemon's ipc path, so a second daemon must find
+    out before it binds. The lock dies with its process, so a socket left by
+    a crashed daemon is stale and is removed.
+    """
+
+    def __init__(self, socket_path: Path):
+        self.socket_path = socket_path
+        self.pidfile = paths.pidfile()
+        self._fd = None
+
+    def acquire(self) -> None:
+        paths.ensure_private_dir(paths.runtime_dir())
+        fd = os.open(self.pidfile, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DaemonError(f"moed is already running (pid {other}, socket {self.socket_path}); stop it first with `moectl stop`") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        if self.socket_path.exists() or self.socket_path.is_symlink():
+            log.info("removing stale socket %s", self.socket_path)
+            self.socket_path.unlink()
+
+    def release(self) -> None:
+        for path in (self.socket_path, self.pidfile):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --------------------------------------------------------------------------
+# Sessions and requests
+
+
+@dataclass
+class Request:
+    seq: int
+    client: bytes
+    id: str
+    submit: dict  # the engine's submit message
+    received: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    completion_tokens: int = 0
+    in_engine: bool = False
+
+    def timings(self) -> dict:
+        now = time.monotonic()
+        ttft = (self.first_token - self.received) if self.first_token else None
+        decode = None
+        if self.first_token and self.last_token and self.completion_tokens > 1 and self.last_token > self.first_token:
+            decode = (self.completion_tokens - 1) / (self.last_token - self.first_token)
+        return {"ttft_s": ttft, "decode_tok_s": decode, "total_s": now - self.received}
+
+
+@dataclass
+class EngineHandle:
+    proc: asyncio.subprocess.Process
+    sock: zmq.asyncio.Socket
+    endpoint_path: Path
+    pid: int
+    ready: bool = False
+
+
+class Daemon:
+    def __init__(self, args, model_path: Path, runtime: RuntimeFiles):
+        self.args = args
+        self.model_path = model_path
+        self.runtime = runtime
+        self.instance_id = uuid.uuid4().hex
+        self.started = time.monotonic()
+        self.ctx = zmq.asyncio.Context()
+        self.state = "loading"
+        self.progress = {"stage": "starting", "message": "starting the engine", "fraction": 0.0}
+        self.model: dict = {"name": model_path.name, "path": str(model_path)}
+        self.engine: EngineHandle | None = None
+        self.engine_stats: dict = {}
+        self.requests: dict[int, Request] = {}  # seq -> request
+        self.by_client: dict[bytes, dict[str, int]] = collections.defaultdict(dict)  # client -> {id: seq}
+        self.queue: collections.deque[int] = collections.deque()  # admitted, not yet sent to the engine
+        self.clients_seen: dict[bytes, float] = {}
+        self.next_seq = 0
+        self.engine_count = 0
+        self.tok_window: collections.deque = collections.deque()
+        self.stopping = asyncio.Event()
+        self.drain_deadline: float | None = None
+        self.exit_code = 0
+        self.fatal_message: str | None = None
+
+    # -- sockets ---------------------------------------------------------
+
+    def bind_client_socket(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        old_umask = os.umask(0o077)  # the socket file is born 0600: no window where others could connect
+        try:
+            sock.bind(paths.endpoint(self.runtime.socket_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.runtime.socket_path, 0o600)
+        self.router = sock
+        self.router_sync = zmq.Socket.shadow(sock.underlying)  # sends that fail at once (EHOSTUNREACH, EAGAIN)
+        if self.args.tcp:
+            raise DaemonError("--tcp is not available yet")
+
+    def send(self, client: bytes, msg: dict) -> bool:
+        """Send to one client now; False (and the client's requests dropped) if it is gone or stuck."""
+        try:
+            self.router_sync.send_multipart([client, P.pack(msg)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            reason = "gone" if e.errno == errno.EHOSTUNREACH else f"not reading ({e.strerror})"
+            log.info("client %s is %s; dropping its requests", client.hex(), reason)
+            self.drop_client(client)
+            return False
+
+    # -- client messages ---------------------------------------------------
+
+    async def client_loop(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            client = frames[0]
+            self.clients_seen[client] = time.monotonic()
+            if len(frames) != 2:
+                self.send(client, P.error(P.ErrorCode.BAD_MESSAGE, f"expected one frame per message, got {len(frames) - 1}"))
+                continue
+            msg = None
+            try:
+                msg = P.unpack(frames[1])
+                self.handle(client, msg)
+            except P.ProtocolError as e:
+                self.send(client, P.error(e.code, e.message, reply_id(msg)))
+            except Exception as e:  # a bug must not take the daemon down for everyone
+                log.exception("handling a message failed")
+                self.send(client, P.error(P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}", reply_id(msg)))
+
+    def handle(self, client: bytes, msg: dict) -> None:
+        kind = msg["type"]
+        if "version" in msg:
+            P.check_version(msg)
+        if kind == P.HELLO:
+            if "version" not in msg:
+                P.check_version(msg)
+            self.send(client, P.hello_reply(self.instance_id, self.model, self.state == "ready") | {"state": self.state})
+        elif kind == P.PING:
+            reply = {"type": P.PONG, "instance_id": self.instance_id, "state": self.state}
+            if "nonce" in msg:
+                reply["nonce"] = msg["nonce"]
+            self.send(client, reply)
+        elif kind == P.STATUS:
+            self.send(client, {"type": P.STATUS, **self.status()})
+        elif kind == P.GENERATE:
+            self.admit(client, msg)
+        elif kind == P.CANCEL:
+            rid = P.request_id(msg)
+            seq = self.by_client.get(client, {}).get(rid)
+            if seq is None:
+                raise P.ProtocolError(P.ErrorCode.UNKNOWN_REQUEST, f"no live request {rid!r} from this client")
+            self.cancel(seq)
+        elif kind == P.SHUTDOWN:
+            now = bool(msg.get("now"))
+            log.info("shutdown requested by a client (now=%s)", now)
+            self.send(client, {"type": P.SHUTDOWN, "accepted": True, "now": now})
+            self.begin_shutdown(now)
+        else:
+            raise P.ProtocolError(P.ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; this daemon knows {sorted(P.CLIENT_TYPES)}")
+
+    def admit(self, client: bytes, msg: dict) -> None:
+        req = P.parse_generate(msg, max_tokens_limit=self.args.max_tokens)
+        if self.state == "stopping":
+            raise P.ProtocolError(P.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        owned = self.by_client[client]
+        if req.id in owned:
+            raise P.ProtocolError(P.ErrorCode.DUPLICATE_ID, f"request {req.id!r} is still running")
+        if len(self.queue) >= self.args.max_queue:
+            raise P.ProtocolError(P.ErrorCode.BUSY, f"the queue is full ({self.args.max_queue} waiting); retry later")
+        seq = self.next_seq
+        self.next_seq += 1
+        submit = {"type": "submit", "seq": seq, **req.to_dict()}
+        submit.pop("id")
+        self.requests[seq] = Request(seq, client, req.id, submit)
+        owned[req.id] = seq
+        self.queue.append(seq)
+        if self.args.debug:
+            log.debug("request %s/%s: %r", client.hex(), req.id, submit)
+        self.pump()
+
+    def pump(self) -> None:
+        """Move queued requests into the engine while it has batch slots."""
+        engine = self.engine
+        if engine is None or not engine.ready:
+            return
+        in_engine = sum(1 for r in self.requests.values() if r.in_engine)
+        while self.queue and in_engine < self.args.max_batch:
+            req = self.requests[self.queue.popleft()]
+            req.in_engine = True
+            in_engine += 1
+            self.engine_send({**req.submit})
+
+    def cancel(self, seq: int) -> None:
+        req = self.requests.get(seq)
+        if req is None:
+            return
+        if req.in_engine:
+            self.engine_send({"type": "cancel", "seq": seq})  # the engine answers with a 'cancelled' final event
+        else:
+            self.queue.remove(seq)
+            self.finish(req, P.done(req.id, "cancelled", {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}, req.timings()))
+
+    def drop_client(self, client: bytes) -> None:
+        for seq in list(self.by_client.pop(client, {}).values()):
+            req = self.requests.pop(seq, None)
+            if req is None:
+                continue
+            if req.in_engine:
+                self.engine_send({"type": "cancel", "seq": seq})
+            else:
+                self.queue.remove(seq)
+        self.clients_seen.pop(client, None)
+
+    def finish(self, req: Request, final: dict | None) -> None:
+        self.requests.pop(req.seq, None)
+        owned = self.by_client.get(req.client)
+        if owned is not None:
+            owned.pop(req.id, None)
+            if not owned:
+                del self.by_client[req.client]
+        if final is not None:
+            self.send(req.client, final)
+        self.pump()
+
+    # -- engine ------------------------------------------------------------
+
+    def engine_send(self, msg: dict) -> None:
+        if self.engine is not None:
+            self.engine.sock.send(P.pack(msg))
+
+    async def start_engine(self) -> EngineHandle:
+        self.engine_count += 1
+        path = paths.runtime_dir() / f"engine-{os.getpid()}-{self.engine_count}.sock"
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        old_umask = os.umask(0o077)
+        try:
+            sock.bind(paths.endpoint(path))
+        finally:
+            os.umask(old_umask)
+        cmd = [sys.executable, "-m", "moed.engine", "--channel", paths.endpoint(path), "--model", str(self.model_path)]
+        a = self.args
+        for flag, value in (
+            ("--capacity", a.capacity),
+            ("--memory-budget", a.memory_budget),
+            ("--max-batch", a.max_batch),
+            ("--prefill-step", a.prefill_step),
+            ("--max-context", a.max_context),
+            ("--prompt-cache-size", a.prompt_cache_size),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        cmd += ["--approximate"] * a.approximate + ["--no-prefetch"] * a.no_prefetch + ["--debug"] * a.debug
+        proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL)
+        log.info("engine %d started (pid %d)", self.engine_count, proc.pid)
+        return EngineHandle(proc, sock, path, proc.pid)
+
+    async def engine_loop(self, engine: EngineHandle) -> None:
+        """Read one engine's messages until its socket is closed."""
+        while True:
+            msg = P.unpack(await engine.sock.recv())
+            kind = msg["type"]
+            if kind == "events":
+                self.on_events(msg["events"])
+            elif kind == "failed":
+                req = self.requests.get(msg["seq"])
+                if req is not None:
+                    self.finish(req, P.error(msg["code"], msg["message"], req.id))
+            elif kind == "stats":
+                msg.pop("type")
+                self.engine_stats = msg
+            elif kind == "progress":
+                self.progress = {k: msg.get(k) for k in ("stage", "message", "fraction")}
+            elif kind == "ready":
+                self.model = msg["model"]
+                engine.ready = True
+                self.state = "ready" if self.state != "stopping" else self.state
+                self.progress = {"stage": "ready", "message": "model loaded", "fraction": 1.0}
+                log.info("engine ready: %s", self.model.get("name"))
+                self.notify_ready()
+                self.pump()
+            elif kind == "fatal":
+                self.progress = {"stage": "failed", "message": msg["message"], "fraction": None}
+                log.error("engine: %s", msg["message"])
+                self.fatal_message = msg["message"]
+
+    def on_events(self, events: list[dict]) -> None:
+        now = time.monotonic()
+        self.tok_window.append((now, len(events)))
+        for ev in events:
+            req = self.requests.get(ev["seq"])
+            if req is None:
+                continue  # its client is gone
+            if ev["token_ids"]:
+                req.completion_tokens += len(ev["token_ids"])
+                req.first_token = req.first_token or now
+                req.last_token = now
+            finish = ev.get("finish")
+            if ev["text"] or ev["token_ids"]:
+                if not self.send(req.client, P.chunk(req.id, ev["text"], ev["token_ids"])):
+                    continue
+            if finish is not None:
+                self.finish(req, P.done(req.id, finish, ev["usage"], req.timings()))
+
+    async def supervise(self) -> None:
+        """Run engines until shutdown, restarting one that dies."""
+        failures = 0
+        while True:
+            engine = await self.start_engine()
+            self.engine = engine
+            reader = asyncio.ensure_future(self.engine_loop(engine))
+            waiter = asyncio.ensure_future(engine.proc.wait())
+            stopper = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({reader, waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper.done():
+                await self.stop_engine(engine, reader, waiter)
+                return
+            stopper.cancel()
+            if reader.done() and reader.exception() is not None:
+                log.error("engine channel failed: %r", reader.exception())
+                engine.proc.kill()
+            rc = await waiter
+            await asyncio.sleep(0.05)  # let the reader deliver what the engine sent before it died
+            reader.cancel()
+            self.close_engine_socket(engine)
+            self.engine = None
+            was_ready = engine.ready
+            log.error("engine pid %d exited with code %s", engine.pid, rc)
+            if not was_ready and self.engine_count == 1 or self.fatal_message:
+                raise DaemonError(self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})")
+            self.fail_in_engine(P.ErrorCode.ENGINE_RESTARTED, f"the engine stopped (exit code {rc}) and is restarting; retry the request")
+            if self.state == "stopping":
+                return
+            self.state = "restarting"
+            self.progress = {"stage": "restarting", "message": f"engine exited with code {rc}; restarting", "fraction": 0.0}
+            failures = failures + 1 if not was_ready else 0
+            await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+
+    def fail_in_engine(self, code: str, message: str) -> None:
+        for req in [r for r in self.requests.values() if r.in_engine]:
+            self.finish(req, P.error(code, message, req.id))
+
+    async def stop_engine(self, engine: EngineHandle, reader, waiter) -> None:
+        self.engine_send({"type": "shutdown"})
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=10.0)
+        except asyncio.TimeoutError:
+            log.warning("engine did not stop; killing it")
+            engine.proc.kill()
+            await waiter
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        self.close_engine_socket(engine)
+        self.engine = None
+
+    def close_engine_socket(self, engine: EngineHandle) -> None:
+        engine.sock.close(linger=0)
+        try:
+            engine.endpoint_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- status, readiness, shutdown ------------------------------------------
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        while self.tok_window and now - self.tok_window[0][0] > TOK_RATE_WINDOW_S:
+            self.tok_window.popleft()
+        tokens = sum(n for _, n in self.tok_window)
+        span = (now - self.tok_window[0][0]) if len(self.tok_window) > 1 else 0.0
+        from moed import platform
+
+        front_rss = platform.process_rss_bytes(os.getpid())
+        engine_rss = platform.process_rss_bytes(self.engine.pid) if self.engine else None
+        in_engine = sum(1 for r in self.requests.values() if r.in_engine)
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "engine_pid": self.engine.pid if self.engine else None,
+            "uptime_s": now - self.started,
+            "model": self.model,
+            "memory": {
+                "rss_bytes": (front_rss + engine_rss) if front_rss is not None and engine_rss is not None else None,
+                "front_rss_bytes": front_rss,
+                "engine_rss_bytes": engine_rss,
+                "mlx_active_bytes": self.engine_stats.get("mlx_active_bytes"),
+                "budget_bytes": self.args.memory_budget,
+            },
+            "requests": {"active": in_engine, "queued": len(self.queue)},
+            "clients": len(self.by_client),
+            "recent_tok_s": tokens / span if span > 0 else 0.0,
+            "experts": self.engine_stats.get("experts"),
+            "prompt_cache": self.engine_stats.get("prompt_cache"),
+            "editor_socket": None,
+            "progress": self.progress,
+            "instance_id": self.instance_id,
+            "version": VERSION,
+            "protocol": list(P.PROTOCOL_VERSION),
+            "engine_restarts": max(0, self.engine_count - 1),
+        }
+
+    def notify_ready(self) -> None:
+        from moed import platform
+
+        platform.notify("READY=1")
+
+    async def watchdog(self, interval: float) -> None:
+        from moed import platform
+
+        while True:
+            platform.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def begin_shutdown(self, now: bool) -> None:
+        if self.state == "stopping" and not now:
+            return
+        self.state = "stopping"
+        self.progress = {"stage": "stopping", "message": "shutting down", "fraction": None}
+        for seq in list(self.queue):
+            self.cancel(seq)
+        if now:
+            for seq in [s for s, r in self.requests.items() if r.in_engine]:
+                self.cancel(seq)
+        self.drain_deadline = time.monotonic() + (0.0 if now else self.args.shutdown_timeout)
+        asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self) -> None:
+        """Let in-flight requests finish (or be cancelled), then stop."""
+        while self.requests and time.monotonic() < self.drain_deadline:
+            await asyncio.sleep(0.02)
+        if self.requests:
+            for seq in list(self.requests):
+                self.cancel(seq)
+            deadline = time.monotonic() + 2.0
+            while self.requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        self.stopping.set()
+
+    async def run(self) -> int:
+        from moed import platform
+
+        self.bind_client_socket()
+        log.info("moed %s listening on %s (instance %s), model %s", VERSION, self.runtime.socket_path, self.instance_id, self.model_path)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_shutdown, False)
+        tasks = [asyncio.ensure_future(self.client_loop())]
+        interval = platform.watchdog_interval()
+        if interval:
+            tasks.append(asyncio.ensure_future(self.watchdog(interval)))
+        try:
+            await self.supervise()
+            platform.notify("STOPPING=1")
+            # Final replies (done/cancelled) are already queued; give libzmq a moment to flush them.
+            await asyncio.sleep(0.05)
+            return self.exit_code
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.router.close(linger=100)
+            self.ctx.term()
+
+
+def reply_id(msg: dict | None) -> str | None:
+    """The request id to put on an error reply, when the bad message had a usable one."""
+    if not isinstance(msg, dict):
+        return None
+    try:
+        return P.request_id(msg)
+    except P.ProtocolError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moed", description="moed: one warm Mixture-of-Experts model, shared by many clients")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: the embedded model)")
+    s.add_argument("--socket", default=None, help="socket path (default: moed.sock in the runtime dir)")
+    s.add_argument("--tcp", default=None, metavar="127.0.0.1:PORT", help="also listen on TCP, CURVE-authenticated (off by default)")
+    s.add_argument("--memory-budget", type=parse_size, default=None, help="bytes for expert caches, e.g. 8G")
+    s.add_argument("--capacity", type=int, default=None, help="expert slots per layer")
+    s.add_argument("--approximate", action="store_true", help="allow approximate expert substitution")
+    s.add_argument("--no-prefetch", action="store_true", help="disable expert prefetching")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 'busy'")
+    s.add_argument("--max-tokens", type=int, default=1 << 16, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-context", type=int, default=32768, help="largest prompt + max_tokens")
+    s.add_argument("--prefill-step", type=int, default=512)
+    s.add_argument("--prompt-cache-size", type=int, default=8, help="recent prompt caches kept for prefix reuse")
+    s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
+    s.add_argument("--debug", action="store_true", help="verbose logs, including prompts")
+    return p
+
+
+def serve(args) -> int:
+    from moed.models import ModelError, resolve_model
+
+    logfile = setup_logging("moed", args.debug)
+    if args.socket:
+        os.environ.setdefault("MOED_RUNTIME_DIR", str(Path(args.socket).parent))
+    socket_path = Path(args.socket) if args.socket else paths.daemon_socket()
+    runtime = RuntimeFiles(socket_path)
+    try:
+        runtime.acquire()
+    except (DaemonError, PermissionError) as e:
+        print(f"moed: {e}", file=sys.stderr)
+        return 1
+    try:
+        model_path = resolve_model(args.model)
+        daemon = Daemon(args, model_path, runtime)
+        return asyncio.run(daemon.run())
+    except (ModelError, DaemonError) as e:
+        log.error("%s", e)
+        print(f"moed: {e} (log: {logfile})", file=sys.stderr)
+        return 1
+    finally:
+        runtime.release()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""The engine process: the only place moed imports MLX.
+
+The front process (moed/daemon.py) starts it as ``python -m moed.engine`` and
+talks to it over a private ZeroMQ PAIR socket (msgpack maps, see ``Channel``
+messages below). The engine owns the model, mlx-lm's ``BatchGenerator``
+(continuous batching), the per-request detokenizers and stop strings, and an
+LRU of recent prompt caches so a prompt that extends an earlier one only
+prefills the new tokens.
+
+Front -> engine: ``submit`` {seq, prompt|messages|token_ids, sampling fields},
+``cancel`` {seq}, ``stats``, ``shutdown``.
+Engine -> front: ``progress`` {stage, message, fraction}, ``ready`` {model},
+``events`` {events: [{seq, text, token_ids, finish?, usage?}]}, ``failed``
+{seq, code, message}, ``stats`` {...}, ``fatal`` {message}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from moed_client import protocol as P
+
+log = logging.getLogger("moed.engine")
+
+STATS_INTERVAL_S = 1.0
+PROMPT_CACHE_MODEL_KEY = "model"
+
+
+# --------------------------------------------------------------------------
+# Model loading: one function, so switching to moed.experts is one line.
+
+
+def load_model(path: Path, *, capacity=None, memory_budget=None, approximate=False, prefetch=True):
+    """(model, tokenizer, expert manager or None)."""
+    try:
+        from moed.experts import load_model as load_lazy
+    except ImportError:
+        load_lazy = None
+    if load_lazy is not None:
+        return load_lazy(path, capacity=capacity, memory_budget=memory_budget, approximate=approximate, prefetch=prefetch)
+    if capacity is not None or memory_budget is not None or approximate:
+        raise RuntimeError("lazy experts (--capacity/--memory-budget/--approximate) need moed.experts, which is not installed")
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(path))
+    return model, tokenizer, None
+
+
+def model_info(path: Path, model) -> dict:
+    from moed.models import read_config
+
+    config = read_config(path)
+    text_config = config.get("text_config", config)
+    return {
+        "name": path.name,
+        "path": str(path),
+        "model_type": config.get("model_type"),
+        "num_experts": text_config.get("num_experts") or text_config.get("num_local_experts") or text_config.get("n_routed_experts"),
+        "num_experts_per_tok": text_config.get("num_experts_per_tok"),
+        "num_layers": text_config.get("num_hidden_layers"),
+        "vocab_size": text_config.get("vocab_size"),
+    }
+
+
+# --------------------------------------------------------------------------
+# Sampling
+
+
+def make_request_sampler(sampling: dict):
+    """A sampler for one request, or None for greedy.
+
+    Greedy requests return None so BatchGenerator uses its one shared greedy
+    sampler and samples the whole batch in one call. A request with a seed
+    gets its own PRNG key, split once per step, so its random draws do not
+    depend on other requests in the batch (the logits themselves can still
+    differ in the last bits between batch shapes; see docs/protocol.md).
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+    temp = sampling["temperature"]
+    if temp == 0:
+        return None
+    top_p, min_p, top_k, seed = sampling["top_p"], sampling["min_p"], sampling["top_k"], sampling.get("seed")
+    if seed is None:
+        return make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+    # The same filter chain as make_sampler, drawing from this request's key.
+    filters = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    key = [mx.random.key(seed)]
+
+    def sampler(logprobs):
+        for f in filters:
+            logprobs = f(logprobs)
+        key[0], draw = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * (1.0 / temp), key=draw)
+
+    return sampler
+
+
+# --------------------------------------------------------------------------
+# Stop strings
+
+
+class StopText:
+    """Streams text, holding back any tail that could start a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        """(text safe to send now, whether a stop string was hit)."""
+        self.text += segment
+        if not self.stops:
+            out, self.sent = self.text[self.sent :], len(self.text)
+            return out, False
+        longest = max(len(s) for s in self.stops)
+        window_start = max(0, self.sent - longest + 1)
+        hits = [i for i in (self.text.find(s, window_start) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out = self.text[self.sent : end] if end > self.sent else ""
+            self.sent = len(self.text)
+            return out, True
+        safe = len(self.text) - self._held_tail()
+        out = self.text[self.sent : safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return out, False
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent :], len(self.text)
+        return out
+
+    def _held_tail(self) -> int:
+        for n in range(min(len(self.text), max(len(s) for s in self.stops) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+
+# --------------------------------------------------------------------------
+# Engine state
+
+
+@dataclass
+class Active:
+    seq: int
+    uid: int
+    prompt_tokens: int
+    cached_tokens: int
+    detokenizer: object
+    stop: StopText
+    completion_tokens: int = 0
+    pending_ids: list = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, manager, args):
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.model, self.tokenizer, self.manager = model, tokenizer, manager
+        self.max_context = args.max_context
+        self.gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=args.max_batch,
+            prefill_batch_size=min(args.max_batch, 8),
+            prefill_step_size=args.prefill_step,
+        )
+        self.prompt_caches = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=args.prompt_cache_bytes)
+        self.active: dict[int, Active] = {}  # uid -> request
+        self.by_seq: dict[int, int] = {}  # seq -> uid
+        self.tokens_generated = 0
+
+    # -- requests ---------------------------------------------------------
+
+    def tokenize(self, req: dict) -> list[int]:
+        tok = self.tokenizer
+        if req.get("token_ids") is not None:
+            ids = list(req["token_ids"])
+            if max(ids) >= self.model_vocab():
+                raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, f"token id {max(ids)} is outside the vocabulary")
+            return ids
+        if req.get("messages") is not None:
+            if not getattr(tok, "has_chat_template", False):
+                raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "this model has no chat template; send 'prompt' instead")
+            return list(tok.apply_chat_template(req["messages"], add_generation_prompt=True))
+        prompt = req["prompt"]
+        # As mlx_lm.stream_generate does: no second BOS if the prompt has one.
+        add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
+        return list(tok.encode(prompt, add_special_tokens=add_special))
+
+    def model_vocab(self) -> int:
+        return self.model.args.vocab_size if hasattr(self.model, "args") else 1 << 62
+
+    def submit(self, req: dict) -> None:
+        seq = req["seq"]
+        tokens = self.tokenize(req)
+        if not tokens:
+            raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens")
+        if len(tokens) + req["max_tokens"] > self.max_context:
+            raise P.ProtocolError(
+                P.ErrorCode.LIMIT_EXCEEDED,
+                f"prompt ({len(tokens)} tokens) + max_tokens ({req['max_tokens']}) exceeds the context limit {self.max_context}",
+            )
+        cache, rest = self.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
+        if cache is not None and not rest:
+            # An exact hit: BatchGenerator needs one token to feed, so give back the last one.
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache, rest = None, tokens
+        cached = len(tokens) - len(rest)
+        (uid,) = self.gen.insert(
+            [rest],
+            max_tokens=[req["max_tokens"]],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[tokens[:cached]],
+            samplers=[make_request_sampler(req)],
+        )
+        self.active[uid] = Active(seq, uid, len(tokens), cached, self.tokenizer.detokenizer, StopText(req.get("stop") or []))
+        self.by_seq[seq] = uid
+        log.debug("seq %d: %d prompt tokens, %d from cache", seq, len(tokens), cached)
+
+    def cancel(self, seq: int) -> dict | None:
+        uid = self.by_seq.get(seq)
+        if uid is None:
+            return None
+        self._remove(uid, keep_cache=True)
+        return self._final(self.active.pop(uid), "cancelled", "")
+
+    def cancel_all(self, finish: str) -> list[dict]:
+        return [e for e in (self.cancel(seq) for seq in list(self.by_seq)) if e]
+
+    def _remove(self, uid: int, keep_cache: bool) -> None:
+        caches = self.gen.remove([uid], return_prompt_caches=keep_cache)
+        self.by_seq.pop(self.active[uid].seq, None)
+        for cache, tokens in caches.values():
+            if cache and tokens:
+                self.prompt_caches.insert_cache(PROMPT_CACHE_MODEL_KEY, list(tokens), cache)
+
+    def _final(self, a: Active, finish: str, text: str) -> dict:
+        return {
+            "seq": a.seq,
+            "text": text,
+            "token_ids": a.pending_ids,
+            "finish": finish,
+            "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cached_tokens": a.cached_tokens},
+        }
+
+    # -- one decode step ---------------------------------------------------
+
+    def step(self) -> list[dict]:
+        """Run one BatchGenerator step; the events it produced."""
+        _, responses = self.gen.next()
+        events = []
+        for r in responses:
+            a = self.active.get(r.uid)
+            if a is None:
+                continue
+            a.pending_ids = []
+            finish = r.finish_reason
+            if finish != "stop":  # an EOS token is not part of the output, as in mlx_lm.generate
+                a.completion_tokens += 1
+                a.pending_ids.append(r.token)
+                a.detokenizer.add_token(r.token)
+            else:
+                a.completion_tokens += 1
+            if finish is not None:
+                a.detokenizer.finalize()
+            text, hit = a.stop.feed(a.detokenizer.last_segment)
+            self.tokens_generated += 1
+            if hit and finish is None:
+                self._remove(r.uid, keep_cache=True)
+                finish = "stop"
+            if finish is not None:
+                if not hit:
+                    text += a.stop.flush()
+                self.by_seq.pop(a.seq, None)
+                del self.active[r.uid]
+                if r.prompt_cache is not None and r.all_tokens:
+                    self.prompt_caches.insert_cache(PROMPT_CACHE_MODEL_KEY, list(r.all_tokens), r.prompt_cache)
+                events.append(self._final(a, finish, text))
+            else:
+                events.append({"seq": a.seq, "text": text, "token_ids": a.pending_ids})
+        return events
+
+    def stats(self) -> dict:
+        import mlx.core as mx
+
+        stats = {
+            "active": len(self.active),
+            "tokens_generated": self.tokens_generated,
+            "prompt_cache": {"entries": len(self.prompt_caches), "bytes": self.prompt_caches.nbytes},
+            "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory(),
+            "experts": self.manager.stats() if self.manager is not None and hasattr(self.manager, "stats") else None,
+        }
+        return stats
+
+
+# --------------------------------------------------------------------------
+# Process main loop
+
+
+class Channel:
+    def __init__(self, endpoint: str):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(endpoint)
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(P.pack(msg))
+
+    def poll(self, timeout_ms: int) -> dict | None:
+        if not self.sock.poll(timeout_ms):
+            return None
+        return P.unpack(self.sock.recv())
+
+    def close(self):
+        self.sock.close()
+        self.ctx.term()
+
+
+def serve(channel: Channel, engine: Engine) -> None:
+    last_stats = 0.0
+    while True:
+        timeout = 0 if engine.active else int(STATS_INTERVAL_S * 1000)
+        events = []
+        while (msg := channel.poll(timeout)) is not None:
+            timeout = 0
+            kind = msg["type"]
+            if kind == "submit":
+                try:
+                    engine.submit(msg)
+                except P.ProtocolError as e:
+                    channel.send({"type": "failed", "seq": msg["seq"], "code": e.code, "message": e.message})
+                except Exception as e:
+                    log.exception("submit failed")
+                    channel.send({"type": "failed", "seq": msg["seq"], "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
+            elif kind == "cancel":
+                event = engine.cancel(msg["seq"])
+                if event:
+                    events.append(event)
+            elif kind == "stats":
+                last_stats = 0.0
+            elif kind == "shutdown":
+                events.extend(engine.cancel_all("cancelled"))
+                if events:
+                    channel.send({"type": "events", "events": events})
+                return
+        if engine.active:
+            try:
+                events.extend(engine.step())
+            except Exception as e:
+                # A failed step leaves the batch in an unknown state: fail its requests, start a fresh batch.
+                log.exception("decode step failed")
+                for a in list(engine.active.values()):
+                    channel.send({"type": "failed", "seq": a.seq, "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
+                raise
+        if events:
+            channel.send({"type": "events", "events": events})
+        now = time.monotonic()
+        if now - last_stats >= STATS_INTERVAL_S:
+            channel.send({"type": "stats", **engine.stats()})
+            last_stats = now
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m moed.engine", description="moed engine process (started by `moed serve`)")
+    p.add_argument("--channel", required=True, help="ZeroMQ endpoint of the front process")
+    p.add_argument("--model", required=True, help="resolved model directory")
+    p.add_argument("--capacity", type=int, default=None)
+    p.add_argument("--memory-budget", type=int, default=None, help="bytes")
+    p.add_argument("--approximate", action="store_true")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--max-context", type=int, default=32768)
+    p.add_argument("--prompt-cache-size", type=int, default=8)
+    p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--debug", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from moed.daemon import setup_logging
+
+    setup_logging("engine", args.debug)
+    channel = Channel(args.channel)
+    try:
+        path = Path(args.model)
+        channel.send({"type": "progress", "stage": "loading", "message": f"loading {path.name}", "fraction": 0.0})
+        t0 = time.monotonic()
+        try:
+            model, tokenizer, manager = load_model(
+                path, capacity=args.capacity, memory_budget=args.memory_budget, approximate=args.approximate, prefetch=not args.no_prefetch
+            )
+        except Exception as e:
+            log.exception("cannot load %s", path)
+            channel.send({"type": "fatal", "message": f"cannot load model {path}: {type(e).__name__}: {e}"})
+            return 2
+        engine = Engine(model, tokenizer, manager, args)
+        info = model_info(path, model)
+        log.info("model %s loaded in %.1f s (pid %d)", info["name"], time.monotonic() - t0, os.getpid())
+        channel.send({"type": "ready", "model": info, "pid": os.getpid()})
+        serve(channel, engine)
+        return 0
+    finally:
+        channel.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
