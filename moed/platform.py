@@ -290,3 +290,46 @@ def process_command(pid: int) -> str | None:
             return None
     out = _run(["ps", "-o", "command=", "-p", str(pid)]).stdout.strip()
     return out or None
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process now (not the peak), in bytes."""
+    try:  # Linux
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    import subprocess  # macOS and other BSDs: ru_maxrss would be the peak
+
+    out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True)
+    return int(out.stdout.strip() or 0) * 1024
+
+
+def drop_file_cache(path) -> bool:
+    """Ask the OS to forget cached pages of ``path`` so the next reads hit the disk.
+
+    Linux: posix_fadvise(DONTNEED). macOS has no per-file eviction; there the
+    caller should read through ``open_uncached`` instead. Returns whether the
+    cache was dropped.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    finally:
+        os.close(fd)
+
+
+def open_uncached(path) -> int:
+    """A read-only fd whose reads bypass the page cache where the OS allows it."""
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    else:
+        import fcntl
+
+        if hasattr(fcntl, "F_NOCACHE"):  # macOS
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+    return fd
