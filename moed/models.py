@@ -132,6 +132,16 @@ def _tqdm_reporting_to(progress: Progress):
     return Reporting
 
 
+def display_name(path: Path) -> str:
+    """How a person names the model at ``path``: ``org/name`` for a hub snapshot, else the directory name."""
+    path = Path(path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name[len("models--") :].replace("--", "/")
+    if path == embedded_model_path():
+        return "embedded"
+    return path.name
+
+
 def read_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text())

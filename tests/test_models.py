@@ -156,3 +156,10 @@ def test_download_progress_is_reported_through_the_callback():
     assert seen and seen[-1][1] == 1.0
     assert any(f == 0.5 for _, f in seen)
     assert "downloading" in seen[-1][0]
+
+
+def test_display_names(tmp_path):
+    snapshot = make_hub_cache(tmp_path / "hub", "org/tiny-moe", {"config.json": b"{}"})
+    assert models.display_name(snapshot) == "org/tiny-moe"
+    assert models.display_name(tmp_path / "my-model") == "my-model"
+    assert models.display_name(models.embedded_model_path()) == "embedded"
