@@ -471,10 +471,8 @@ class Daemon:
             self.tok_window.popleft()
         tokens = sum(n for _, n in self.tok_window)
         span = (now - self.tok_window[0][0]) if len(self.tok_window) > 1 else 0.0
-        from moed import platform
-
-        front_rss = platform.process_rss_bytes(os.getpid())
-        engine_rss = platform.process_rss_bytes(self.engine.pid) if self.engine else None
+        front_rss = rss_of(os.getpid())
+        engine_rss = rss_of(self.engine.pid) if self.engine else None
         in_engine = sum(1 for r in self.requests.values() if r.in_engine)
         return {
             "state": self.state,
@@ -562,6 +560,17 @@ class Daemon:
                 t.cancel()
             self.router.close(linger=100)
             self.ctx.term()
+
+
+def rss_of(pid: int) -> int | None:
+    """Resident memory of a process; None if the probe fails (status must answer regardless)."""
+    from moed import platform
+
+    try:
+        return platform.process_rss_bytes(pid)
+    except Exception as e:
+        log.debug("rss probe failed: %r", e)
+        return None
 
 
 def reply_id(msg: dict | None) -> str | None:

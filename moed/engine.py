@@ -346,7 +346,11 @@ class Channel:
 
 def serve(channel: Channel, engine: Engine) -> None:
     last_stats = 0.0
+    front = os.getppid()
     while True:
+        if os.getppid() != front:  # the front died without telling us (kill -9): nobody will read our output
+            log.error("front process %d is gone; exiting", front)
+            return
         timeout = 0 if engine.active else int(STATS_INTERVAL_S * 1000)
         events = []
         while (msg := channel.poll(timeout)) is not None:
