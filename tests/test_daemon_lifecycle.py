@@ -1,0 +1,160 @@
+"""Daemon lifecycle on fresh daemons: engine crash and restart, one daemon per
+runtime dir, stale sockets, shutdown (graceful, now, SIGTERM), the busy queue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from moed_client import Busy, EngineRestarted, ShuttingDown
+
+LONG = 30000  # more tokens than any test waits for; under the default context limit
+
+
+def wait_for(predicate, timeout=30.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def test_engine_killed_midstream_restarts(daemon):
+    d = daemon()
+    old_engine = d.engine_pid()
+    with d.client() as c, d.client() as other:
+        streams = [c.generate("hello world", max_tokens=LONG), other.generate("the quick brown fox", max_tokens=LONG)]
+        for s in streams:
+            next(s)
+        os.kill(old_engine, signal.SIGKILL)
+        for s in streams:
+            with pytest.raises(EngineRestarted):
+                for _ in s:
+                    pass
+        # Same connections, no reconnect: the daemon restarts the engine and serves again.
+        status = wait_for(lambda: (st := c.status())["state"] == "ready" and st)
+        assert status["engine_pid"] != old_engine
+        assert status["engine_restarts"] == 1
+        d.engine_pids.add(status["engine_pid"])
+        assert c.complete("hello world", max_tokens=4).token_ids
+        assert other.complete("hello world", max_tokens=4).token_ids
+    assert d.proc.poll() is None
+
+
+def test_requests_during_load_wait_for_the_model(daemon):
+    d = daemon(ready=False)
+    d.wait_socket()
+    with d.client() as c:
+        first = c.status()
+        assert first["state"] in ("loading", "ready")
+        assert {"stage", "message", "fraction"} <= set(first["progress"])
+        out = c.complete("hello world", max_tokens=3)  # queued until the engine is ready
+    assert out.token_ids
+
+
+def test_second_daemon_refuses(daemon, test_model):
+    d = daemon()
+    env = {**os.environ, "MOED_RUNTIME_DIR": str(d.runtime_dir), "MOED_LOG_DIR": str(d.log_dir)}
+    second = subprocess.run(
+        [sys.executable, "-m", "moed.daemon", "serve", "--model", str(test_model)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 1
+    assert "already running" in second.stderr
+    with d.client() as c:  # the first one is untouched
+        assert c.status()["state"] == "ready"
+        assert c.complete("hello", max_tokens=2).token_ids
+
+
+def test_stale_socket_is_replaced(daemon, tmp_path):
+    from conftest import short_tmpdir
+
+    runtime = short_tmpdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(runtime / "moed.sock"))
+    stale.close()  # a socket file nobody listens on, as a crashed daemon leaves it
+    (runtime / "moed.pid").write_text("999999\n")
+    d = daemon(None, env={"MOED_RUNTIME_DIR": str(runtime)}, ready=False)
+    d.runtime_dir, d.socket = runtime, runtime / "moed.sock"
+    d.wait_ready()
+    with d.client() as c:
+        assert c.complete("hello", max_tokens=2).token_ids
+
+
+def test_graceful_shutdown_finishes_inflight(daemon):
+    d = daemon()
+    with d.client() as c, d.client() as admin:
+        stream = c.generate("hello world", max_tokens=30)
+        next(stream)
+        assert admin.shutdown()["accepted"]
+        with pytest.raises(ShuttingDown):
+            admin.complete("hello", max_tokens=2)
+        rest = list(stream)
+        assert stream.finish_reason in ("length", "stop")
+        assert rest
+    assert d.proc.wait(timeout=30) == 0
+    assert not d.socket.exists()
+    assert not (d.runtime_dir / "moed.pid").exists()
+
+
+def test_shutdown_now_cancels_inflight(daemon):
+    d = daemon()
+    with d.client() as c, d.client() as admin:
+        stream = c.generate("hello world", max_tokens=LONG)
+        next(stream)
+        admin.shutdown(now=True)
+        list(stream)
+        assert stream.finish_reason == "cancelled"
+    assert d.proc.wait(timeout=30) == 0
+    assert not d.socket.exists()
+
+
+def test_sigterm_is_graceful(daemon):
+    d = daemon()
+    engine = d.engine_pid()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=30) == 0
+    assert not d.socket.exists()
+    wait_for(lambda: not _alive(engine), timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of an exited parent is reaped by init soon; count it as gone.
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except OSError:
+        return True
+
+
+def test_busy_when_queue_full(daemon):
+    d = daemon(None, "--max-batch", "1", "--max-queue", "1")
+    with d.client() as c:
+        running = c.generate("hello world", max_tokens=LONG)
+        next(running)
+        queued = c.generate("hello world", max_tokens=5)
+        with pytest.raises(Busy):
+            next(c.generate("hello world", max_tokens=5))
+        assert c.status()["requests"] == {"active": 1, "queued": 1}
+        running.close()
+        assert queued.collect().token_ids  # the queued one runs once a slot frees
+
+
+def test_front_killed_engine_exits(daemon):
+    d = daemon()
+    engine = d.engine_pid()
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    wait_for(lambda: not _alive(engine), timeout=15)
