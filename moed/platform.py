@@ -48,19 +48,6 @@ def watchdog_interval() -> float | None:
         return None
 
 
-def open_uncached(path) -> int:
-    """A read-only fd whose reads do not fill the page cache where the OS offers that (macOS F_NOCACHE).
-
-    Pair it with ``evict_file_cache`` so reads measure the disk, not memory.
-    """
-    import fcntl
-
-    fd = os.open(path, os.O_RDONLY)
-    if hasattr(fcntl, "F_NOCACHE"):
-        fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-    return fd
-
-
 def evict_file_cache(fd: int) -> bool:
     """Drop a file's clean cached pages (Linux posix_fadvise DONTNEED); False where the OS has no such call."""
     if not hasattr(os, "posix_fadvise"):
@@ -100,8 +87,8 @@ def service_manager() -> str | None:
     """``"launchd"``, ``"systemd"``, or None where moed knows no service manager."""
     if sys.platform == "darwin":
         return "launchd"
-    if sys.platform.startswith("linux") and shutil.which("systemctl"):
-        return "systemd"
+    if sys.platform.startswith("linux") and shutil.which("systemctl") and os.path.isdir("/run/systemd/system"):
+        return "systemd"  # /run/systemd/system exists only when systemd is the running init (sd_booted)
     return None
 
 
@@ -268,8 +255,9 @@ def total_memory_bytes() -> int | None:
     return None
 
 
-def process_rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process, or None if it is gone or cannot be read."""
+def process_rss_bytes(pid: int | None = None) -> int | None:
+    """Resident memory (now, not the peak) of a process (default: this one), or None if it is gone."""
+    pid = os.getpid() if pid is None else pid
     statm = Path(f"/proc/{pid}/statm")
     if statm.exists():
         try:
@@ -290,19 +278,6 @@ def process_command(pid: int) -> str | None:
             return None
     out = _run(["ps", "-o", "command=", "-p", str(pid)]).stdout.strip()
     return out or None
-
-
-def process_rss_bytes() -> int:
-    """Resident memory of this process now (not the peak), in bytes."""
-    try:  # Linux
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pass
-    import subprocess  # macOS and other BSDs: ru_maxrss would be the peak
-
-    out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True)
-    return int(out.stdout.strip() or 0) * 1024
 
 
 def drop_file_cache(path) -> bool:
