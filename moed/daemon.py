@@ -169,7 +169,6 @@ class Daemon:
         self.requests: dict[int, Request] = {}  # seq -> request
         self.by_client: dict[bytes, dict[str, int]] = collections.defaultdict(dict)  # client -> {id: seq}
         self.queue: collections.deque[int] = collections.deque()  # admitted, not yet sent to the engine
-        self.clients_seen: dict[bytes, float] = {}
         self.next_seq = 0
         self.engine_count = 0
         self.tok_window: collections.deque = collections.deque()
@@ -216,7 +215,6 @@ class Daemon:
         while True:
             frames = await self.router.recv_multipart()
             client = frames[0]
-            self.clients_seen[client] = time.monotonic()
             if len(frames) != 2:
                 self.send(client, P.error(P.ErrorCode.BAD_MESSAGE, f"expected one frame per message, got {len(frames) - 1}"))
                 continue
@@ -312,7 +310,6 @@ class Daemon:
                 self.engine_send({"type": "cancel", "seq": seq})
             else:
                 self.queue.remove(seq)
-        self.clients_seen.pop(client, None)
 
     def finish(self, req: Request, final: dict | None) -> None:
         self.requests.pop(req.seq, None)
