@@ -176,6 +176,9 @@ class Daemon:
         self.drain_deadline: float | None = None
         self.exit_code = 0
         self.fatal_message: str | None = None
+        # In-process doors (moed/editor.py): client id -> callable taking that client's messages.
+        self.local_sinks: dict = {}
+        self.editor = None
 
     # -- sockets ---------------------------------------------------------
 
@@ -200,6 +203,10 @@ class Daemon:
 
     def send(self, client: bytes, msg: dict) -> bool:
         """Send to one client now; False (and the client's requests dropped) if it is gone or stuck."""
+        sink = self.local_sinks.get(client)
+        if sink is not None:
+            sink(msg)
+            return True
         try:
             self.router_sync.send_multipart([client, P.pack(msg)], flags=zmq.NOBLOCK)
             return True
@@ -489,7 +496,7 @@ class Daemon:
             "recent_tok_s": tokens / span if span > 0 else 0.0,
             "experts": self.engine_stats.get("experts"),
             "prompt_cache": self.engine_stats.get("prompt_cache"),
-            "editor_socket": None,
+            "editor_socket": str(self.editor.path) if self.editor else None,
             "progress": self.progress,
             "instance_id": self.instance_id,
             "version": VERSION,
@@ -538,6 +545,9 @@ class Daemon:
         from moed import platform
 
         self.bind_client_socket()
+        from moed import editor
+
+        self.editor = await editor.open_door(self)
         log.info("moed %s listening on %s (instance %s), model %s", VERSION, self.runtime.socket_path, self.instance_id, self.model_path)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -555,6 +565,8 @@ class Daemon:
         finally:
             for t in tasks:
                 t.cancel()
+            if self.editor is not None:
+                await self.editor.close()
             self.router.close(linger=100)
             self.ctx.term()
 
@@ -611,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-cache-size", type=int, default=8, help="recent prompt caches kept for prefix reuse")
     s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
     s.add_argument("--debug", action="store_true", help="verbose logs, including prompts")
+    from moed import editor
+
+    editor.add_arguments(s)
     return p
 
 

@@ -556,3 +556,67 @@ def _remove_stale_socket(path: Path) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
     path.unlink()
+
+
+# --------------------------------------------------------------------------
+# The daemon's side
+
+
+class DaemonBackend:
+    """A running ``moed.daemon.Daemon`` as this door's Backend.
+
+    Each editor request becomes a local client of the daemon's sessions: the
+    daemon admits it with the same ``admit`` a ZeroMQ generate goes through,
+    and its ``send`` hands that client's messages to a sink here instead of
+    the ROUTER socket (``Daemon.local_sinks``).
+    """
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self._ids = itertools.count()
+
+    def submit(self, msg: dict, on_event: Callable[[dict], None]):
+        # libzmq's own peer ids are 5 bytes and ids that peers choose cannot
+        # start with a zero byte, so these never collide with a ZeroMQ client.
+        client = b"\x00editor-%d" % next(self._ids)
+        sinks = self.daemon.local_sinks
+
+        def sink(event: dict) -> None:
+            if event.get("type") in (P.DONE, P.ERROR):
+                sinks.pop(client, None)
+            on_event(event)
+
+        sinks[client] = sink
+        try:
+            self.daemon.admit(client, msg)
+        except BaseException:
+            sinks.pop(client, None)
+            if not self.daemon.by_client.get(client):
+                self.daemon.by_client.pop(client, None)
+            raise
+        return client, msg["id"]
+
+    def cancel(self, handle) -> None:
+        client, rid = handle
+        seq = self.daemon.by_client.get(client, {}).get(rid)
+        if seq is not None:
+            self.daemon.cancel(seq)
+
+    def status(self) -> dict:
+        return self.daemon.status()
+
+    def model_dir(self) -> Path | None:
+        return self.daemon.model_path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--no-editor", action="store_true", help="do not open the editor socket (msgpack-rpc, editor.sock in the runtime dir)")
+
+
+async def open_door(daemon) -> EditorServer | None:
+    """Start the editor socket for ``daemon`` unless ``--no-editor``."""
+    if getattr(daemon.args, "no_editor", False):
+        return None
+    server = EditorServer(DaemonBackend(daemon), daemon.runtime.socket_path.parent / paths.editor_socket().name)
+    await server.start()
+    return server
