@@ -618,5 +618,10 @@ async def open_door(daemon) -> EditorServer | None:
     if getattr(daemon.args, "no_editor", False):
         return None
     server = EditorServer(DaemonBackend(daemon), daemon.runtime.socket_path.parent / paths.editor_socket().name)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        # The daemon still serves its main socket; status shows editor_socket: null.
+        log.error("cannot open the editor socket %s: %s", server.path, e)
+        return None
     return server
