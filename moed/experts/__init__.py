@@ -1,0 +1,93 @@
+"""Lazy experts: run an MoE model whose experts live on SSD, with exact output.
+
+``load_model(path, capacity=...)`` builds the model with mlx-lm (lazily, so no
+expert byte is read), swaps each MoE layer's expert tensors for a bounded slot
+cache, and returns a manager that loads experts on demand. See docs/experts.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .lazy import ExpertManager, NotMoEError, find_moe_sites, make_lazy
+from .store import Checkpoint, StoreError
+
+log = logging.getLogger("moed.experts")
+
+__all__ = ["load_model", "parse_size", "ExpertManager", "NotMoEError", "StoreError"]
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_size(text) -> int:
+    """``"8GB"``, ``"512M"``, ``1e9`` -> bytes (binary units: 1 GB = 2**30 bytes)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (try 8GB or 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _capacity_for_budget(budget: int, nonexpert: int, baseline: int, per_layer_expert: list[int], num_experts: int) -> int:
+    """Experts per layer that fit in ``budget`` beside the dense weights and the
+    process's own footprint (interpreter, MLX, buffers) measured before loading."""
+    room = budget - nonexpert - baseline
+    per_slot = sum(per_layer_expert)  # one slot in every MoE layer
+    cap = room // per_slot if per_slot else num_experts
+    if cap < 1:
+        need = nonexpert + baseline + per_slot
+        raise ValueError(
+            f"memory budget {budget / 2**30:.2f} GiB is too small: dense weights {nonexpert / 2**30:.2f} GiB, "
+            f"process {baseline / 2**30:.2f} GiB, one expert per layer {per_slot / 2**30:.3f} GiB "
+            f"(need at least {need / 2**30:.2f} GiB)"
+        )
+    return int(min(cap, num_experts))
+
+
+def load_model(path, *, capacity: int | None = None, memory_budget=None, approximate: bool = False,
+               prefetch: bool = True, policy: str = "lfru", profile=None):
+    """Load an mlx-lm model; with ``capacity`` (experts per MoE layer) or
+    ``memory_budget`` (bytes or "8GB") its experts stay on disk and a bounded
+    cache per layer holds the ones in use. Returns ``(model, tokenizer, manager)``;
+    manager is None for a plain load.
+    """
+    import mlx_lm
+
+    path = Path(path)
+    if capacity is None and memory_budget is None:
+        model, tokenizer = mlx_lm.load(str(path))
+        return model, tokenizer, None
+
+    from moed.platform import process_rss_bytes
+
+    baseline = process_rss_bytes()
+    ckpt = Checkpoint(path)  # before mlx-lm touches the shards: our errors name file and key
+    model, tokenizer = mlx_lm.load(str(path), lazy=True)
+    sites = find_moe_sites(model)
+    if not sites:
+        raise NotMoEError(f"{path}: no mixture-of-experts layers found (a dense model cannot use expert offloading)")
+    expert_ids = {id(a) for s in sites for _, a in tree_flatten(s.switch.parameters())}
+    nonexpert = sum(a.nbytes for _, a in tree_flatten(model.parameters()) if id(a) not in expert_ids)
+    per_layer = [sum(a.nbytes for _, a in tree_flatten(s.switch.parameters())) // s.num_experts for s in sites]
+    num_experts = max(s.num_experts for s in sites)
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    if capacity is None:
+        capacity = _capacity_for_budget(budget, nonexpert, baseline, per_layer, num_experts)
+        log.info("memory budget %.2f GiB -> %d experts per layer", budget / 2**30, capacity)
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1, got {capacity}")
+    manager = make_lazy(model, path, capacity, approximate=approximate, policy=policy,
+                        memory_budget=budget, nonexpert_bytes=nonexpert, ckpt=ckpt)
+    del sites
+    mx.eval(model.parameters())
+    for cache in manager.caches:
+        if cache.capacity == cache.num_experts:  # everything fits: load once, run direct
+            cache.ensure(range(cache.num_experts))
+    return model, tokenizer, manager

@@ -1,0 +1,373 @@
+"""Find the MoE layers of an mlx-lm model and make their experts lazy.
+
+Detection is structural: any module holding two or more (Quantized)SwitchLinear
+children is a stacked expert module (``switch_mlp`` in Qwen/DeepSeek/GLM,
+``block_sparse_moe.switch_mlp`` in Mixtral, ``experts`` in GPT-OSS/Llama 4).
+Its projections keep their class and compute; only their weight arrays are
+swapped for cache slots, and the module is wrapped so expert ids become slot
+ids. Routers, shared experts and dense layers are untouched.
+
+Sync scheme (why the forward is wrapped): knowing whether a token's experts are
+resident needs the router's choice on the CPU, a device->host readback. Doing
+that per layer costs one sync per layer per token. Instead a forward runs
+*speculatively* on whatever is resident (missing experts read slot 0) while
+recording every layer's expert ids; one evaluation at the end reads them all
+back. All resident: done, one readback. Something missing: the KV caches are
+trimmed back by the tokens just fed, and the forward is redone in *sync* mode,
+where layers before the first miss run as before (their input is unchanged, so
+their experts are the same and resident) and each later layer reads back its
+choice, loads what it misses, then computes. Output is exact either way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from .cache import LayerCache, Part
+from .store import Checkpoint, Reader, expert_extents, layer_index
+
+_PROJ_ARRAYS = ("weight", "scales", "biases", "bias")
+
+
+class NotMoEError(ValueError):
+    """The model has no expert layers to make lazy."""
+
+
+@dataclass
+class MoESite:
+    layer: int
+    path: str  # module path of the stacked expert module
+    parent: nn.Module
+    attr: str
+    switch: nn.Module
+    block: nn.Module  # the MoE block (router + experts)
+    num_experts: int
+
+
+def _projections(module) -> dict[str, nn.Module]:
+    return {k: v for k, v in module.children().items() if isinstance(v, (SwitchLinear, QuantizedSwitchLinear))}
+
+
+def find_moe_sites(model: nn.Module) -> list[MoESite]:
+    modules = dict(model.named_modules())
+    sites = []
+    for path, mod in modules.items():
+        if isinstance(mod, LazySwitch) or len(_projections(mod)) < 2:
+            continue
+        parent_path, _, attr = path.rpartition(".")
+        parent = modules[parent_path] if parent_path else model
+        layer = layer_index(path)
+        if layer is None:
+            continue
+        n = {p.weight.shape[0] for p in _projections(mod).values()}
+        if len(n) != 1:
+            continue
+        sites.append(MoESite(layer, path, parent, attr, mod, parent, n.pop()))
+    return sorted(sites, key=lambda s: s.layer)
+
+
+def find_router(block: nn.Module, num_experts: int):
+    """The router of an MoE block: a linear layer with one output per expert, or
+    a MoEGate-style module (``gate``) returning ``(indices, scores)``."""
+    for name, child in block.children().items():
+        if isinstance(child, (nn.Linear, nn.QuantizedLinear)) and child.weight.shape[0] == num_experts:
+            return child
+    gate = block.get("gate") if hasattr(block, "get") else None
+    return gate if isinstance(gate, nn.Module) else None
+
+
+def expert_parts(ckpt: Checkpoint, site: MoESite) -> list[Part]:
+    parts = []
+    for proj_name, proj in _projections(site.switch).items():
+        for arr_name in _PROJ_ARRAYS:
+            arr = proj.get(arr_name) if arr_name in proj else None
+            if arr is None:
+                continue
+            extents = expert_extents(ckpt, site.path, proj_name, arr_name, site.num_experts)
+            per = arr.shape[1:]
+            want = int(np.prod(per)) * arr.dtype.size
+            if extents[0].nbytes != want:
+                raise ValueError(
+                    f"{extents[0].file}: {extents[0].key!r} holds {extents[0].nbytes} bytes per expert, "
+                    f"the model expects {want} ({arr.dtype} {per})"
+                )
+            parts.append(Part(f"{proj_name}.{arr_name}", tuple(per), arr.dtype, tuple(extents)))
+    return parts
+
+
+class LazySwitch(nn.Module):
+    """Stands in for a stacked expert module; its projections compute over slots."""
+
+    def __init__(self, inner: nn.Module, cache: LayerCache, manager: "ExpertManager"):
+        super().__init__()
+        self.inner = inner
+        self._cache = cache
+        self._manager = manager
+        for name, arr in cache.slots.items():
+            proj, arr_name = name.split(".")
+            setattr(inner[proj], arr_name, arr)
+
+    def __call__(self, x, indices):
+        return self._manager.route(self._cache, self.inner, x, indices)
+
+
+class ExpertManager:
+    """Owns the layer caches and decides, per forward, how experts are found."""
+
+    def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
+                 memory_budget: int | None = None, nonexpert_bytes: int = 0):
+        self.caches = caches
+        self.sites = sites
+        self.reader = reader
+        self.approximate = approximate
+        self.memory_budget = memory_budget
+        self.nonexpert_bytes = nonexpert_bytes
+        self._order = {id(c): i for i, c in enumerate(caches)}
+        self._mode = "direct"
+        self._sync_from = 0
+        self._records: list[tuple[LayerCache, mx.array]] = []
+        self._lock = threading.RLock()
+        self.forwards = self.decode_steps = self.readbacks = self.decode_readbacks = self.redos = 0
+        self._step_readbacks = 0
+        self.wait_time = 0.0
+        self.decode_time = 0.0
+        self.decode_wait = 0.0
+        self.skipped = 0
+        self.prefetcher = None
+        self._closed = False
+
+    # -- per-layer routing (called from inside the model's forward) ---------
+    def route(self, cache: LayerCache, inner, x, indices):
+        mode = self._mode
+        if mode == "direct" or cache.complete:
+            return inner(x, indices)
+        order = self._order[id(cache)]
+        if mode == "speculative" or (mode == "sync" and order < self._sync_from):
+            if mode == "speculative":
+                self._records.append((cache, indices))
+            return inner(x, cache.lut()[indices])
+        if mode == "approximate":
+            self._records.append((cache, indices))
+            y = inner(x, cache.lut()[indices])
+            keep = cache.present_lut()[indices]
+            return y * keep[..., None].astype(y.dtype)
+        return self._route_sync(cache, inner, x, indices)
+
+    def _route_sync(self, cache: LayerCache, inner, x, indices):
+        mx.eval(indices)
+        self.readbacks += 1
+        self._step_readbacks += 1
+        ids = np.array(indices)
+        needed = np.unique(ids)
+        cache.record(needed)
+        room = cache.capacity - len(cache.pinned - set(needed.tolist()))
+        if len(needed) <= room:
+            self._load(cache, needed)
+            return inner(x, cache.lut()[indices])
+        # More distinct experts than slots (long prefill, big batch): compute in
+        # groups that fit, resident ones first, each group evaluated before the
+        # next overwrites its slots.
+        needed = needed[np.argsort(cache.slot_of[needed] < 0, kind="stable")]
+        y = None
+        for start in range(0, len(needed), max(room, 1)):
+            group = needed[start:start + max(room, 1)]
+            self._load(cache, group)
+            mask = mx.array(np.isin(ids, group))
+            out = inner(x, mx.where(mask, cache.lut()[indices], 0))
+            y = out if y is None else mx.where(mask[..., None], out, y)
+            mx.eval(y)
+        return y
+
+    def _load(self, cache: LayerCache, experts) -> None:
+        missing = cache.missing(experts)
+        if not len(missing):
+            return
+        t0 = time.perf_counter()
+        if self.prefetcher is not None:
+            self.prefetcher.wait_or_load(cache, missing, protect=experts)
+        else:
+            cache.ensure(missing, protect=experts)
+        self.wait_time += time.perf_counter() - t0
+
+    # -- the wrapped forward -------------------------------------------------
+    def forward(self, call, args, kwargs):
+        with self._lock:
+            return self._forward(call, args, kwargs)
+
+    def _forward(self, call, args, kwargs):
+        inputs = args[0] if args else kwargs.get("inputs")
+        cache = kwargs["cache"] if "cache" in kwargs else (args[1] if len(args) > 1 else None)
+        ntok = inputs.shape[-1] if inputs is not None and inputs.ndim >= 1 else 0
+        decode = ntok == 1
+        self.forwards += 1
+        self.decode_steps += decode
+        self._step_readbacks = 0
+        t0 = time.perf_counter()
+        wait0 = self.wait_time
+        if self.prefetcher is not None:
+            self.prefetcher.install_ready()
+        try:
+            if all(c.complete for c in self.caches):
+                self._mode = "direct"
+                return call()
+            if self.approximate:
+                return self._approximate(call)
+            if cache is None or all(c.is_trimmable() for c in cache):
+                self._mode, self._records = "speculative", []
+                out = call()
+                mx.eval(out, [i for _, i in self._records])
+                self._count_readback()
+                first = self._first_miss()
+                if first is None:
+                    return out
+                self.redos += 1
+                if cache is not None:
+                    for c in cache:
+                        c.trim(ntok)
+                self._sync_from = first
+            else:
+                self._sync_from = 0
+            self._mode, self._records = "sync", []
+            out = call()
+            mx.eval(out)
+            self._count_readback()
+            return out
+        finally:
+            self._mode, self._records = "direct", []
+            if decode:
+                self.decode_readbacks += self._step_readbacks
+                self.decode_time += time.perf_counter() - t0
+                self.decode_wait += self.wait_time - wait0
+
+    def _count_readback(self):
+        self.readbacks += 1
+        self._step_readbacks += 1
+
+    def _first_miss(self) -> int | None:
+        """Record this forward's use; the position of the first layer that missed."""
+        seen = []
+        for cache, ind in self._records:
+            needed = np.unique(np.array(ind))
+            seen.append((self._order[id(cache)], cache, needed, len(cache.missing(needed))))
+        misses = [order for order, _, _, miss in seen if miss]
+        first = min(misses) if misses else None
+        for order, cache, needed, miss in seen:
+            # layers from the first miss on are redone and record themselves then
+            cache.record(needed, count_stats=first is None or order < first)
+        if self.prefetcher is not None:
+            self.prefetcher.observe(self._records)
+        return first
+
+    def _approximate(self, call):
+        self._mode, self._records = "approximate", []
+        out = call()
+        mx.eval(out, [i for _, i in self._records])
+        self._count_readback()
+        for cache, ind in self._records:
+            needed = np.unique(np.array(ind))
+            cache.record(needed)
+            missing = cache.missing(needed)
+            if len(missing):  # for the next tokens; this one went without them
+                ids = np.array(ind).ravel()
+                self.skipped += int((cache.slot_of[ids] < 0).sum())
+                # the most used first, as many as the unpinned slots hold
+                counts = np.bincount(ids, minlength=cache.num_experts)
+                room = cache.capacity - len(cache.pinned)
+                keep = missing[np.argsort(-counts[missing], kind="stable")][:room]
+                self._load(cache, keep)
+        return out
+
+    # -- reporting -----------------------------------------------------------
+    def expert_bytes(self) -> int:
+        return sum(c.capacity * c.expert_bytes for c in self.caches)
+
+    def stats(self) -> dict:
+        from moed.platform import process_rss_bytes
+
+        layers = [c.stats() for c in self.caches]
+        hits = sum(c.hits for c in self.caches)
+        misses = sum(c.misses for c in self.caches)
+        rss = process_rss_bytes()
+        out = {
+            "layers": layers,
+            "moe_layers": len(self.caches),
+            "num_experts": self.caches[0].num_experts if self.caches else 0,
+            "capacity": self.caches[0].capacity if self.caches else 0,
+            "approximate": self.approximate,
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else None,
+            "bytes_read": sum(c.bytes_read for c in self.caches),
+            "load_time_s": round(sum(c.load_time for c in self.caches), 6),
+            "resident": sum(int((c.slot_of >= 0).sum()) for c in self.caches),
+            "slots": sum(c.capacity for c in self.caches),
+            "forwards": self.forwards,
+            "decode_steps": self.decode_steps,
+            "readbacks": self.readbacks,
+            "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
+            "redos": self.redos,
+            "expert_wait_s": round(self.wait_time, 6),
+            "expert_wait_share": (self.decode_wait / self.decode_time) if self.decode_time else None,
+            "disk_bytes_per_token": (sum(c.bytes_read for c in self.caches) / self.decode_steps) if self.decode_steps else None,
+            "memory": {
+                "budget_bytes": self.memory_budget,
+                "expert_bytes": self.expert_bytes(),
+                "nonexpert_bytes": self.nonexpert_bytes,
+                "process_rss_bytes": rss,
+                "rss_vs_budget": rss / self.memory_budget if self.memory_budget else None,
+            },
+        }
+        if self.approximate:
+            out["skipped_expert_uses"] = self.skipped
+        if self.prefetcher is not None:
+            out["prefetch"] = self.prefetcher.stats()
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self.reader.close()
+
+
+def _hook_forward(model: nn.Module, manager: ExpertManager) -> None:
+    """Route every call of ``model`` through ``manager.forward`` (see module doc)."""
+    cls = type(model)
+
+    def __call__(self, *args, **kwargs):
+        return manager.forward(lambda: cls.__call__(self, *args, **kwargs), args, kwargs)
+
+    model.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+
+
+def make_lazy(model: nn.Module, model_dir, capacity: int, *, approximate: bool = False, policy: str = "lfru",
+              memory_budget: int | None = None, nonexpert_bytes: int = 0, ckpt: Checkpoint | None = None) -> ExpertManager:
+    """Swap every expert module of ``model`` for a lazy one with ``capacity`` slots.
+
+    Call before the expert arrays are evaluated (``load(lazy=True)``): the
+    original expert arrays are dropped unread.
+    """
+    sites = find_moe_sites(model)
+    if not sites:
+        raise NotMoEError(f"{model_dir}: no mixture-of-experts layers found (a dense model cannot use expert offloading)")
+    ckpt = ckpt or Checkpoint(model_dir)
+    reader = Reader()
+    caches = []
+    for site in sites:
+        parts = expert_parts(ckpt, site)
+        caches.append(LayerCache(site.layer, site.num_experts, min(capacity, site.num_experts), parts, reader, policy))
+    manager = ExpertManager(caches, sites, reader, approximate=approximate, memory_budget=memory_budget,
+                            nonexpert_bytes=nonexpert_bytes)
+    for site, cache in zip(sites, caches):
+        setattr(site.parent, site.attr, LazySwitch(site.switch, cache, manager))
+    _hook_forward(model, manager)
+    return manager
