@@ -273,7 +273,8 @@ def process_command(pid: int) -> str | None:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         try:
-            return cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            # empty for a zombie, or for a moment while the process execs: unknown, not "no command"
+            return cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip() or None
         except OSError:
             return None
     out = _run(["ps", "-o", "command=", "-p", str(pid)]).stdout.strip()
