@@ -140,12 +140,10 @@ def test_duplicate_and_unknown_ids(raw):
     raw.send_msg({"type": P.GENERATE, "id": "same", "prompt": "hello", "max_tokens": 5})
     msg = raw.until(lambda m: m["type"] == P.ERROR)
     assert msg["code"] == P.ErrorCode.DUPLICATE_ID and msg["id"] == "same"
-    raw.send_msg({"type": P.CANCEL, "id": "nope"})
-    msg = raw.until(lambda m: m["type"] == P.ERROR)
-    assert msg["code"] == P.ErrorCode.UNKNOWN_REQUEST
+    raw.send_msg({"type": P.CANCEL, "id": "nope"})  # not live: ignored, no reply (cancel races with done)
     raw.send_msg({"type": P.CANCEL, "id": "same"})
-    done = raw.until(lambda m: m["type"] == P.DONE)
-    assert done["id"] == "same" and done["finish_reason"] == "cancelled"
+    done = raw.until(lambda m: m["type"] in (P.DONE, P.ERROR))
+    assert done["type"] == P.DONE and done["id"] == "same" and done["finish_reason"] == "cancelled"
 
 
 def test_oversized_message_drops_only_its_sender(shared_daemon):

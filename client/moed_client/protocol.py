@@ -59,7 +59,7 @@ class ErrorCode:
     VERSION_MISMATCH = "version_mismatch"
     INVALID_REQUEST = "invalid_request"  # a field has a wrong type or value
     DUPLICATE_ID = "duplicate_id"  # this client already has a live request with that id
-    UNKNOWN_REQUEST = "unknown_request"  # cancel of an id this client does not own
+    UNKNOWN_REQUEST = "unknown_request"  # reserved; a cancel of an id that is not live is ignored, unanswered
     BUSY = "busy"  # the queue is full
     LIMIT_EXCEEDED = "limit_exceeded"  # prompt or max_tokens over the daemon's limits
     ENGINE_RESTARTED = "engine_restarted"  # the engine died; the request is gone
