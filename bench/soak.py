@@ -1,0 +1,393 @@
+"""Soak: many clients, cancels and client deaths against one daemon; nothing may be lost.
+
+    python -m bench.soak --requests 10000 --clients 16 --out soak.json
+    python -m bench.soak --socket /run/user/1000/moed/moed.sock ...   # an already running daemon
+
+Each client is a worker process on its own DEALER socket that speaks raw
+protocol v1 (not ``moed_client.Client``, which hides late messages of a
+request it gave up on), so the driver can check the contract itself: every
+request ends with exactly one ``done`` or ``error`` and nothing follows it.
+Client ids collide on purpose (every worker numbers its requests from 0).
+
+The mix, drawn from ``--seed``: prompts of 1..``--max-prompt`` words as text,
+chat messages or token ids; streaming clients read every chunk as it comes,
+"collect" clients read lazily (a slow consumer); a third of the requests are
+cancelled (before the first token or after a few chunks); ``--kill-every``
+requests, a worker SIGKILLs itself mid-stream and is replaced.
+
+Reported (JSON): completed / cancelled / errored (by code) / lost, violations
+of the contract, client-side time to first token p50/p99, and the front's and
+the engine's RSS and open file descriptors after warm-up and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+WORDS = "the quick brown fox jumps over lazy dog hello world this is moed serving a model def main return".split()
+FINAL_TIMEOUT_S = 120.0  # no message for a live request in this long: it is lost
+
+
+# --------------------------------------------------------------------------
+# The plan: what each request does, drawn once from the seed
+
+
+def make_plan(n: int, seed: int, max_prompt: int, max_tokens: int, kill_every: int, vocab: int = 256) -> list[dict]:
+    rng = random.Random(seed)
+    plan = []
+    for i in range(n):
+        words = rng.randint(1, max_prompt)
+        kind = rng.choice(["prompt", "prompt", "messages", "token_ids"])
+        spec = {"n": i, "kind": kind, "words": words, "max_tokens": rng.randint(1, max_tokens),
+                "mode": rng.choice(["stream", "collect"]), "seed": rng.randrange(1 << 30),
+                "temperature": rng.choice([0.0, 0.0, 0.8])}
+        if rng.random() < 1 / 3:
+            # -1: cancel right after sending, before any token; k: after k chunks.
+            spec["cancel_after"] = rng.choice([-1, 0, 1, 2, 3])
+        elif kill_every and rng.random() < 1 / kill_every:
+            spec["die_after"] = rng.choice([0, 1, 2])
+        spec["vocab"] = vocab
+        plan.append(spec)
+    return plan
+
+
+def request_message(rid: str, spec: dict) -> dict:
+    rng = random.Random(spec["seed"])
+    text = " ".join(rng.choice(WORDS) for _ in range(spec["words"]))
+    msg = {"type": "generate", "id": rid, "max_tokens": spec["max_tokens"], "temperature": spec["temperature"],
+           "seed": spec["seed"]}
+    if spec["kind"] == "prompt":
+        msg["prompt"] = text
+    elif spec["kind"] == "messages":
+        msg["messages"] = [{"role": "user", "content": text}]
+    else:
+        msg["token_ids"] = [rng.randrange(spec["vocab"]) for _ in range(spec["words"])]
+    return msg
+
+
+def describe(msg: dict) -> str:
+    return f"{msg.get('type')}({msg.get('code') or msg.get('finish_reason') or ''})"
+
+
+# --------------------------------------------------------------------------
+# Worker: one client process, one request at a time, one JSON line per request
+
+
+def worker(endpoint: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
+    import zmq
+
+    from moed_client import protocol as P
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    finished: set[str] = set()  # ids whose final we have seen: anything later for them is a violation
+    violations: list[str] = []
+    out = sys.stdout
+
+    def receive(timeout_s: float):
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        return P.unpack(sock.recv())
+
+    for count, line in enumerate(sys.stdin):
+        spec = json.loads(line)
+        rid = f"q{count}"  # the same ids in every worker: collisions between clients on purpose
+        t0 = time.perf_counter()
+        sock.send(P.pack(request_message(rid, spec)))
+        cancel_after, die_after = spec.get("cancel_after"), spec.get("die_after")
+        if cancel_after == -1:
+            sock.send(P.pack({"type": "cancel", "id": rid}))
+        result = {"n": spec["n"], "outcome": "lost", "chunks": 0, "tokens": 0, "ttft_s": None}
+        while True:
+            msg = receive(final_timeout)
+            if msg is None:
+                break  # lost
+            mid = msg.get("id")
+            if mid != rid:
+                violations.append(f"{describe(msg)} for {'finished' if mid in finished else 'unknown'} id {mid!r}")
+                continue
+            kind = msg.get("type")
+            if kind == "chunk":
+                if result["ttft_s"] is None:
+                    result["ttft_s"] = time.perf_counter() - t0
+                result["chunks"] += 1
+                result["tokens"] += len(msg.get("token_ids") or [])
+                if die_after is not None and result["chunks"] > die_after:
+                    out.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if cancel_after is not None and cancel_after >= 0 and result["chunks"] == cancel_after + 1:
+                    sock.send(P.pack({"type": "cancel", "id": rid}))
+                if spec["mode"] == "collect":
+                    time.sleep(0.002)  # a slow reader
+            elif kind == "done":
+                result.update(outcome="done", finish_reason=msg.get("finish_reason"), usage=msg.get("usage"))
+                break
+            elif kind == "error":
+                result.update(outcome="error", code=msg.get("code"), message=str(msg.get("message"))[:200])
+                break
+            else:
+                violations.append(f"unexpected {kind!r} for a live request")
+        if result["outcome"] != "lost":
+            finished.add(rid)
+        if die_after is not None and result["outcome"] != "lost":
+            result["died"] = False  # it ended before the point where it meant to die
+        # Anything already queued for this id after its final is a violation (counted here or later).
+        while (late := receive(0)) is not None:
+            violations.append(f"{describe(late)} after the final of {late.get('id')!r}")
+        result["violations"] = violations
+        violations = []
+        result["wall_s"] = time.perf_counter() - t0
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+
+
+# --------------------------------------------------------------------------
+# Driver
+
+
+def proc_sample(pid: int | None) -> dict | None:
+    import psutil
+
+    if pid is None:
+        return None
+    try:
+        p = psutil.Process(pid)
+        return {"rss_bytes": p.memory_info().rss, "open_fds": p.num_fds()}
+    except psutil.Error:
+        return None
+
+
+class Soak:
+    def __init__(self, socket: Path, clients: int, plan: list[dict], warmup: int, status_client, final_timeout: float):
+        self.endpoint = "ipc://" + str(socket)
+        self.final_timeout = final_timeout
+        self.clients = clients
+        self.todo: queue.Queue = queue.Queue()
+        for spec in plan:
+            self.todo.put(spec)
+        self.total = len(plan)
+        self.warmup = warmup
+        self.status_client = status_client
+        self.results: list[dict] = []
+        self.lock = threading.Lock()
+        self.warm_sample: dict | None = None
+        self.worker_deaths = 0
+        self.workers_started = 0
+
+    def sample(self) -> dict:
+        status = self.status_client.status()
+        return {"front": proc_sample(status.get("pid")), "engine": proc_sample(status.get("engine_pid")),
+                "requests": status.get("requests"), "clients": status.get("clients"), "state": status.get("state"),
+                "engine_restarts": status.get("engine_restarts")}
+
+    def record(self, result: dict) -> None:
+        with self.lock:
+            self.results.append(result)
+            if len(self.results) == self.warmup and self.warm_sample is None:
+                self.warm_sample = self.sample()
+
+    def spawn(self) -> subprocess.Popen:
+        with self.lock:
+            self.workers_started += 1
+        return subprocess.Popen([sys.executable, "-m", "bench.soak", "--worker", "--socket", self.endpoint,
+                                 "--final-timeout", str(self.final_timeout)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                cwd=Path(__file__).resolve().parent.parent)
+
+    def slot(self) -> None:
+        """One client slot: a worker process fed one request at a time, replaced when it dies."""
+        proc = None
+        try:
+            while True:
+                try:
+                    spec = self.todo.get_nowait()
+                except queue.Empty:
+                    return
+                if proc is None:
+                    proc = self.spawn()
+                proc.stdin.write(json.dumps(spec) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if line:
+                    self.record(json.loads(line))
+                    continue
+                proc.wait()
+                died_on_purpose = spec.get("die_after") is not None and proc.returncode == -signal.SIGKILL
+                with self.lock:
+                    self.worker_deaths += 1
+                self.record({"n": spec["n"], "outcome": "killed" if died_on_purpose else "worker_crashed",
+                             "returncode": proc.returncode, "violations": [], "chunks": None, "ttft_s": None})
+                proc = None
+        finally:
+            if proc is not None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def run(self, progress) -> dict:
+        start_sample = self.sample()
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=self.slot, daemon=True) for _ in range(self.clients)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            time.sleep(1.0)
+            progress(len(self.results), self.total)
+        wall = time.monotonic() - t0
+        # The daemon notices closed connections and finishes cancels asynchronously: let it settle.
+        deadline = time.monotonic() + 10.0
+        while True:
+            end_sample = self.sample()
+            busy = end_sample["requests"] and (end_sample["requests"].get("active") or end_sample["requests"].get("queued"))
+            if not (busy or end_sample["clients"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        return self.report(start_sample, self.warm_sample or start_sample, end_sample, wall)
+
+    def report(self, start: dict, warm: dict, end: dict, wall: float) -> dict:
+        res = sorted(self.results, key=lambda r: r["n"])
+        outcome = lambda r: r["outcome"]  # noqa: E731
+        done = [r for r in res if outcome(r) == "done"]
+        errors: dict[str, int] = {}
+        for r in res:
+            if outcome(r) == "error":
+                errors[r["code"]] = errors.get(r["code"], 0) + 1
+        violations = [v for r in res for v in r.get("violations", [])]
+        # A request that finished with 'length' must have streamed exactly max_tokens tokens.
+        max_tokens = {s["n"]: s["max_tokens"] for s in self._plan_by_n.values()}
+        short = [r["n"] for r in done if r.get("finish_reason") == "length" and r["tokens"] != max_tokens[r["n"]]]
+        ttfts = sorted(r["ttft_s"] for r in res if r.get("ttft_s") is not None)
+
+        def pct(q):
+            return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
+
+        def growth(which, key):
+            a, b = (warm.get(which) or {}).get(key), (end.get(which) or {}).get(key)
+            return (b - a) / a if a and b is not None else None
+
+        return {
+            "requests": self.total,
+            "clients": self.clients,
+            "finished_records": len(res),
+            "completed": sum(1 for r in done if r.get("finish_reason") in ("stop", "length")),
+            "cancelled": sum(1 for r in done if r.get("finish_reason") == "cancelled"),
+            "cancel_requested": sum(1 for s in self._plan_by_n.values() if "cancel_after" in s),
+            "errored": sum(errors.values()),
+            "errors_by_code": errors,
+            "killed_clients": sum(1 for r in res if outcome(r) == "killed"),
+            "worker_crashes": sum(1 for r in res if outcome(r) == "worker_crashed"),
+            "lost": sum(1 for r in res if outcome(r) == "lost") + (self.total - len(res)),
+            "violations": len(violations),
+            "violation_examples": violations[:10],
+            "length_mismatches": short[:10],
+            "tokens_streamed": sum(r["tokens"] for r in res if r.get("tokens")),
+            "ttft_p50_s": pct(0.50),
+            "ttft_p99_s": pct(0.99),
+            "wall_s": wall,
+            "requests_per_s": len(res) / wall if wall else None,
+            "daemon": {"before": start, "after_warmup": warm, "end": end,
+                       "front_rss_growth": growth("front", "rss_bytes"), "engine_rss_growth": growth("engine", "rss_bytes")},
+            "fd_leak": {which: ((end.get(which) or {}).get("open_fds") or 0) - ((start.get(which) or {}).get("open_fds") or 0)
+                        for which in ("front", "engine")},
+            "workers_started": self.workers_started,
+        }
+
+
+def run_soak(socket: Path, *, requests: int, clients: int, seed: int = 0, max_prompt: int = 24, max_tokens: int = 24,
+             kill_every: int = 200, warmup: int | None = None, final_timeout: float = FINAL_TIMEOUT_S,
+             progress=lambda done, total: None) -> dict:
+    """Soak the daemon listening on ``socket``; the JSON-able report."""
+    from moed_client import Client
+
+    with Client(socket, timeout=30) as c:
+        vocab = (c.server.get("model") or {}).get("vocab_size") or 256
+        plan = make_plan(requests, seed, max_prompt, max_tokens, kill_every, vocab=vocab)
+        soak = Soak(socket, clients, plan, warmup if warmup is not None else max(clients, requests // 20), c, final_timeout)
+        soak._plan_by_n = {s["n"]: s for s in plan}
+        report = soak.run(progress)
+    report["config"] = {"requests": requests, "clients": clients, "seed": seed, "max_prompt_words": max_prompt,
+                        "max_tokens": max_tokens, "kill_every": kill_every, "vocab": vocab}
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt", type=int, default=24, help="most words in a prompt")
+    p.add_argument("--max-tokens", type=int, default=24, help="most tokens a request asks for")
+    p.add_argument("--kill-every", type=int, default=200, help="about one request in N kills its client mid-stream (0: none)")
+    p.add_argument("--socket", default=None, help="soak this running daemon instead of starting one")
+    p.add_argument("--model", default=None, help="model for the daemon started here (default: the embedded model, else a tiny random one)")
+    p.add_argument("--out", default=None, help="write the JSON report here (default: stdout)")
+    p.add_argument("--final-timeout", type=float, default=FINAL_TIMEOUT_S, help="seconds without a message before a request counts as lost")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.socket, args.final_timeout)
+        return 0
+
+    def progress(done, total):
+        print(f"\rsoak: {done}/{total} requests", end="", file=sys.stderr, flush=True)
+
+    started = None
+    try:
+        if args.socket:
+            socket = Path(args.socket)
+        else:
+            started, socket = start_daemon(args.model)
+        report = run_soak(socket, requests=args.requests, clients=args.clients, seed=args.seed, max_prompt=args.max_prompt,
+                          max_tokens=args.max_tokens, kill_every=args.kill_every,
+                          final_timeout=args.final_timeout, progress=progress)
+    finally:
+        print(file=sys.stderr)
+        if started is not None:
+            started.kill()
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0 if report["lost"] == 0 and report["violations"] == 0 and report["worker_crashes"] == 0 else 1
+
+
+def start_daemon(model: str | None):
+    """A daemon on a private runtime dir, launched by the test suite's launcher (tests/conftest.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.conftest import DaemonProcess, make_tiny_model, short_tmpdir
+
+    from moed.models import embedded_model_path
+
+    if model is None:
+        embedded = embedded_model_path()
+        if (embedded / "config.json").is_file():
+            model = embedded
+        else:
+            model = make_tiny_model(short_tmpdir("moed-soak-model-") / "tiny")
+    d = DaemonProcess(Path(model), ())
+    try:
+        d.wait_ready(300)
+    except BaseException:
+        d.kill()
+        raise
+    return d, d.socket
+
+
+if __name__ == "__main__":
+    sys.exit(main())
