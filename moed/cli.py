@@ -108,11 +108,17 @@ def pidfile_pid(runtime: Runtime) -> int | None:
 
 
 def remove_leftovers(runtime: Runtime) -> list[Path]:
-    """Delete a socket and pidfile that no live daemon owns."""
+    """Delete the sockets and pidfile of a daemon that is gone (a killed one cannot remove its own)."""
     if pidfile_pid(runtime) is not None:
         return []
+    files = [runtime.socket, runtime.socket.with_name(paths.editor_socket().name)]
+    try:
+        dead = int(runtime.pidfile.read_text().split()[0])
+        files += sorted(runtime.pidfile.parent.glob(f"engine-{dead}-*.sock"))  # named so by moed.daemon
+    except (OSError, ValueError, IndexError):
+        pass
     removed = []
-    for path in (runtime.socket, runtime.pidfile):
+    for path in files + [runtime.pidfile]:
         try:
             path.unlink()
             removed.append(path)

@@ -1,0 +1,170 @@
+"""moectl against real daemons: start, status, run, stop (graceful, --now, frozen daemon), start failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from moed import cli
+from moed_client import Client
+from test_cli import env  # noqa: F401 - the private runtime/log/home fixture
+
+STATUS_KEYS = {
+    "running", "state", "pid", "engine_pid", "uptime_s", "model", "memory", "requests", "clients", "recent_tok_s",
+    "experts", "editor_socket", "progress", "socket", "pidfile", "log", "service",
+}
+
+
+@pytest.fixture
+def started(env):  # noqa: F811
+    """Daemons that moectl starts in a test are killed (with their engines) at its end, whatever happened."""
+    pids = set()
+    yield pids
+    try:
+        pids.add(int((env / "moed.pid").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def start(model, capsys, *flags) -> str:
+    assert cli.main(["start", "--model", str(model), *flags]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def status_json(capsys) -> tuple[int, dict]:
+    code = cli.main(["status", "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_start_status_run_stop(env, started, test_model, capsys, monkeypatch):  # noqa: F811
+    out = start(test_model, capsys)
+    assert out.startswith("moed is ready in ")
+    code, status = status_json(capsys)
+    started.add(status["pid"])
+    assert code == 0 and status["running"] is True and status["state"] == "ready"
+    assert STATUS_KEYS <= set(status), STATUS_KEYS - set(status)
+    assert status["pid"] == int((env / "moed.pid").read_text())
+    assert status["model"]["path"] == str(test_model)
+    assert status["memory"]["rss_bytes"] > 0
+
+    assert cli.main(["start"]) == 0
+    assert "already running" in capsys.readouterr().out
+    assert cli.main(["status"]) == 0
+    assert capsys.readouterr().out.startswith("moed is running (ready)")
+
+    prompt = "def fibonacci(n):"
+    with Client(env / "moed.sock") as c:
+        expected = c.complete(prompt, max_tokens=12, temperature=0.0)
+    assert expected.text
+
+    assert cli.main(["run", prompt, "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected.text
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompt))
+    assert cli.main(["run", "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected.text
+
+    assert cli.main(["run", prompt, "--max-tokens", "12", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["type"] for e in events[:-1]] == ["chunk"] * (len(events) - 1)
+    assert "".join(e["text"] for e in events[:-1]) == expected.text
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == expected.finish_reason
+    assert events[-1]["usage"]["completion_tokens"] == len(expected.token_ids)
+
+    assert cli.main(["stop"]) == 0
+    assert "moed stopped" in capsys.readouterr().out
+    assert not cli.pid_alive(status["pid"]) and not cli.pid_alive(status["engine_pid"])
+    assert sorted(p.name for p in env.iterdir()) == []  # no socket, no pidfile
+    assert status_json(capsys)[0] == 3
+
+
+def stream_in_background(socket, **request):
+    """Start a request, wait for its first chunk, and finish reading it in a thread; (result dict, thread)."""
+    result = {}
+    client = Client(socket, timeout=60)
+    stream = client.generate("def f(x):", temperature=0.0, **request)
+    first = next(stream)
+
+    def read():
+        try:
+            result["text"] = first.text + "".join(c.text for c in stream)
+            result["finish_reason"] = stream.finish_reason
+            result["tokens"] = len(stream.token_ids)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return result, thread
+
+
+@pytest.mark.slow
+def test_graceful_stop_lets_requests_finish_and_now_cancels_them(env, started, test_model, capsys):  # noqa: F811
+    start(test_model, capsys)
+    with Client(env / "moed.sock") as c:
+        reference = c.complete("def f(x):", max_tokens=400, temperature=0.0)
+    assert len(reference.token_ids) > 100  # long enough to be in flight when stop arrives
+    result, thread = stream_in_background(env / "moed.sock", max_tokens=400)
+    assert cli.main(["stop"]) == 0
+    thread.join(60)
+    assert "letting finish 1 in-flight request(s)" in capsys.readouterr().err
+    assert result.get("text") == reference.text and result["finish_reason"] == reference.finish_reason, result
+
+    start(test_model, capsys)
+    result, thread = stream_in_background(env / "moed.sock", max_tokens=20000)
+    assert cli.main(["stop", "--now"]) == 0
+    thread.join(60)
+    assert "cancelling 1 in-flight request(s)" in capsys.readouterr().err
+    assert result.get("finish_reason") == "cancelled" or getattr(result.get("error"), "code", None) == "shutting_down", result
+    assert result.get("tokens", 0) < 20000
+    assert sorted(p.name for p in env.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_stop_kills_a_frozen_daemon_and_cleans_up(env, started, test_model, capsys, monkeypatch):  # noqa: F811
+    start(test_model, capsys)
+    code, status = status_json(capsys)
+    pid, engine = status["pid"], status["engine_pid"]
+    started.add(pid)
+    os.kill(pid, signal.SIGSTOP)  # answers nothing, handles no signal but SIGKILL
+    monkeypatch.setattr(cli, "STATUS_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(cli, "TERM_GRACE_S", 1.0)
+    assert cli.main(["stop", "--timeout", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "SIGTERM" in err and "SIGKILL" in err
+    deadline = time.monotonic() + 10
+    while cli.pid_alive(engine) and time.monotonic() < deadline:  # killed with the daemon's process group
+        time.sleep(0.05)
+    assert not cli.pid_alive(pid) and not cli.pid_alive(engine)
+    assert sorted(p.name for p in env.iterdir()) == []  # SIGKILL left them; stop removed them
+
+
+def test_start_fails_clearly_on_a_dense_model(env, started, capsys, tmp_path):  # noqa: F811
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert cli.main(["start", "--model", str(dense)]) == 1
+    err = capsys.readouterr().err
+    assert "moed exited while starting" in err
+    assert "is not a Mixture-of-Experts model" in err
+    assert "Traceback" not in err
+    assert status_json(capsys)[0] == 3
+    assert sorted(p.name for p in env.iterdir()) == []
