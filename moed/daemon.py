@@ -182,7 +182,7 @@ class Daemon:
 
     # -- sockets ---------------------------------------------------------
 
-    def bind_client_socket(self) -> None:
+    def router_socket(self) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
@@ -190,6 +190,10 @@ class Daemon:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        return sock
+
+    def bind_client_socket(self) -> None:
+        sock = self.router_socket()
         old_umask = os.umask(0o077)  # the socket file is born 0600: no window where others could connect
         try:
             sock.bind(paths.endpoint(self.runtime.socket_path))
@@ -198,8 +202,33 @@ class Daemon:
         os.chmod(self.runtime.socket_path, 0o600)
         self.router = sock
         self.router_sync = zmq.Socket.shadow(sock.underlying)  # sends that fail at once (EHOSTUNREACH, EAGAIN)
+        self.tcp_router = self.tcp_router_sync = None
         if self.args.tcp:
-            raise DaemonError("--tcp is not available yet")
+            self.bind_tcp(self.args.tcp)
+
+    def bind_tcp(self, address: str) -> None:
+        """A second ROUTER on TCP that only CURVE clients with an authorized key can use."""
+        import zmq.auth.asyncio
+
+        from moed_client import curve
+
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise DaemonError(f"--tcp wants HOST:PORT, got {address!r}")
+        if not is_loopback(host) and not self.args.tcp_allow_remote:
+            raise DaemonError(f"--tcp {address}: {host} is not a loopback address; add --tcp-allow-remote to listen on the network")
+        public, secret = curve.server_keys()
+        self.authenticator = zmq.auth.asyncio.AsyncioAuthenticator(self.ctx)
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain="*", location=str(curve.authorized_dir()))
+        sock = self.router_socket()
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.bind(f"tcp://{host}:{port}")
+        self.tcp_router = sock
+        self.tcp_router_sync = zmq.Socket.shadow(sock.underlying)
+        log.info("also listening on tcp://%s:%s (CURVE; authorized keys in %s)", host, port, curve.authorized_dir())
 
     def send(self, client: bytes, msg: dict) -> bool:
         """Send to one client now; False (and the client's requests dropped) if it is gone or stuck."""
@@ -208,20 +237,23 @@ class Daemon:
             sink(msg)
             return True
         try:
-            self.router_sync.send_multipart([client, P.pack(msg)], flags=zmq.NOBLOCK)
+            if isinstance(client, tuple):  # ("tcp", identity): the two ROUTERs' peer ids may collide
+                self.tcp_router_sync.send_multipart([client[1], P.pack(msg)], flags=zmq.NOBLOCK)
+            else:
+                self.router_sync.send_multipart([client, P.pack(msg)], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:
             reason = "gone" if e.errno == errno.EHOSTUNREACH else f"not reading ({e.strerror})"
-            log.info("client %s is %s; dropping its requests", client.hex(), reason)
+            log.info("client %s is %s; dropping its requests", client_name(client), reason)
             self.drop_client(client)
             return False
 
     # -- client messages ---------------------------------------------------
 
-    async def client_loop(self) -> None:
+    async def client_loop(self, router, tcp: bool = False) -> None:
         while True:
-            frames = await self.router.recv_multipart()
-            client = frames[0]
+            frames = await router.recv_multipart()
+            client = ("tcp", frames[0]) if tcp else frames[0]
             if len(frames) != 2:
                 self.send(client, P.error(P.ErrorCode.BAD_MESSAGE, f"expected one frame per message, got {len(frames) - 1}"))
                 continue
@@ -286,7 +318,7 @@ class Daemon:
         owned[req.id] = seq
         self.queue.append(seq)
         if self.args.debug:
-            log.debug("request %s/%s: %r", client.hex(), req.id, submit)
+            log.debug("request %s/%s: %r", client_name(client), req.id, submit)
         self.pump()
 
     def pump(self) -> None:
@@ -555,7 +587,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, False)
-        tasks = [asyncio.ensure_future(self.client_loop())]
+        tasks = [asyncio.ensure_future(self.client_loop(self.router))]
+        if self.tcp_router is not None:
+            tasks.append(asyncio.ensure_future(self.client_loop(self.tcp_router, tcp=True)))
         interval = platform.watchdog_interval()
         if interval:
             tasks.append(asyncio.ensure_future(self.watchdog(interval)))
@@ -571,7 +605,25 @@ class Daemon:
             if self.editor is not None:
                 await self.editor.close()
             self.router.close(linger=100)
+            if self.tcp_router is not None:
+                self.tcp_router.close(linger=100)
+                self.authenticator.stop()
             self.ctx.term()
+
+
+def client_name(client) -> str:
+    return f"tcp:{client[1].hex()}" if isinstance(client, tuple) else client.hex()
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def rss_of(pid: int) -> int | None:
@@ -614,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: the embedded model)")
     s.add_argument("--socket", default=None, help="socket path (default: moed.sock in the runtime dir)")
     s.add_argument("--tcp", default=None, metavar="127.0.0.1:PORT", help="also listen on TCP, CURVE-authenticated (off by default)")
+    s.add_argument("--tcp-allow-remote", action="store_true", help="allow --tcp on a non-loopback address")
     s.add_argument("--memory-budget", type=parse_size, default=None, help="bytes for expert caches, e.g. 8G")
     s.add_argument("--capacity", type=int, default=None, help="expert slots per layer")
     s.add_argument("--approximate", action="store_true", help="allow approximate expert substitution")

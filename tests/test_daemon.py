@@ -94,11 +94,11 @@ def test_four_concurrent_clients_equal_mlx_lm(shared_daemon, reference):
         t.join(120)
     assert not errors, errors
     for p in PROMPTS:
-        assert results[p] == reference(p, max_tokens), p
+        assert results[p] == reference(p, max_tokens), f"{p!r}: batched output differs from mlx_lm.generate"
     # They really ran together: every stream was still producing when every other one had started.
     latest_start = max(w[0] for w in windows.values())
     earliest_end = min(w[1] for w in windows.values())
-    assert latest_start < earliest_end, windows
+    assert latest_start < earliest_end, f"streams did not overlap: {windows}"
 
 
 def test_chat_messages_use_template(shared_daemon, reference):

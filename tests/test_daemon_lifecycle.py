@@ -4,6 +4,7 @@ runtime dir, stale sockets, shutdown (graceful, now, SIGTERM), the busy queue.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,3 +159,40 @@ def test_front_killed_engine_exits(daemon):
     os.kill(d.pid, signal.SIGKILL)
     d.proc.wait(timeout=10)
     wait_for(lambda: not _alive(engine), timeout=15)
+
+
+def test_tcp_needs_curve_and_loopback(daemon, tmp_path):
+    import zmq
+
+    from moed_client import Client, DaemonNotRunning
+    from moed_client import protocol as P
+
+    env = {"MOED_CURVE_DIR": str(tmp_path / "curve")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = daemon(None, "--tcp", f"127.0.0.1:{port}", env=env)
+    key_files = list((tmp_path / "curve").rglob("*.key_secret"))
+    assert key_files and all(oct(f.stat().st_mode & 0o777) == "0o600" for f in key_files)
+    os.environ.update(env)
+    try:
+        with Client(f"tcp://127.0.0.1:{port}") as c:  # this user's keys: authorized
+            assert c.complete("hello", max_tokens=3).token_ids
+    finally:
+        del os.environ["MOED_CURVE_DIR"]
+    # A plain (unauthenticated) peer gets nothing back.
+    ctx = zmq.Context.instance()
+    plain = ctx.socket(zmq.DEALER)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(f"tcp://127.0.0.1:{port}")
+    plain.send(P.pack(P.hello()))
+    assert not plain.poll(1000)
+    plain.close()
+    # A non-loopback bind is refused unless asked for.
+    refused = subprocess.run(
+        [sys.executable, "-m", "moed.daemon", "serve", "--model", str(d.model), "--tcp", "0.0.0.0:1"],
+        env={**os.environ, **env, "MOED_RUNTIME_DIR": str(d.runtime_dir) + "-x", "MOED_LOG_DIR": str(d.log_dir)},
+        capture_output=True, text=True, timeout=60,
+    )
+    shutil.rmtree(str(d.runtime_dir) + "-x", ignore_errors=True)
+    assert refused.returncode == 1 and "loopback" in refused.stderr

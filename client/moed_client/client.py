@@ -115,8 +115,9 @@ def _hello_reply(msg: dict, endpoint: str) -> dict:
 
 
 class _Base:
-    def __init__(self, socket: str | Path | None, timeout: float | None, connect_timeout: float, name: str):
+    def __init__(self, socket: str | Path | None, timeout: float | None, connect_timeout: float, name: str, curve):
         self.endpoint = paths.endpoint(socket)
+        self.curve = curve
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.name = name
@@ -131,6 +132,13 @@ class _Base:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES * 2)
+        if self.endpoint.startswith("tcp://"):
+            from . import curve
+
+            keys = self.curve or curve.client_keys()
+            sock.curve_serverkey = keys.server_public
+            sock.curve_publickey = keys.public
+            sock.curve_secretkey = keys.secret
         sock.connect(self.endpoint)
         return sock
 
@@ -201,10 +209,15 @@ class Stream:
 
 
 class Client(_Base):
-    """Blocking client. ``timeout`` bounds every wait for one reply or token (None: wait forever)."""
+    """Blocking client. ``timeout`` bounds every wait for one reply or token (None: wait forever).
 
-    def __init__(self, socket=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S, name: str = "moed-client"):
-        super().__init__(socket, timeout, connect_timeout, name)
+    ``socket``: a path, ``ipc://`` or ``tcp://`` endpoint (default: the user's daemon).
+    Over TCP the connection is CURVE-encrypted with ``curve`` (``moed_client.curve.ClientKeys``),
+    by default this user's keys from ``moed_client.curve.client_keys()``.
+    """
+
+    def __init__(self, socket=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S, name: str = "moed-client", curve=None):
+        super().__init__(socket, timeout, connect_timeout, name, curve)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._inbox: dict[str, collections.deque] = {}
@@ -413,8 +426,8 @@ class AsyncStream:
 class AsyncClient(_Base):
     """asyncio client; safe to use from many tasks of one event loop."""
 
-    def __init__(self, socket=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S, name: str = "moed-client"):
-        super().__init__(socket, timeout, connect_timeout, name)
+    def __init__(self, socket=None, *, timeout: float | None = DEFAULT_TIMEOUT_S, connect_timeout: float = CONNECT_TIMEOUT_S, name: str = "moed-client", curve=None):
+        super().__init__(socket, timeout, connect_timeout, name, curve)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = None
         self._reader: asyncio.Task | None = None
