@@ -1,0 +1,205 @@
+"""Daemon benchmark: moed against in-process mlx-lm, measured in one run.
+
+    python -m bench.daemon_bench --out daemon.json [--model DIR] [--tokens 128] [--repeats 3]
+
+Figures (all medians over ``repeats``; greedy, so both sides produce the same tokens):
+- ``single``: decode tok/s and time to first token, in-process ``mlx_lm.stream_generate``
+  vs one client through the daemon (client-side clocks), their ratio (target >= 0.97)
+  and the TTFT overhead;
+- ``concurrency``: aggregate tok/s with 1, 2, 4, 8 clients generating at once
+  (target: 4 clients >= 2x one client);
+- ``ipc``: ping round trip, and the per-token overhead implied by the two decode rates
+  (negative when the daemon's engine loop outruns ``stream_generate``'s per-token Python
+  work, as on tiny models where that work dominates).
+
+Decode tok/s = (tokens - 1) / (time of last token - time of first token), the same
+definition on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as pyplatform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+CONCURRENCY = (1, 2, 4, 8)
+WORDS = ["the quick brown fox", "hello world", "a model of", "def main():", "user assistant", "once upon a time", "lazy dog", "this is moed"]
+
+
+def prompt(i: int) -> str:
+    # Distinct from its first token on, so the daemon's prefix cache cannot help one side.
+    return f"{i} {WORDS[i % len(WORDS)]} {WORDS[(i * 3 + 1) % len(WORDS)]}"
+
+
+def rate(n_tokens: int, first: float, last: float) -> float | None:
+    return (n_tokens - 1) / (last - first) if n_tokens > 1 and last > first else None
+
+
+def in_process(model_dir: Path, prompts: list[str], tokens: int) -> list[dict]:
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    mlx_lm.generate(model, tokenizer, "warm up", max_tokens=8)
+    runs = []
+    for p in prompts:
+        t0 = time.perf_counter()
+        first = last = None
+        ids = []
+        for r in mlx_lm.stream_generate(model, tokenizer, p, max_tokens=tokens):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            ids.append(r.token)
+        # stream_generate yields the EOS step too; moed does not send EOS.
+        if ids and ids[-1] in tokenizer.eos_token_ids:
+            ids.pop()
+        runs.append({"tokens": ids, "ttft_s": first - t0, "decode_tok_s": rate(len(ids), first, last)})
+    return runs
+
+
+def through_daemon(client, p: str, tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first = last = None
+    ids = []
+    stream = client.generate(p, max_tokens=tokens)
+    for chunk in stream:
+        now = time.perf_counter()
+        if chunk.token_ids:
+            first = first or now
+            last = now
+        ids += chunk.token_ids
+    return {"tokens": ids, "ttft_s": first - t0 if first else None, "decode_tok_s": rate(len(ids), first, last) if first else None,
+            "cached_tokens": stream.usage.get("cached_tokens"), "daemon_timings": stream.timings}
+
+
+def concurrent(d, n: int, tokens: int, offset: int) -> dict:
+    results = [None] * n
+    barrier = threading.Barrier(n + 1)
+
+    def run(i):
+        with d.client() as c:
+            c.ping()
+            barrier.wait()
+            results[i] = through_daemon(c, prompt(offset + i), tokens)
+            results[i]["end"] = time.perf_counter()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = max(r["end"] for r in results) - t0
+    total = sum(len(r["tokens"]) for r in results)
+    return {"clients": n, "tokens": total, "wall_s": wall, "aggregate_tok_s": total / wall,
+            # Per client, the daemon's own clock: client threads share one GIL here and read in bursts.
+            "per_client_decode_tok_s": median(r["daemon_timings"].get("decode_tok_s") for r in results)}
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 3, concurrency=CONCURRENCY, progress=print) -> dict:
+    """The whole benchmark as a JSON-safe dict."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.conftest import DaemonProcess, make_tiny_model, short_tmpdir
+
+    from moed.models import embedded_model_path
+
+    if model is None:
+        embedded = embedded_model_path()
+        model = embedded if (embedded / "config.json").is_file() else make_tiny_model(short_tmpdir("moed-bench-model-") / "tiny")
+    model = Path(model)
+    prompts = [prompt(i) for i in range(repeats)]
+    result = {
+        "benchmark": "daemon",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": pyplatform.platform(), "cpus": os.cpu_count()},
+        "model": str(model),
+        "tokens": tokens,
+        "repeats": repeats,
+    }
+    progress(f"in-process mlx-lm: {repeats} x {tokens} tokens")
+    base = in_process(model, prompts, tokens)
+
+    progress("starting moed")
+    d = DaemonProcess(model, ("--max-batch", str(max(concurrency))))
+    try:
+        status = d.wait_ready(600)
+        result["model_info"] = status["model"]
+        with d.client() as c:
+            c.complete("warm up", max_tokens=8)
+            progress(f"one client: {repeats} x {tokens} tokens")
+            served = [through_daemon(c, p, tokens) for p in prompts]
+            pings = []
+            for _ in range(200):
+                pings.append(c.ping())
+        same = all(a["tokens"] == b["tokens"] for a, b in zip(base, served))
+        base_rate, daemon_rate = median(r["decode_tok_s"] for r in base), median(r["decode_tok_s"] for r in served)
+        base_ttft, daemon_ttft = median(r["ttft_s"] for r in base), median(r["ttft_s"] for r in served)
+        result["single"] = {
+            "greedy_tokens_identical": same,
+            "completion_tokens": [len(r["tokens"]) for r in served],
+            "in_process_decode_tok_s": base_rate,
+            "daemon_decode_tok_s": daemon_rate,
+            "ratio": daemon_rate / base_rate if base_rate and daemon_rate else None,
+            "target_ratio": 0.97,
+            "in_process_ttft_s": base_ttft,
+            "daemon_ttft_s": daemon_ttft,
+            "ttft_overhead_s": daemon_ttft - base_ttft if base_ttft and daemon_ttft else None,
+        }
+        pings.sort()
+        result["ipc"] = {
+            "ping_p50_us": pings[len(pings) // 2] * 1e6,
+            "ping_p99_us": pings[int(len(pings) * 0.99)] * 1e6,
+            "per_token_overhead_us": (1 / daemon_rate - 1 / base_rate) * 1e6 if base_rate and daemon_rate else None,
+        }
+        runs = []
+        offset = 1000
+        for n in concurrency:
+            progress(f"{n} concurrent clients")
+            samples = []
+            for _ in range(repeats):
+                samples.append(concurrent(d, n, tokens, offset))
+                offset += n
+            runs.append({"clients": n, "aggregate_tok_s": median(s["aggregate_tok_s"] for s in samples),
+                         "per_client_decode_tok_s": median(s["per_client_decode_tok_s"] for s in samples),
+                         "tokens_per_run": samples[0]["tokens"]})
+        one = runs[0]["aggregate_tok_s"]
+        for r in runs:
+            r["speedup_vs_one"] = r["aggregate_tok_s"] / one if one else None
+        four = next((r for r in runs if r["clients"] == 4), None)
+        result["concurrency"] = {"runs": runs, "target_4_clients_speedup": 2.0, "four_clients_speedup": four["speedup_vs_one"] if four else None}
+    finally:
+        d.kill()
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
+    ap.add_argument("--model", type=Path, help="model directory (default: the embedded model, else a tiny random one)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = run(args.model, tokens=args.tokens, repeats=args.repeats, progress=log)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
