@@ -442,7 +442,7 @@ class Daemon:
                 if not self.send(req.client, P.chunk(req.id, ev["text"], ev["token_ids"])):
                     continue
             if finish is not None:
-                self.finish(req, P.done(req.id, finish, ev["usage"], req.timings()))
+                self.finish(req, P.done(req.id, finish, ev["usage"], req.timings() | {"max_batch": ev.get("max_batch")}))
 
     async def supervise(self) -> None:
         """Run engines until shutdown, restarting one that dies."""

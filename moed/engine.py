@@ -170,6 +170,7 @@ class Active:
     stop: StopText
     completion_tokens: int = 0
     pending_ids: list = field(default_factory=list)
+    max_batch: int = 0  # most requests decoded in one step together with this one
 
 
 class Engine:
@@ -251,7 +252,7 @@ class Engine:
         self._remove(uid, keep_cache=True)
         return self._final(self.active.pop(uid), "cancelled", "")
 
-    def cancel_all(self, finish: str) -> list[dict]:
+    def cancel_all(self) -> list[dict]:
         return [e for e in (self.cancel(seq) for seq in list(self.by_seq)) if e]
 
     def _remove(self, uid: int, keep_cache: bool) -> None:
@@ -268,6 +269,7 @@ class Engine:
             "token_ids": a.pending_ids,
             "finish": finish,
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cached_tokens": a.cached_tokens},
+            "max_batch": a.max_batch,
         }
 
     # -- one decode step ---------------------------------------------------
@@ -281,13 +283,12 @@ class Engine:
             if a is None:
                 continue
             a.pending_ids = []
+            a.max_batch = max(a.max_batch, len(responses))
             finish = r.finish_reason
             if finish != "stop":  # an EOS token is not part of the output, as in mlx_lm.generate
                 a.completion_tokens += 1
                 a.pending_ids.append(r.token)
                 a.detokenizer.add_token(r.token)
-            else:
-                a.completion_tokens += 1
             if finish is not None:
                 a.detokenizer.finalize()
             text, hit = a.stop.feed(a.detokenizer.last_segment)
@@ -376,7 +377,7 @@ def serve(channel: Channel, engine: Engine) -> None:
             elif kind == "stats":
                 last_stats = 0.0
             elif kind == "shutdown":
-                events.extend(engine.cancel_all("cancelled"))
+                events.extend(engine.cancel_all())
                 if events:
                     channel.send({"type": "events", "events": events})
                 return
