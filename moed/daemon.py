@@ -179,6 +179,7 @@ class Daemon:
         # In-process doors (moed/editor.py): client id -> callable taking that client's messages.
         self.local_sinks: dict = {}
         self.editor = None
+        self.http = None  # the OpenAI-compatible gateway (moed/http.py), a protocol v1 client of this daemon
 
     # -- sockets ---------------------------------------------------------
 
@@ -532,6 +533,7 @@ class Daemon:
             "experts": self.engine_stats.get("experts"),
             "prompt_cache": self.engine_stats.get("prompt_cache"),
             "editor_socket": str(self.editor.path) if self.editor else None,
+            "http": self.http.url if self.http else None,
             "progress": self.progress,
             "instance_id": self.instance_id,
             "version": VERSION,
@@ -580,8 +582,12 @@ class Daemon:
         from moed import platform
 
         self.bind_client_socket()
-        from moed import editor
+        from moed import editor, http
 
+        try:
+            self.http = await http.open_gateway(self.args, self.runtime.socket_path)
+        except http.GatewayError as e:
+            raise DaemonError(str(e)) from None
         self.editor = await editor.open_door(self)
         log.info("moed %s listening on %s (instance %s), model %s", VERSION, self.runtime.socket_path, self.instance_id, self.model_path)
         loop = asyncio.get_running_loop()
@@ -602,6 +608,8 @@ class Daemon:
         finally:
             for t in tasks:
                 t.cancel()
+            if self.http is not None:
+                await self.http.close()
             if self.editor is not None:
                 await self.editor.close()
             self.router.close(linger=100)
@@ -679,9 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-cache-size", type=int, default=8, help="recent prompt caches kept for prefix reuse")
     s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
     s.add_argument("--debug", action="store_true", help="verbose logs, including prompts")
-    from moed import editor
+    from moed import editor, http
 
     editor.add_arguments(s)
+    http.add_arguments(s)
     return p
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from moed.daemon import is_loopback
 from moed_client import AsyncClient, paths
 from moed_client import errors as E
 from moed_client import protocol as P
@@ -341,15 +341,6 @@ def usage(u: dict) -> dict:
     if u.get("cached_tokens") is not None:
         out["prompt_tokens_details"] = {"cached_tokens": int(u["cached_tokens"])}
     return out
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_listen(text: str) -> tuple[str, int]:
