@@ -27,28 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe", "kimi", "gpt_oss")
 
-_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def write_tokenizer(out: Path) -> dict:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    corpus = ["the quick brown fox jumps over the lazy dog", "def main():\n    return 42\n",
-              "hello world, experts live on disk and load on demand."] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-         "chat_template": _TEMPLATE}))
-    return {"vocab_size": tok.get_vocab_size(), "eos_token_id": tok.token_to_id("<|im_end|>")}
+from bench.experts_bench import write_tokenizer  # noqa: E402  (one tokenizer recipe for tests and bench)
 
 
 def _configs(tok: dict) -> dict:

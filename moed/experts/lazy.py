@@ -133,6 +133,7 @@ class ExpertManager:
         self._mode = "direct"
         self._sync_from = 0
         self._records: list[tuple[LayerCache, mx.array]] = []
+        self._outputs: dict[int, mx.array] = {}  # speculative expert outputs, by layer position
         self._lock = threading.RLock()
         self.forwards = self.decode_steps = self.readbacks = self.decode_readbacks = self.redos = 0
         self._step_readbacks = 0
@@ -149,10 +150,14 @@ class ExpertManager:
         if mode == "direct" or cache.complete:
             return inner(x, indices)
         order = self._order[id(cache)]
-        if mode == "speculative" or (mode == "sync" and order < self._sync_from):
-            if mode == "speculative":
-                self._records.append((cache, indices))
-            return inner(x, cache.lut()[indices])
+        if mode == "speculative":
+            y = inner(x, cache.lut()[indices])
+            self._records.append((cache, indices))
+            self._outputs[order] = y
+            return y
+        if mode == "sync" and order < self._sync_from:
+            # same input as in the speculative pass, all experts were there: reuse
+            return self._outputs[order]
         if mode == "approximate":
             self._records.append((cache, indices))
             y = inner(x, cache.lut()[indices])
@@ -220,13 +225,16 @@ class ExpertManager:
             if self.approximate:
                 return self._approximate(call)
             if cache is None or all(c.is_trimmable() for c in cache):
-                self._mode, self._records = "speculative", []
+                self._mode, self._records, self._outputs = "speculative", [], {}
                 out = call()
                 mx.eval(out, [i for _, i in self._records])
                 self._count_readback()
                 first = self._first_miss()
                 if first is None:
+                    self._outputs.clear()
                     return out
+                for order in [o for o in self._outputs if o >= first]:
+                    del self._outputs[order]
                 self.redos += 1
                 if cache is not None:
                     for c in cache:
@@ -236,11 +244,12 @@ class ExpertManager:
                 self._sync_from = 0
             self._mode, self._records = "sync", []
             out = call()
+            self._outputs.clear()
             mx.eval(out)
             self._count_readback()
             return out
         finally:
-            self._mode, self._records = "direct", []
+            self._mode, self._records, self._outputs = "direct", [], {}
             if decode:
                 self.decode_readbacks += self._step_readbacks
                 self.decode_time += time.perf_counter() - t0

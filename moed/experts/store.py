@@ -200,9 +200,10 @@ def expert_extents(ckpt: Checkpoint, switch_path: str, proj: str, part: str, num
 class Reader:
     """Thread-safe positional reads into caller buffers, with open file handles kept."""
 
-    def __init__(self):
+    def __init__(self, uncached: bool = False):
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.uncached = uncached  # drop pages after each read, so every load hits the disk (benchmarks)
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -233,6 +234,10 @@ class Reader:
                     f"{extent.offset + extent.nbytes}, file ends at {os.fstat(fd).st_size}"
                 )
             done += n
+        if self.uncached:
+            from moed.platform import evict_file_cache
+
+            evict_file_cache(fd)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,305 @@
+"""Lazy experts against stock mlx-lm: tok/s, memory, disk bytes per token and
+expert-load throughput against raw ``pread`` bandwidth, in one run.
+
+    python -m bench.experts_bench --out experts.json [--model DIR] [--synthetic-layers 16] [--tokens 32]
+
+Every configuration (stock, and lazy at each residency) runs in a fresh
+process so its memory is its own. Tokens of every lazy run are compared with
+stock's (greedy): ``exact`` must be true. Shard pages are dropped from the OS
+page cache before each run and after each expert read (``--cached`` keeps
+them), so expert loads really come from the disk; raw bandwidth is measured
+the same way, on the same shards, in the same run, with preads of the very
+expert extents the loader reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "The capital of France is",
+    "Explain in one sentence why the sky is blue.",
+]
+RESIDENCIES = (1.0, 0.5, 0.25)
+
+_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tokenizer(out: Path, vocab_size: int = 320) -> dict:
+    """A small byte-level BPE tokenizer (PreTrainedTokenizerFast, chat template inlined)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "def main():\n    return 42\n",
+              "hello world, experts live on disk and load on demand."] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "chat_template": _TEMPLATE}))
+    return {"vocab_size": tok.get_vocab_size(), "eos_token_id": tok.token_to_id("<|im_end|>")}
+
+
+def synthetic_checkpoint(out: Path, *, layers: int = 16, hidden: int = 1024, experts: int = 64, top_k: int = 4,
+                         moe_intermediate: int = 512, seed: int = 0, progress=print) -> Path:
+    """A random 4-bit Qwen3-MoE with real-model shapes (float32 scales), built a
+    layer at a time so the float weights never all exist at once."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3_moe
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = write_tokenizer(out)
+    config = dict(model_type="qwen3_moe", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 2,
+                  num_attention_heads=max(hidden // 128, 1), num_key_value_heads=max(hidden // 512, 1), head_dim=128,
+                  num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1, mlp_only_layers=[],
+                  moe_intermediate_size=moe_intermediate, rms_norm_eps=1e-6, vocab_size=tok["vocab_size"],
+                  rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096, norm_topk_prob=True,
+                  eos_token_id=tok["eos_token_id"], quantization={"group_size": 64, "bits": 4})
+    mx.random.seed(seed)
+    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))
+    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    weights = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.weight = layer.mlp.gate.weight * 8.0  # spread routing over the experts
+        params = dict(tree_flatten(layer.parameters()))
+        mx.eval(params)
+        weights.update({f"model.layers.{i}.{k}": v for k, v in params.items()})
+        progress(f"synthetic checkpoint: layer {i + 1}/{layers}")
+    rest = {k: v for k, v in tree_flatten(model.parameters()) if ".layers." not in f".{k}"}
+    mx.eval(rest)
+    weights.update(rest)
+    shards, limit, current, size = [], 512 << 20, {}, 0
+    for k in sorted(weights):
+        if size + weights[k].nbytes > limit and current:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = weights[k]
+        size += weights[k].nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+# -- one configuration, in its own process -------------------------------------
+
+def _evict_shards(model_dir: Path) -> bool:
+    from moed.platform import drop_file_cache
+
+    return all([drop_file_cache(p) for p in Path(model_dir).glob("*.safetensors")])
+
+
+def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
+                prefetch: bool = False, approximate: bool = False) -> dict:
+    """Load (stock when ``capacity`` is None), greedy-decode each prompt, report."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from moed.experts import load_model
+    from moed.platform import process_rss_bytes
+
+    if uncached:
+        _evict_shards(Path(model_dir))
+    rss0 = process_rss_bytes()
+    t0 = time.perf_counter()
+    model, tok, manager = load_model(model_dir, capacity=capacity, prefetch=prefetch, approximate=approximate)
+    if manager is not None and uncached:
+        manager.reader.uncached = True
+    load_s = time.perf_counter() - t0
+    rss_loaded = process_rss_bytes()
+    runs = []
+    for prompt in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        out, last = [], None
+        t = time.perf_counter()
+        for r in mlx_lm.stream_generate(model, tok, text, max_tokens=tokens):
+            out.append(r.token)
+            last = r
+        runs.append({"tokens": out, "decode_tps": last.generation_tps, "prefill_tps": last.prompt_tps,
+                     "wall_s": time.perf_counter() - t})
+    result = {
+        "capacity": capacity,
+        "load_s": load_s,
+        "rss_before_load": rss0,
+        "rss_loaded": rss_loaded,
+        "rss_end": process_rss_bytes(),
+        "peak_device_bytes": mx.get_peak_memory(),
+        "runs": runs,
+        "decode_tps": sum(r["decode_tps"] for r in runs) / len(runs),
+    }
+    if manager is not None:
+        result["stats"] = manager.stats()
+        manager.close()
+    return result
+
+
+def _subprocess(model_dir: Path, capacity, tokens, prompts, uncached, **kw) -> dict:
+    spec = json.dumps({"model_dir": str(model_dir), "capacity": capacity, "tokens": tokens, "prompts": prompts,
+                       "uncached": uncached, **kw})
+    proc = subprocess.run([sys.executable, "-m", "bench.experts_bench", "--one", spec], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        return {"capacity": capacity, "error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- raw disk, same extents ------------------------------------------------------
+
+def raw_expert_preads(model_dir: Path, max_bytes: int = 256 << 20, seed: int = 0) -> dict:
+    """pread the exact byte extents of random experts, page cache dropped: the
+    bandwidth the disk gives the loader's access pattern with nothing else around."""
+    import mmap
+
+    import mlx_lm
+
+    from moed.experts.lazy import expert_parts, find_moe_sites
+    from moed.experts.store import Checkpoint
+    from moed.platform import open_uncached
+
+    ckpt = Checkpoint(model_dir)
+    model, _ = mlx_lm.load(str(model_dir), lazy=True)
+    sites = find_moe_sites(model)
+    experts = [[p.extents[e] for p in expert_parts(ckpt, s)] for s in sites for e in range(s.num_experts)]
+    random.Random(seed).shuffle(experts)
+    fds = {f: open_uncached(f) for f in ckpt.files}
+    biggest = max(x.nbytes for ex in experts for x in ex)
+    buf = memoryview(mmap.mmap(-1, biggest))
+    _evict_shards(model_dir)
+    done, count = 0, 0
+    t0 = time.perf_counter()
+    for ex in experts:
+        for x in ex:
+            os.preadv(fds[x.file], [buf[: x.nbytes]], x.offset)
+            done += x.nbytes
+        count += 1
+        if done >= max_bytes:
+            break
+    dt = time.perf_counter() - t0
+    for fd in fds.values():
+        os.close(fd)
+    return {"experts": count, "bytes": done, "seconds": dt, "gb_s": done / dt / 1e9,
+            "expert_bytes": sum(x.nbytes for x in experts[0]), "preads_per_expert": len(experts[0])}
+
+
+def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: bool, residencies=RESIDENCIES,
+                prefetch_too: bool = False, progress=print) -> dict:
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(model_dir), lazy=True)
+    from moed.experts.lazy import find_moe_sites
+
+    num_experts = find_moe_sites(model)[0].num_experts
+    del model
+    progress(f"{model_dir.name}: stock mlx-lm")
+    stock = _subprocess(model_dir, None, tokens, prompts, uncached)
+    out = {"model": str(model_dir), "num_experts": num_experts, "stock": stock, "lazy": []}
+    if "error" in stock:
+        return out
+    ref = [r["tokens"] for r in stock["runs"]]
+    variants = [(share, False) for share in residencies]
+    if prefetch_too:
+        variants += [(share, True) for share in residencies if share < 1.0]
+    for share, prefetch in variants:
+        cap = max(1, round(num_experts * share))
+        progress(f"{model_dir.name}: lazy at {share:.0%} ({cap} experts/layer){' + prefetch' if prefetch else ''}")
+        r = _subprocess(model_dir, cap, tokens, prompts, uncached, prefetch=prefetch)
+        r["residency"] = share
+        r["prefetch"] = prefetch
+        if "error" not in r:
+            r["exact"] = [x["tokens"] for x in r["runs"]] == ref
+            r["speed_vs_stock"] = r["decode_tps"] / stock["decode_tps"]
+            s = r["stats"]
+            r["disk_bytes_per_token"] = s["disk_bytes_per_token"]
+            r["readbacks_per_token"] = s["readbacks_per_token"]
+            r["load_gb_s"] = s["bytes_read"] / s["load_time_s"] / 1e9 if s["load_time_s"] else None
+            mem = s["memory"]
+            r["rss_vs_stock"] = r["rss_end"] / stock["rss_end"]
+            r["expert_bytes"] = mem["expert_bytes"]
+            for run in r["runs"]:
+                del run["tokens"]
+        out["lazy"].append(r)
+    for run in stock["runs"]:
+        del run["tokens"]
+    progress(f"{model_dir.name}: raw expert preads")
+    out["raw_pread"] = raw_expert_preads(model_dir)
+    for r in out["lazy"]:
+        if r.get("load_gb_s"):
+            r["load_vs_raw_pread"] = r["load_gb_s"] / out["raw_pread"]["gb_s"]
+    return out
+
+
+def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 24, uncached: bool = True,
+        synthetic_layers: int = 16, prefetch_too: bool = False, progress=print) -> dict:
+    """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this)."""
+    from moed.models import embedded_model_path
+
+    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens": tokens,
+              "prompts": PROMPTS, "page_cache_dropped": uncached, "models": []}
+    targets = []
+    model = Path(model) if model else embedded_model_path()
+    if (model / "config.json").is_file():
+        targets.append(model)
+    else:
+        result["skipped"] = f"{model}: no model there"
+    if synthetic:
+        root = Path(os.environ.get("MOED_BENCH_DIR", tempfile.gettempdir())) / f"moed-synth-qwen3moe-{synthetic_layers}l"
+        targets.append(synthetic_checkpoint(root, layers=synthetic_layers, progress=progress))
+    for target in targets:
+        result["models"].append(bench_model(target, tokens=tokens, prompts=PROMPTS, uncached=uncached,
+                                            prefetch_too=prefetch_too, progress=progress))
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
+    ap.add_argument("--model", type=Path, help="model directory (default: the embedded model)")
+    ap.add_argument("--no-synthetic", action="store_true", help="skip the larger synthetic checkpoint")
+    ap.add_argument("--synthetic-layers", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
+    ap.add_argument("--prefetch", action="store_true", help="also run lazy configurations with the prefetcher")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure_one(**json.loads(args.one))))
+        return 0
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
+                 synthetic_layers=args.synthetic_layers, prefetch_too=args.prefetch, progress=log)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
