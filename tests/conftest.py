@@ -30,8 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 # Models
 
 
-def make_tiny_model(out: Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen3-MoE (8 experts, top-2, float32) with a small byte-level BPE tokenizer and chat template."""
+def make_tiny_model(out: Path, seed: int = 0, extra_special_tokens: tuple = ()) -> Path:
+    """A random 2-layer Qwen3-MoE (8 experts, top-2, float32) with a small byte-level BPE tokenizer and chat template.
+
+    ``extra_special_tokens`` become added tokens of the tokenizer (e.g. FIM markers) and part of the vocabulary.
+    """
     import mlx.core as mx
     from mlx.utils import tree_map
     from mlx_lm.models import qwen3_moe
@@ -51,7 +54,7 @@ def make_tiny_model(out: Path, seed: int = 0) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
