@@ -21,9 +21,8 @@ from typing import Callable, TextIO
 from moed_client import Client, DaemonNotRunning, MoedError, Timeout, paths
 
 from moed import config as configuration
-from moed import platform
+from moed import models, platform
 from moed.config import Config, ConfigError
-from moed.models import ModelError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -281,6 +280,9 @@ def cmd_start(args, cfg: Config) -> int:
         print(f"starting moed through {platform.service_manager()}", file=sys.stderr)
         alive = service_alive_check(runtime)
     else:
+        # Resolve here first: a bad or dense model fails before anything starts, and a hub download
+        # shows huggingface_hub's progress bars; the daemon then finds the model in the cache.
+        models.resolve_model(cfg.model)
         proc = spawn_detached(cfg)
         print(f"starting moed (pid {proc.pid}); log: {cfg.log_path()}", file=sys.stderr)
         alive = lambda: proc.poll() is None  # noqa: E731
@@ -547,6 +549,16 @@ def cmd_run(args, cfg: Config) -> int:
 CHAT_HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
 
 
+def read_turn() -> str:
+    """The next user message: with line editing and a prompt on a terminal, a plain line from a pipe."""
+    if sys.stdin.isatty():
+        return input("> ")
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
 def cmd_chat(args, cfg: Config) -> int:
     client = connect_ready(cfg)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -554,7 +566,7 @@ def cmd_chat(args, cfg: Config) -> int:
     try:
         while True:
             try:
-                line = input("> ")
+                line = read_turn()
             except EOFError:
                 print(file=sys.stderr)
                 return 0
@@ -636,8 +648,6 @@ def follow(path: Path, out: TextIO, stop: Callable[[], bool] = lambda: False) ->
 
 
 def cmd_pull(args, cfg: Config) -> int:
-    from moed import models
-
     path = models.download(args.repo)  # huggingface_hub draws its own progress bars
     models.check_moe(path)
     print(path)
@@ -689,7 +699,6 @@ def cmd_profile(args, cfg: Config) -> int:
         from moed.experts.profile import run_profile
     except ImportError:
         raise CommandError("expert profiling is not available in this build of moed") from None
-    from moed import models
 
     prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()] if args.prompts else None
     line = ProgressLine(sys.stderr)
@@ -795,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moectl: configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (MoedError, ModelError, platform.ServiceError) as e:
+    except (MoedError, models.ModelError, platform.ServiceError) as e:
         print(f"moectl: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

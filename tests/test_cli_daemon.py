@@ -6,8 +6,11 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from moed import cli
 from moed_client import Client
 from test_cli import env  # noqa: F401 - the private runtime/log/home fixture
 
+ROOT = Path(__file__).resolve().parents[1]
 STATUS_KEYS = {
     "running", "state", "pid", "engine_pid", "uptime_s", "model", "memory", "requests", "clients", "recent_tok_s",
     "experts", "editor_socket", "progress", "socket", "pidfile", "log", "service",
@@ -87,6 +91,15 @@ def test_start_status_run_stop(env, started, test_model, capsys, monkeypatch):  
     assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == expected.finish_reason
     assert events[-1]["usage"]["completion_tokens"] == len(expected.token_ids)
 
+    # chat: two turns from stdin, the first answer as the chat API gives it
+    with Client(env / "moed.sock") as c:
+        first = c.chat([{"role": "user", "content": "hello"}], max_tokens=8, temperature=0.0).collect()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nhello\n"))
+    assert cli.main(["chat", "--max-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{first.text}\n{first.text}\n"  # /reset: the second turn starts from scratch
+    assert "conversation reset" in err
+
     assert cli.main(["stop"]) == 0
     assert "moed stopped" in capsys.readouterr().out
     assert not cli.pid_alive(status["pid"]) and not cli.pid_alive(status["engine_pid"])
@@ -120,9 +133,12 @@ def stream_in_background(socket, **request):
 def test_graceful_stop_lets_requests_finish_and_now_cancels_them(env, started, test_model, capsys):  # noqa: F811
     start(test_model, capsys)
     with Client(env / "moed.sock") as c:
-        reference = c.complete("def f(x):", max_tokens=400, temperature=0.0)
-    assert len(reference.token_ids) > 100  # long enough to be in flight when stop arrives
-    result, thread = stream_in_background(env / "moed.sock", max_tokens=400)
+        # An answer that takes ~3 s on this machine, so it is surely in flight when stop arrives.
+        rate = c.complete("def f(x):", max_tokens=100, temperature=0.0).timings["decode_tok_s"]
+        n = int(min(max(3 * rate, 100), 20000))
+        reference = c.complete("def f(x):", max_tokens=n, temperature=0.0)
+    assert len(reference.token_ids) > n // 2, "the model stops too early for this test"
+    result, thread = stream_in_background(env / "moed.sock", max_tokens=n)
     assert cli.main(["stop"]) == 0
     thread.join(60)
     assert "letting finish 1 in-flight request(s)" in capsys.readouterr().err
@@ -157,14 +173,21 @@ def test_stop_kills_a_frozen_daemon_and_cleans_up(env, started, test_model, caps
     assert sorted(p.name for p in env.iterdir()) == []  # SIGKILL left them; stop removed them
 
 
-def test_start_fails_clearly_on_a_dense_model(env, started, capsys, tmp_path):  # noqa: F811
+def test_dense_model_is_refused_by_moectl_and_by_the_daemon(env, started, capsys, tmp_path):  # noqa: F811
     dense = tmp_path / "dense"
     dense.mkdir()
     (dense / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     assert cli.main(["start", "--model", str(dense)]) == 1
     err = capsys.readouterr().err
-    assert "moed exited while starting" in err
-    assert "is not a Mixture-of-Experts model" in err
-    assert "Traceback" not in err
+    assert "is not a Mixture-of-Experts model" in err and "Traceback" not in err
     assert status_json(capsys)[0] == 3
+    assert sorted(p.name for p in env.iterdir()) == []
+
+    # The same model given to the daemon directly (as a service would): a message and exit 1.
+    result = subprocess.run(
+        [sys.executable, "-m", "moed.daemon", "serve", "--model", str(dense)],
+        cwd=ROOT, env={**os.environ, **cli.import_path_env()}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "is not a Mixture-of-Experts model" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in env.iterdir()) == []
