@@ -211,9 +211,9 @@ def log_tail(path: Path, lines: int = 20) -> str:
 # start / stop
 
 
-def daemon_argv(cfg: Config) -> list[str]:
+def daemon_argv(cfg: Config, sources: frozenset[str] | None = None) -> list[str]:
     """``moed serve`` with absolute paths, so it runs the same from any directory or service manager."""
-    args = cfg.serve_args()
+    args = cfg.serve_args(sources)
     for flag in ("--model", "--socket"):
         if flag in args:
             i = args.index(flag) + 1
@@ -225,7 +225,7 @@ def daemon_argv(cfg: Config) -> list[str]:
 
 def daemon_environment(cfg: Config) -> dict[str, str]:
     """Environment a service-managed daemon needs from this shell (launchd passes none of it)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("MOED_") and k != "MOED_CONFIG"}
+    env = {k: v for k, v in os.environ.items() if k.startswith("MOED_")}
     for name in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE"):  # never tokens: the file is readable by other tools
         if name in os.environ:
             env[name] = os.environ[name]
@@ -677,7 +677,9 @@ def cmd_service(args, cfg: Config) -> int:
     if running is not None:  # reinstalling: the old definition's daemon gives way to the new one
         cmd_stop(argparse.Namespace(now=False, timeout=None), cfg)
     spec = platform.ServiceSpec(
-        program=daemon_argv(cfg),
+        # Only flags go into the definition: the daemon reads config.toml and the MOED_* variables
+        # (kept in the definition's environment) at every start, so edits apply on restart.
+        program=daemon_argv(cfg, sources=frozenset({"flag"})),
         log_path=console_log(cfg),
         working_directory=Path.home(),
         environment=daemon_environment(cfg),

@@ -74,20 +74,27 @@ class Config:
     temperature: float = 0.0
     source: Mapping[str, str] | None = None  # setting -> "default" | "file" | "env" | "flag"
 
-    def serve_args(self) -> list[str]:
-        """The ``moed serve`` flags that carry this configuration to the daemon."""
+    def serve_args(self, sources: frozenset[str] | None = None) -> list[str]:
+        """The ``moed serve`` flags that carry this configuration to the daemon.
+
+        ``sources`` keeps only settings that came from there (e.g. ``{"flag"}``: what
+        the daemon would not find by reading the same config file and environment).
+        """
+
+        def given(name: str) -> bool:
+            return getattr(self, name) is not None and (sources is None or (self.source or {}).get(name) in sources)
+
         args: list[str] = []
         for name, flag in (("model", "--model"), ("socket", "--socket"), ("tcp", "--tcp"), ("http", "--http")):
-            value = getattr(self, name)
-            if value is not None:
-                args += [flag, str(value)]
-        if self.memory_budget is not None:
+            if given(name):
+                args += [flag, str(getattr(self, name))]
+        if given("memory_budget"):
             args += ["--memory-budget", str(self.memory_budget)]
-        if self.capacity is not None:
+        if given("capacity"):
             args += ["--capacity", str(self.capacity)]
-        if self.approximate:
+        if self.approximate and given("approximate"):
             args.append("--approximate")
-        if not self.prefetch:
+        if not self.prefetch and given("prefetch"):
             args.append("--no-prefetch")
         return args
 

@@ -293,12 +293,14 @@ def test_service_install_writes_a_launch_agent(env, capsys, monkeypatch, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tmp_path / "model"
     model.mkdir()
+    (tmp_path / "config.toml").write_text("capacity = 3\n")  # read by the daemon at each start, not baked in
     assert cli.main(["service", "install", "--no-start", "--model", str(model), "--memory-budget", "2G"]) == 0
     plist_path = tmp_path / "Library" / "LaunchAgents" / "com.moed.daemon.plist"
     plist = plistlib.loads(plist_path.read_bytes())
     assert plist["ProgramArguments"] == [sys.executable, "-m", "moed.daemon", "serve", "--model", str(model), "--memory-budget", str(2 << 30)]
     assert plist["EnvironmentVariables"]["MOED_LOG_DIR"] == str(tmp_path / "logs")
     assert plist["EnvironmentVariables"]["HF_HUB_OFFLINE"] == "1"
+    assert plist["EnvironmentVariables"]["MOED_CONFIG"] == str(tmp_path / "config.toml")
     assert "HF_TOKEN" not in plist["EnvironmentVariables"]
     assert plist["StandardErrorPath"] == str(tmp_path / "logs" / "moed.stderr.log")
     assert calls[-1] == ["launchctl", "bootstrap", f"gui/{os.getuid()}", str(plist_path)]

@@ -122,3 +122,11 @@ def test_serve_args_carry_every_daemon_setting(tmp_path):
 def test_log_path_honours_moed_log_dir(tmp_path):
     c = config.load(env={"MOED_LOG_DIR": str(tmp_path / "logs")}, path=tmp_path / "none.toml")
     assert c.log_path() == tmp_path / "logs" / "moed.log"
+
+
+def test_serve_args_from_chosen_sources(toml):
+    path = toml("capacity = 3\n")
+    c = config.load({"model": "/m"}, env={"MOED_APPROXIMATE": "1"}, path=path)
+    assert c.serve_args() == ["--model", "/m", "--capacity", "3", "--approximate"]
+    assert c.serve_args(frozenset({"flag"})) == ["--model", "/m"]
+    assert c.serve_args(frozenset({"env", "file"})) == ["--capacity", "3", "--approximate"]
