@@ -44,6 +44,7 @@ HEARTBEAT_TIMEOUT_MS = 6000
 # A client that stops reading is dropped rather than allowed to stall the others.
 CLIENT_SNDHWM = 100_000
 TOK_RATE_WINDOW_S = 5.0
+SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
 
 
 class DaemonError(Exception):
@@ -195,17 +196,41 @@ class Daemon:
 
     def bind_client_socket(self) -> None:
         sock = self.router_socket()
+        self.bind_ipc(sock)
+        self.router = sock
+        self.router_sync = zmq.Socket.shadow(sock.underlying)  # sends that fail at once (EHOSTUNREACH, EAGAIN)
+        self.tcp_router = self.tcp_router_sync = None
+        if self.args.tcp:
+            self.bind_tcp(self.args.tcp)
+
+    def bind_ipc(self, sock) -> None:
         old_umask = os.umask(0o077)  # the socket file is born 0600: no window where others could connect
         try:
             sock.bind(paths.endpoint(self.runtime.socket_path))
         finally:
             os.umask(old_umask)
         os.chmod(self.runtime.socket_path, 0o600)
-        self.router = sock
-        self.router_sync = zmq.Socket.shadow(sock.underlying)  # sends that fail at once (EHOSTUNREACH, EAGAIN)
-        self.tcp_router = self.tcp_router_sync = None
-        if self.args.tcp:
-            self.bind_tcp(self.args.tcp)
+
+    async def watch_socket(self) -> None:
+        """Bind again when the socket file disappears (a tmp cleaner, a stray rm).
+
+        Otherwise the daemon runs on unreachable, and its pidfile lock stops
+        any other from starting. Connected clients keep their connections: a
+        second bind on the same ROUTER leaves the first listener's sessions be.
+        """
+        path = self.runtime.socket_path
+        while True:
+            await asyncio.sleep(SOCKET_CHECK_S)
+            if self.state == "stopping" or path.exists():
+                continue
+            log.warning("socket %s disappeared; binding it again", path)
+            try:
+                paths.ensure_private_dir(path.parent)
+                self.bind_ipc(self.router)
+            except (OSError, zmq.ZMQError) as e:
+                log.error("cannot bind %s again (%s); shutting down", path, e)
+                self.begin_shutdown(False)
+                return
 
     def bind_tcp(self, address: str) -> None:
         """A second ROUTER on TCP that only CURVE clients with an authorized key can use."""
@@ -390,6 +415,7 @@ class Daemon:
             ("--prefill-step", a.prefill_step),
             ("--max-context", a.max_context),
             ("--prompt-cache-size", a.prompt_cache_size),
+            ("--prompt-cache-bytes", a.prompt_cache_bytes),
         ):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -470,7 +496,9 @@ class Daemon:
             was_ready = engine.ready
             log.error("engine pid %d exited with code %s", engine.pid, rc)
             if not was_ready and self.engine_count == 1 or self.fatal_message:
-                raise DaemonError(self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})")
+                message = self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})"
+                self.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {message}")  # no request waits on a dead daemon
+                raise DaemonError(message)
             self.fail_in_engine(P.ErrorCode.ENGINE_RESTARTED, f"the engine stopped (exit code {rc}) and is restarting; retry the request")
             if self.state == "stopping":
                 return
@@ -478,6 +506,11 @@ class Daemon:
             self.progress = {"stage": "restarting", "message": f"engine exited with code {rc}; restarting", "fraction": 0.0}
             failures = failures + 1 if not was_ready else 0
             await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+
+    def fail_all(self, code: str, message: str) -> None:
+        self.queue.clear()
+        for req in list(self.requests.values()):
+            self.finish(req, P.error(code, message, req.id))
 
     def fail_in_engine(self, code: str, message: str) -> None:
         for req in [r for r in self.requests.values() if r.in_engine]:
@@ -593,7 +626,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, False)
-        tasks = [asyncio.ensure_future(self.client_loop(self.router))]
+        tasks = [asyncio.ensure_future(self.client_loop(self.router)), asyncio.ensure_future(self.watch_socket())]
         if self.tcp_router is not None:
             tasks.append(asyncio.ensure_future(self.client_loop(self.tcp_router, tcp=True)))
         interval = platform.watchdog_interval()
@@ -660,11 +693,31 @@ def reply_id(msg: dict | None) -> str | None:
 
 
 def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("b").rstrip("i")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    from moed import config
+
+    try:
+        return config.parse_size(text)
+    except config.ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def apply_config(args) -> None:
+    """Settings shared with moectl come from config.toml < MOED_* environment < these flags."""
+    from moed import config
+
+    flags = {
+        "model": args.model, "memory_budget": args.memory_budget, "capacity": args.capacity,
+        "approximate": True if args.approximate else None, "prefetch": False if args.no_prefetch else None,
+        "socket": args.socket, "tcp": args.tcp, "http": getattr(args, "http", None),
+    }
+    cfg = config.load(flags)
+    args.model, args.memory_budget, args.capacity = cfg.model, cfg.memory_budget, cfg.capacity
+    args.approximate, args.no_prefetch = cfg.approximate, not cfg.prefetch
+    args.socket, args.tcp = cfg.socket, cfg.tcp
+    if hasattr(args, "http"):
+        args.http = cfg.http
+    if cfg.log_dir:
+        os.environ["MOED_LOG_DIR"] = str(Path(cfg.log_dir).expanduser())  # the engine reads it too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=32768, help="largest prompt + max_tokens")
     s.add_argument("--prefill-step", type=int, default=512)
     s.add_argument("--prompt-cache-size", type=int, default=8, help="recent prompt caches kept for prefix reuse")
+    s.add_argument("--prompt-cache-bytes", type=parse_size, default=512 << 20, help="memory for those caches, e.g. 512M")
     s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
     s.add_argument("--debug", action="store_true", help="verbose logs, including prompts")
     from moed import editor, http
@@ -695,8 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args) -> int:
+    from moed.config import ConfigError
     from moed.models import ModelError, resolve_model
 
+    try:
+        apply_config(args)
+    except ConfigError as e:
+        print(f"moed: configuration: {e}", file=sys.stderr)
+        return 1
     logfile = setup_logging("moed", args.debug)
     if args.socket:
         os.environ.setdefault("MOED_RUNTIME_DIR", str(Path(args.socket).parent))

@@ -196,3 +196,14 @@ def test_tcp_needs_curve_and_loopback(daemon, tmp_path):
     )
     shutil.rmtree(str(d.runtime_dir) + "-x", ignore_errors=True)
     assert refused.returncode == 1 and "loopback" in refused.stderr
+
+
+def test_model_from_environment(test_model):
+    """moed serve reads the settings it shares with moectl from config.toml < MOED_* < flags."""
+    from conftest import DaemonProcess
+
+    d = DaemonProcess(None, (), env={"MOED_MODEL": str(test_model), "MOED_CONFIG": "/nonexistent/config.toml"})
+    try:
+        assert d.wait_ready()["model"]["path"] == str(test_model)
+    finally:
+        d.kill()
