@@ -319,7 +319,8 @@ class Gateway:
                 await event({"role": "assistant", "content": ""})
             try:
                 if first is not None:
-                    await event({"content": first.text} if chat else first.text)
+                    if first.text:
+                        await event({"content": first.text} if chat else first.text)
                     async for piece in it:
                         if piece.text:
                             await event({"content": piece.text} if chat else piece.text)
