@@ -63,8 +63,11 @@ def log_dir() -> Path:
 def setup_logging(name: str, debug: bool = False) -> Path:
     """Log to ``<log dir>/<name>.log`` and stderr; returns the file's path."""
     directory = log_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{name}.log"
+    # Logs name models and paths, and with --debug hold prompts: for their owner only.
+    path.touch(mode=0o600, exist_ok=True)
+    os.chmod(path, 0o600)
     fmt = logging.Formatter(f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.handlers.clear()
