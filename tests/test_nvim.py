@@ -179,3 +179,80 @@ def editor_call(path: str, method: str, params: dict) -> dict:
                 if msg[0] == 1:
                     assert msg[2] is None, msg[2]
                     return msg[3]
+
+
+class NvimUI:
+    """Drives a headless Neovim over its own rpc socket, as a UI would: keys go through the main loop."""
+
+    def __init__(self, path: Path, timeout: float = 30.0):
+        import socket
+
+        import msgpack
+
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.unpacker = msgpack.Unpacker(raw=False)
+        self.msgid = 0
+
+    def call(self, method: str, *args):
+        import msgpack
+
+        self.msgid += 1
+        self.sock.sendall(msgpack.packb([0, self.msgid, method, list(args)]))
+        while True:
+            for msg in self.unpacker:
+                if msg[0] == 1 and msg[1] == self.msgid:
+                    assert msg[2] is None, msg[2]
+                    return msg[3]
+            data = self.sock.recv(65536)
+            assert data, "nvim closed its socket"
+            self.unpacker.feed(data)
+
+    def lua(self, code: str, *args):
+        return self.call("nvim_exec_lua", code, list(args))
+
+    def wait(self, code: str, timeout: float = 30.0):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not (value := self.lua(code)):
+            assert time.monotonic() < deadline, f"timed out waiting for: {code}"
+            time.sleep(0.02)
+        return value
+
+
+def test_plugin_auto_ghost_text_while_typing(shared_daemon, tmp_path):
+    import time
+
+    status = shared_daemon.wait_ready()
+    listen = tmp_path / "nvim.sock"
+    env = {**os.environ, "MOED_RUNTIME_DIR": str(shared_daemon.runtime_dir), "HOME": str(tmp_path)}
+    setup = "lua require('moed').setup({ debounce_ms = 50, max_tokens = 6, temperature = 0 })"
+    proc = subprocess.Popen([NVIM, "--headless", "--listen", str(listen), "-u", "NONE", "-i", "NONE", "--cmd", f"set rtp+={PLUGIN}",
+                             "-c", "runtime! plugin/moed.vim", "-c", setup], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not listen.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "nvim did not start"
+            time.sleep(0.02)
+        ui = NvimUI(listen)
+        ui.call("nvim_buf_set_lines", 0, 0, -1, False, ["", "print(add(1, 2))"])
+        ui.call("nvim_input", "ggidef add(a, b):")
+        ghost = ui.wait("local g = require('moed').ghost(); return g and g.done and g.text ~= '' and g or nil")
+        assert ui.call("nvim_get_mode")["mode"] == "i"
+        want = editor_call(status["editor_socket"], "infill", {"prefix": "def add(a, b):", "suffix": "\nprint(add(1, 2))", "max_tokens": 6, "temperature": 0})
+        assert ghost["text"] == want["text"] and ghost["row"] == 0 and ghost["col"] == len("def add(a, b):")
+        # Typing on makes that suggestion stale: it goes, and a new one is asked for the new text.
+        first_id = ghost["id"]
+        ui.call("nvim_input", " ")
+        ghost = ui.wait(f"local g = require('moed').ghost(); return g and g.id ~= '{first_id}' and g.done and g or nil")
+        assert ghost["col"] == len("def add(a, b): ")
+        ui.call("nvim_input", "<C-l>")
+        lines = ui.wait("local l = vim.api.nvim_buf_get_lines(0, 0, -1, false); return l[1] ~= 'def add(a, b): ' and l or nil")
+        assert "\n".join(lines) == "def add(a, b): " + ghost["text"] + "\nprint(add(1, 2))"
+        ui.call("nvim_input", "<Esc>")
+        assert ui.wait("return require('moed').ghost() == nil and vim.api.nvim_get_mode().mode == 'n'")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
