@@ -83,6 +83,26 @@ def make_tiny_model(out: Path, seed: int = 0, extra_special_tokens: tuple = ()) 
     return out
 
 
+LONG_PROMPTS = ("hello world", "the the the the", "aaaa", "1 2 3 4 5 6 7 8 9 10 11 12", "def main():")
+
+
+def find_long_generation(client, seconds: float = 3.0) -> tuple[str, int, float]:
+    """(prompt, max_tokens, measured seconds) of a greedy request that runs to max_tokens, for about ``seconds``.
+
+    For tests that need a request to stay busy (cancel, disconnect, queue
+    limits) whatever the test model: the first of LONG_PROMPTS that the model
+    does not end early with EOS.
+    """
+    probe = client.complete(LONG_PROMPTS[0], max_tokens=64, temperature=0)
+    rate = probe.timings.get("decode_tok_s") or 50.0
+    max_tokens = int(min(4000, max(200, rate * seconds)))
+    for prompt in LONG_PROMPTS:
+        ref = client.complete(prompt, max_tokens=max_tokens, temperature=0)
+        if ref.finish_reason == "length":
+            return prompt, max_tokens, ref.timings["total_s"]
+    raise AssertionError(f"every prompt of {LONG_PROMPTS} ends before {max_tokens} tokens on this model")
+
+
 def short_tmpdir(prefix: str = "moed-") -> Path:
     """A temp dir under /tmp: ipc socket paths must stay under ~100 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
