@@ -409,6 +409,7 @@ class Daemon:
             sock.bind(paths.endpoint(path))
         finally:
             os.umask(old_umask)
+        os.chmod(path, 0o600)  # as the client socket (the umask left it 0700)
         cmd = [sys.executable, "-m", "moed.engine", "--channel", paths.endpoint(path), "--model", str(self.model_path)]
         a = self.args
         for flag, value in (
