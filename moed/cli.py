@@ -257,12 +257,9 @@ def cmd_start(args, cfg: Config) -> int:
     if status is not None and status.get("state") == "ready":
         print(f"moed is already running (pid {status.get('pid')}, model {model_name(status)})")
         return 0
-    if status is not None:
-        print(f"moed is already starting (pid {status.get('pid')}); waiting for it", file=sys.stderr)
-        status = wait_until_ready(runtime, cfg.start_timeout, lambda: True, console_log(cfg))
-        return report_ready(status, runtime)
-    pid = pidfile_pid(runtime)
-    if pid is not None:  # started a moment ago (the pidfile comes before the socket), or hung
+    # Loading, or started a moment ago (the daemon writes its pidfile before it binds the socket).
+    pid = status.get("pid") if status is not None else pidfile_pid(runtime)
+    if pid is not None:
         print(f"moed (pid {pid}) is already starting; waiting for it", file=sys.stderr)
         status = wait_until_ready(runtime, cfg.start_timeout, lambda: pidfile_pid(runtime) is not None, console_log(cfg))
         return report_ready(status, runtime)
@@ -272,8 +269,9 @@ def cmd_start(args, cfg: Config) -> int:
         changed = [n for n in DAEMON_SETTINGS if cfg.source and cfg.source[n] == "flag"]
         if changed:
             raise CommandError(
-                f"moed is installed as a {platform.service_manager()} service, whose settings come from "
-                f"`moectl service install`; to change {', '.join(changed)}, run `moectl service install` with those flags",
+                f"moed runs as a {platform.service_manager()} service, so `moectl start` cannot change "
+                f"{', '.join(changed)} for one run: put it in {configuration.config_path()} and restart, "
+                "or run `moectl service install` with those flags",
                 EXIT_USAGE,
             )
         platform.start_service()

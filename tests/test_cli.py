@@ -271,7 +271,7 @@ def test_start_through_an_installed_service(env, capsys, monkeypatch):
     monkeypatch.setattr(platform, "start_service", calls.recorder("start_service"))
     monkeypatch.setattr(cli, "service_alive_check", lambda runtime: lambda: False)  # it dies at once
     assert cli.main(["start", "--model", "/elsewhere"]) == 2
-    assert "to change model, run `moectl service install`" in capsys.readouterr().err
+    assert "cannot change model for one run" in capsys.readouterr().err
     assert calls == []
     assert cli.main(["start"]) == 1
     assert [c[0] for c in calls] == ["start_service"]

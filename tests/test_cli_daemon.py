@@ -191,3 +191,20 @@ def test_dense_model_is_refused_by_moectl_and_by_the_daemon(env, started, capsys
     assert result.returncode == 1
     assert "is not a Mixture-of-Experts model" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in env.iterdir()) == []
+
+
+def test_start_waits_for_a_daemon_that_is_already_loading(env, daemon, capsys, monkeypatch):  # noqa: F811
+    d = daemon(None, ready=False)
+    monkeypatch.setenv("MOED_RUNTIME_DIR", str(d.runtime_dir))
+    monkeypatch.setenv("MOED_LOG_DIR", str(d.log_dir))
+    deadline = time.monotonic() + 30
+    while cli.pidfile_pid(cli.Runtime.of(cli.configuration.load())) != d.pid:  # the daemon has begun
+        assert time.monotonic() < deadline and d.proc.poll() is None
+        time.sleep(0.01)
+    assert cli.main(["start"]) == 0
+    out, err = capsys.readouterr()
+    assert f"moed (pid {d.pid}) is already starting; waiting for it" in err or "already running" in out
+    assert out.startswith(("moed is ready", "moed is already running"))
+    assert d.proc.poll() is None  # the one daemon, still serving
+    with d.client(timeout=5) as c:
+        assert c.status()["state"] == "ready" and c.status()["pid"] == d.pid
