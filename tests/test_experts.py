@@ -183,20 +183,27 @@ def test_frequency_recency_keeps_frequent(family_dir):
 
 
 def test_memory_budget_sets_capacity(family_dir):
+    from moed.experts import _capacity_for_budget
+
+    per_slot, dense, process = 1 << 20, 100 << 20, 200 << 20
+    budget = 1 << 30
+    reserve = budget * 3 // 100
+    assert _capacity_for_budget(budget, dense, process, [per_slot // 2] * 2, 1024) == (budget - dense - process - reserve) // per_slot
+    assert _capacity_for_budget(budget, dense, process, [per_slot // 2] * 2, 16) == 16
     path = family_dir["qwen3_moe"]
     model, tok, manager = load_model(path, capacity=4, prefetch=False)
-    per_slot = sum(c.expert_bytes for c in manager.caches)
+    per_layer = manager.per_layer_expert_bytes
     nonexpert = manager.nonexpert_bytes
     manager.close()
-    from moed.platform import process_rss_bytes
-
-    budget = process_rss_bytes() + nonexpert + 6 * per_slot + per_slot // 2
+    budget = manager.baseline_rss + nonexpert + (16 << 20) + 6 * sum(per_layer) + sum(per_layer) // 2
     model, tok, manager = load_model(path, memory_budget=budget, prefetch=False)
     try:
         stats = manager.stats()
-        assert 1 <= stats["capacity"] <= 6
-        assert stats["memory"]["expert_bytes"] <= budget
-        assert stats["memory"]["budget_bytes"] == budget
+        mem = stats["memory"]
+        want = _capacity_for_budget(budget, nonexpert, mem["baseline_rss_bytes"], per_layer, 16)
+        assert stats["capacity"] == want and 1 <= want <= 16
+        assert mem["expert_bytes"] <= budget and mem["budget_bytes"] == budget
+        assert mem["process_rss_bytes"] > 0
     finally:
         manager.close()
     with pytest.raises(ValueError, match="too small"):

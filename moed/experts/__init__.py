@@ -37,12 +37,14 @@ def parse_size(text) -> int:
 
 def _capacity_for_budget(budget: int, nonexpert: int, baseline: int, per_layer_expert: list[int], num_experts: int) -> int:
     """Experts per layer that fit in ``budget`` beside the dense weights and the
-    process's own footprint (interpreter, MLX, buffers) measured before loading."""
-    room = budget - nonexpert - baseline
+    process's own footprint (interpreter, MLX, buffers) measured before loading,
+    keeping 3% (at least 16 MiB) for the KV cache and activations."""
+    reserve = max(16 << 20, budget * 3 // 100)  # KV cache, activations, allocator slack
+    room = budget - nonexpert - baseline - reserve
     per_slot = sum(per_layer_expert)  # one slot in every MoE layer
     cap = room // per_slot if per_slot else num_experts
     if cap < 1:
-        need = nonexpert + baseline + per_slot
+        need = nonexpert + baseline + reserve + per_slot
         raise ValueError(
             f"memory budget {budget / 2**30:.2f} GiB is too small: dense weights {nonexpert / 2**30:.2f} GiB, "
             f"process {baseline / 2**30:.2f} GiB, one expert per layer {per_slot / 2**30:.3f} GiB "
@@ -52,7 +54,7 @@ def _capacity_for_budget(budget: int, nonexpert: int, baseline: int, per_layer_e
 
 
 def load_model(path, *, capacity: int | None = None, memory_budget=None, approximate: bool = False,
-               prefetch: bool = True, policy: str = "lfru", profile=None):
+               prefetch: bool = True, policy: str = "lfru", decode_mode: str = "auto"):
     """Load an mlx-lm model; with ``capacity`` (experts per MoE layer) or
     ``memory_budget`` (bytes or "8GB") its experts stay on disk and a bounded
     cache per layer holds the ones in use. Returns ``(model, tokenizer, manager)``;
@@ -84,10 +86,16 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     manager = make_lazy(model, path, capacity, approximate=approximate, policy=policy,
-                        memory_budget=budget, nonexpert_bytes=nonexpert, ckpt=ckpt)
+                        memory_budget=budget, nonexpert_bytes=nonexpert, ckpt=ckpt, decode_mode=decode_mode)
+    manager.baseline_rss = baseline
+    manager.per_layer_expert_bytes = per_layer
     del sites
     mx.eval(model.parameters())
     for cache in manager.caches:
         if cache.capacity == cache.num_experts:  # everything fits: load once, run direct
             cache.ensure(range(cache.num_experts))
+    if prefetch and not approximate and not all(c.complete for c in manager.caches):
+        from .prefetch import attach_prefetcher
+
+        attach_prefetcher(manager)
     return model, tokenizer, manager

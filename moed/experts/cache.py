@@ -102,8 +102,11 @@ class LayerCache:
         self.expert_in = np.full(capacity, -1, np.int32)
         self.loading = np.zeros(capacity, bool)
         self.pinned: set[int] = set()
+        self.in_use: set[int] = set()  # experts the forward in progress reads: not evictable
         self.lock = threading.RLock()
         self._lut = None
+        self.fresh = np.zeros(num_experts, bool)  # prefetched, not used yet
+        self.prefetch_used = self.prefetch_wasted = 0
         self.hits = self.misses = self.bytes_read = self.loads = self.evictions = 0
         self.load_time = 0.0
 
@@ -142,10 +145,13 @@ class LayerCache:
             miss = int((self.slot_of[experts] < 0).sum())
             self.misses += miss
             self.hits += len(experts) - miss
+        used = experts[self.fresh[experts] & (self.slot_of[experts] >= 0)]
+        self.prefetch_used += len(used)
+        self.fresh[used] = False
         self.policy.touch(experts)
 
     # -- loading -----------------------------------------------------------
-    def reserve(self, protect) -> int | None:
+    def reserve(self, protect=()) -> int | None:
         """Take a slot for loading: a free one, else evict the lowest-scored
         unpinned expert outside ``protect``. Returns None when none can be had."""
         with self.lock:
@@ -154,12 +160,15 @@ class LayerCache:
                 s = int(free[0])
             else:
                 cand = self.expert_in.copy()
-                blocked = list(self.pinned) + [int(e) for e in protect]
+                blocked = list(self.pinned | self.in_use) + [int(e) for e in protect]
                 ok = (cand >= 0) & ~self.loading & ~np.isin(cand, blocked)
                 if not ok.any():
                     return None
                 scores = np.where(ok, self.policy.scores()[np.maximum(cand, 0)], np.inf)
                 s = int(np.argmin(scores))
+                if self.fresh[cand[s]]:
+                    self.prefetch_wasted += 1
+                    self.fresh[cand[s]] = False
                 self.slot_of[cand[s]] = -1
                 self.expert_in[s] = -1
                 self._lut = None
@@ -180,15 +189,16 @@ class LayerCache:
             self.loads += 1
         return n
 
-    def install(self, slot: int, expert: int) -> None:
-        """Make a filled slot visible to the model. Engine thread, between forwards."""
+    def install(self, slot: int, expert: int, prefetched: bool = False) -> None:
+        """Make a filled slot visible to the model. Engine thread, between forwards
+        or before the graph of this layer is built."""
         with self.lock:
             self.loading[slot] = False
-            old = self.slot_of[expert]
-            if old >= 0:  # already resident (e.g. loaded twice): keep one copy
+            if self.slot_of[expert] >= 0:  # already resident (loaded twice): the slot stays free
                 return
             self.slot_of[expert] = slot
             self.expert_in[slot] = expert
+            self.fresh[expert] = prefetched
             self._lut = None
 
     def release(self, slot: int) -> None:

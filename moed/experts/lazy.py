@@ -119,16 +119,28 @@ class LazySwitch(nn.Module):
 
 
 class ExpertManager:
-    """Owns the layer caches and decides, per forward, how experts are found."""
+    """Owns the layer caches and decides, per forward, how experts are found.
+
+    ``decode_mode``: "speculative" (one readback when everything is resident,
+    a redo otherwise), "sync" (a readback per MoE layer, never a redo), or
+    "auto" (default): speculative while redos are rare (under a quarter of
+    steps lately), else whichever mode has cost less per decode step lately,
+    trying the other every 16th step. Prefill chunks always go speculative.
+    """
+
+    EXPLORE_EVERY = 16
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
-                 memory_budget: int | None = None, nonexpert_bytes: int = 0):
+                 memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto"):
+        if decode_mode not in ("auto", "speculative", "sync"):
+            raise ValueError(f"decode_mode must be auto, speculative or sync, not {decode_mode!r}")
         self.caches = caches
         self.sites = sites
         self.reader = reader
         self.approximate = approximate
         self.memory_budget = memory_budget
         self.nonexpert_bytes = nonexpert_bytes
+        self.decode_mode = decode_mode
         self._order = {id(c): i for i, c in enumerate(caches)}
         self._mode = "direct"
         self._sync_from = 0
@@ -141,7 +153,11 @@ class ExpertManager:
         self.decode_time = 0.0
         self.decode_wait = 0.0
         self.skipped = 0
+        self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
+        self.mode_steps = {"speculative": 0, "sync": 0}
+        self.redo_rate = 0.0  # EWMA share of speculative decode steps that needed a redo
         self.prefetcher = None
+        self.baseline_rss = None  # process memory before the model was loaded
         self._closed = False
 
     # -- per-layer routing (called from inside the model's forward) ---------
@@ -154,6 +170,8 @@ class ExpertManager:
             y = inner(x, cache.lut()[indices])
             self._records.append((cache, indices))
             self._outputs[order] = y
+            if self.prefetcher is not None:
+                self.prefetcher.trace(order, x, indices)
             return y
         if mode == "sync" and order < self._sync_from:
             # same input as in the speculative pass, all experts were there: reuse
@@ -163,15 +181,20 @@ class ExpertManager:
             y = inner(x, cache.lut()[indices])
             keep = cache.present_lut()[indices]
             return y * keep[..., None].astype(y.dtype)
-        return self._route_sync(cache, inner, x, indices)
+        return self._route_sync(cache, inner, x, indices, order)
 
-    def _route_sync(self, cache: LayerCache, inner, x, indices):
-        mx.eval(indices)
+    def _route_sync(self, cache: LayerCache, inner, x, indices, order: int):
+        ahead = self.prefetcher.predict(order, x, indices) if self.prefetcher is not None else []
+        mx.eval(indices, *[guess for _, guess, _ in ahead])
         self.readbacks += 1
         self._step_readbacks += 1
         ids = np.array(indices)
         needed = np.unique(ids)
         cache.record(needed)
+        cache.in_use = set(needed.tolist())  # replaces the speculative pass's guess
+        if self.prefetcher is not None:
+            self.prefetcher.note_need(order, cache, needed)
+            self.prefetcher.request_ahead(ahead)
         room = cache.capacity - len(cache.pinned - set(needed.tolist()))
         if len(needed) <= room:
             self._load(cache, needed)
@@ -183,6 +206,7 @@ class ExpertManager:
         y = None
         for start in range(0, len(needed), max(room, 1)):
             group = needed[start:start + max(room, 1)]
+            cache.in_use = set(group.tolist())
             self._load(cache, group)
             mask = mx.array(np.isin(ids, group))
             out = inner(x, mx.where(mask, cache.lut()[indices], 0))
@@ -195,16 +219,29 @@ class ExpertManager:
         if not len(missing):
             return
         t0 = time.perf_counter()
-        if self.prefetcher is not None:
-            self.prefetcher.wait_or_load(cache, missing, protect=experts)
-        else:
-            cache.ensure(missing, protect=experts)
-        self.wait_time += time.perf_counter() - t0
+        try:
+            if self.prefetcher is not None:
+                self.prefetcher.wait_or_load(self._order[id(cache)], cache, missing, protect=experts)
+            else:
+                cache.ensure(missing, protect=experts)
+        finally:
+            self.wait_time += time.perf_counter() - t0
 
     # -- the wrapped forward -------------------------------------------------
     def forward(self, call, args, kwargs):
         with self._lock:
             return self._forward(call, args, kwargs)
+
+    def _pick_decode_mode(self) -> str:
+        if self.decode_mode != "auto":
+            return self.decode_mode
+        spec, sync = self.mode_cost["speculative"], self.mode_cost["sync"]
+        if spec is None or self.redo_rate < 0.25:  # misses are rare: one readback per token
+            return "speculative"
+        if sync is None:
+            return "sync"
+        best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
+        return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
 
     def _forward(self, call, args, kwargs):
         inputs = args[0] if args else kwargs.get("inputs")
@@ -216,6 +253,7 @@ class ExpertManager:
         self._step_readbacks = 0
         t0 = time.perf_counter()
         wait0 = self.wait_time
+        used = None
         if self.prefetcher is not None:
             self.prefetcher.install_ready()
         try:
@@ -224,14 +262,19 @@ class ExpertManager:
                 return call()
             if self.approximate:
                 return self._approximate(call)
-            if cache is None or all(c.is_trimmable() for c in cache):
+            trimmable = cache is None or all(c.is_trimmable() for c in cache)
+            used = self._pick_decode_mode() if decode and trimmable else ("speculative" if trimmable else "sync")
+            self._sync_from = 0
+            if used == "speculative":
                 self._mode, self._records, self._outputs = "speculative", [], {}
                 out = call()
-                mx.eval(out, [i for _, i in self._records])
+                traces = self.prefetcher.pending_traces() if self.prefetcher is not None else []
+                mx.eval(out, [i for _, i in self._records], traces)
                 self._count_readback()
                 first = self._first_miss()
+                if decode:
+                    self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
                 if first is None:
-                    self._outputs.clear()
                     return out
                 for order in [o for o in self._outputs if o >= first]:
                     del self._outputs[order]
@@ -240,38 +283,53 @@ class ExpertManager:
                     for c in cache:
                         c.trim(ntok)
                 self._sync_from = first
-            else:
-                self._sync_from = 0
             self._mode, self._records = "sync", []
             out = call()
-            self._outputs.clear()
             mx.eval(out)
             self._count_readback()
             return out
         finally:
             self._mode, self._records, self._outputs = "direct", [], {}
+            for c in self.caches:
+                c.in_use.clear()
+            if self.prefetcher is not None:
+                self.prefetcher.end_forward()
             if decode:
+                dt = time.perf_counter() - t0
                 self.decode_readbacks += self._step_readbacks
-                self.decode_time += time.perf_counter() - t0
+                self.decode_time += dt
                 self.decode_wait += self.wait_time - wait0
+                if used is not None:
+                    old = self.mode_cost[used]
+                    self.mode_cost[used] = dt if old is None else 0.8 * old + 0.2 * dt
+                    self.mode_steps[used] += 1
 
     def _count_readback(self):
         self.readbacks += 1
         self._step_readbacks += 1
 
     def _first_miss(self) -> int | None:
-        """Record this forward's use; the position of the first layer that missed."""
+        """Record this forward's use; the position of the first layer that missed.
+
+        When something missed, loads for every layer's misses start now (the
+        speculative pass's choices are the best guess for the redo's) and the
+        experts this pass used are kept from eviction until the forward ends.
+        """
         seen = []
         for cache, ind in self._records:
             needed = np.unique(np.array(ind))
-            seen.append((self._order[id(cache)], cache, needed, len(cache.missing(needed))))
-        misses = [order for order, _, _, miss in seen if miss]
+            seen.append((self._order[id(cache)], cache, needed, cache.missing(needed)))
+        misses = [order for order, _, _, miss in seen if len(miss)]
         first = min(misses) if misses else None
         for order, cache, needed, miss in seen:
             # layers from the first miss on are redone and record themselves then
-            cache.record(needed, count_stats=first is None or order < first)
+            if first is None or order < first:
+                cache.record(needed)
+                if self.prefetcher is not None:
+                    self.prefetcher.note_need(order, cache, needed)
+            cache.in_use.update(needed.tolist())
         if self.prefetcher is not None:
-            self.prefetcher.observe(self._records)
+            self.prefetcher.after_pass(seen, first)
         return first
 
     def _approximate(self, call):
@@ -290,7 +348,7 @@ class ExpertManager:
                 counts = np.bincount(ids, minlength=cache.num_experts)
                 room = cache.capacity - len(cache.pinned)
                 keep = missing[np.argsort(-counts[missing], kind="stable")][:room]
-                self._load(cache, keep)
+                cache.ensure(keep)
         return out
 
     # -- reporting -----------------------------------------------------------
@@ -322,6 +380,8 @@ class ExpertManager:
             "readbacks": self.readbacks,
             "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
             "redos": self.redos,
+            "decode_mode": self.decode_mode,
+            "mode_steps": dict(self.mode_steps),
             "expert_wait_s": round(self.wait_time, 6),
             "expert_wait_share": (self.decode_wait / self.decode_time) if self.decode_time else None,
             "disk_bytes_per_token": (sum(c.bytes_read for c in self.caches) / self.decode_steps) if self.decode_steps else None,
@@ -329,6 +389,7 @@ class ExpertManager:
                 "budget_bytes": self.memory_budget,
                 "expert_bytes": self.expert_bytes(),
                 "nonexpert_bytes": self.nonexpert_bytes,
+                "baseline_rss_bytes": self.baseline_rss,
                 "process_rss_bytes": rss,
                 "rss_vs_budget": rss / self.memory_budget if self.memory_budget else None,
             },
@@ -359,7 +420,8 @@ def _hook_forward(model: nn.Module, manager: ExpertManager) -> None:
 
 
 def make_lazy(model: nn.Module, model_dir, capacity: int, *, approximate: bool = False, policy: str = "lfru",
-              memory_budget: int | None = None, nonexpert_bytes: int = 0, ckpt: Checkpoint | None = None) -> ExpertManager:
+              memory_budget: int | None = None, nonexpert_bytes: int = 0, ckpt: Checkpoint | None = None,
+              decode_mode: str = "auto") -> ExpertManager:
     """Swap every expert module of ``model`` for a lazy one with ``capacity`` slots.
 
     Call before the expert arrays are evaluated (``load(lazy=True)``): the
@@ -375,7 +437,7 @@ def make_lazy(model: nn.Module, model_dir, capacity: int, *, approximate: bool =
         parts = expert_parts(ckpt, site)
         caches.append(LayerCache(site.layer, site.num_experts, min(capacity, site.num_experts), parts, reader, policy))
     manager = ExpertManager(caches, sites, reader, approximate=approximate, memory_budget=memory_budget,
-                            nonexpert_bytes=nonexpert_bytes)
+                            nonexpert_bytes=nonexpert_bytes, decode_mode=decode_mode)
     for site, cache in zip(sites, caches):
         setattr(site.parent, site.attr, LazySwitch(site.switch, cache, manager))
     _hook_forward(model, manager)

@@ -1,0 +1,263 @@
+"""Prefetch: predict the experts of upcoming layers and stream them from SSD
+into free or evictable slots before the engine asks for them.
+
+Threading model
+---------------
+* The **engine thread** runs forwards. It alone decides which slot a load goes
+  to (``LayerCache.reserve``), makes a filled slot visible to the model
+  (``install``), and reads the caches' maps. It installs only between forwards
+  or, in sync mode, before the graph of the layer being computed is built, so
+  the model never sees a slot change under it.
+* An **I/O pool** (``workers`` threads) runs ``LayerCache.fill``: preads of one
+  expert into a reserved slot's memory. A reserved slot is mapped by no expert,
+  so the model cannot read it while it is being written; a failed read leaves
+  it free (``release``), never half-written and in use.
+* Evicting for a prefetch never touches an expert the forward in progress uses:
+  sync mode marks each layer's experts ``in_use`` before its compute; in a
+  speculative pass the choice is not known yet, but an expert evicted during
+  the pass is seen as missing by the residency check afterwards, which forces
+  the exact redo (see lazy.py), so a stale read can never reach the output.
+
+Predictors (each measured in ``stats()``, whether or not it drives loads)
+-------------------------------------------------------------------------
+* ``gate+1``/``gate+2``: the router of layer l+1 (l+2) applied to layer l's
+  input (speculative gating). Drives loads in sync mode.
+* ``runahead``: a speculative pass's own choices for the layers after its first
+  miss. Drives loads for the redo.
+* ``persistence``: the previous forward's experts at the same layer.
+* ``profile``: the most active experts of a saved profile (see profile.py);
+  drives pinning and the initial fill.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import LayerCache
+from .lazy import find_router
+
+log = logging.getLogger("moed.experts.prefetch")
+
+PREDICTORS = ("gate+1", "gate+2", "runahead", "persistence", "profile")
+
+
+class _Score:
+    __slots__ = ("predicted", "needed", "hit")
+
+    def __init__(self):
+        self.predicted = self.needed = self.hit = 0
+
+    def add(self, predicted: set, needed: np.ndarray) -> None:
+        self.predicted += len(predicted)
+        self.needed += len(needed)
+        self.hit += sum(1 for e in needed.tolist() if e in predicted)
+
+    def as_dict(self) -> dict:
+        return {"recall": self.hit / self.needed if self.needed else None,
+                "precision": self.hit / self.predicted if self.predicted else None,
+                "needed": self.needed, "predicted": self.predicted}
+
+
+class Prefetcher:
+    def __init__(self, manager, *, workers: int = 4, depth: int = 2, load_ahead: bool = True):
+        self.manager = manager
+        self.caches: list[LayerCache] = manager.caches
+        self.routers = [find_router(s.block, s.num_experts) for s in manager.sites]
+        self.depth = depth
+        self.load_ahead = load_ahead
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moed-prefetch")
+        self.workers = workers
+        self.inflight: dict[tuple[int, int], tuple[int, Future]] = {}  # (layer position, expert) -> (slot, load)
+        self.prior: list[set] = [set() for _ in self.caches]  # profile predictor
+        self.previous: list[set] = [set() for _ in self.caches]  # persistence predictor
+        self._current: list[set] = [set() for _ in self.caches]
+        self._predicted: dict[tuple[str, int], set] = {}  # (predictor, layer position) -> experts, this forward
+        self._traces: list[tuple[int, mx.array]] = []
+        self.scores = {name: _Score() for name in PREDICTORS}
+        self.needed = self.resident_at_need = self.inflight_at_need = 0
+        self.requested = self.completed = self.failed = self.dropped = 0
+        self.errors: list[str] = []
+        self._closed = False
+
+    # -- predictions -------------------------------------------------------
+    def _route(self, position: int, x, k: int):
+        router = self.routers[position]
+        if router is None:
+            return None
+        out = router(x)
+        if isinstance(out, tuple):  # MoEGate: (indices, scores)
+            return out[0]
+        return mx.argpartition(-out, kth=k - 1, axis=-1)[..., :k]
+
+    def predict(self, position: int, x, indices) -> list[tuple[int, mx.array, int]]:
+        """Lazy guesses ``(layer position, expert ids, steps ahead)`` of the next
+        ``depth`` layers from this layer's input."""
+        k = indices.shape[-1]
+        out = []
+        for step in range(1, self.depth + 1):
+            j = position + step
+            if j >= len(self.caches):
+                break
+            guess = self._route(j, x, k)
+            if guess is not None:
+                out.append((j, guess, step))
+        return out
+
+    def trace(self, position: int, x, indices) -> None:
+        """In a speculative pass: the gate+1 guess for the next layer, for the stats only."""
+        j = position + 1
+        if j < len(self.caches) and self.routers[j] is not None:
+            self._traces.append((j, self._route(j, x, indices.shape[-1])))
+
+    def pending_traces(self) -> list:
+        return [g for _, g in self._traces]
+
+    def request_ahead(self, ahead) -> None:
+        for j, guess, step in ahead:
+            experts = np.unique(np.array(guess))
+            self._predicted[(f"gate+{step}", j)] = set(experts.tolist()) | self._predicted.get((f"gate+{step}", j), set())
+            if self.load_ahead:
+                self.request(j, experts)
+
+    # -- loads -------------------------------------------------------------
+    def request(self, position: int, experts, protect=()) -> int:
+        """Start loads of those ``experts`` that are neither resident nor in flight."""
+        cache = self.caches[position]
+        started = 0
+        for e in cache.missing(experts).tolist():
+            if (position, e) in self.inflight:
+                continue
+            slot = cache.reserve(set(protect) | set(int(x) for x in experts))
+            if slot is None:
+                self.dropped += 1
+                continue
+            self.inflight[(position, e)] = (slot, self.pool.submit(cache.fill, slot, e))
+            self.requested += 1
+            started += 1
+        return started
+
+    def _settle(self, key, wait: bool) -> bool:
+        """Install (or release, on failure) one in-flight load. Engine thread."""
+        slot, fut = self.inflight[key]
+        if not wait and not fut.done():
+            return False
+        del self.inflight[key]
+        cache = self.caches[key[0]]
+        try:
+            fut.result()
+        except Exception as e:  # the slot stays free; whoever needs this expert loads it again and sees the error
+            cache.release(slot)
+            self.failed += 1
+            self.errors = (self.errors + [str(e)])[-5:]
+            log.warning("prefetch of layer %d expert %d failed: %s", cache.layer, key[1], e)
+            return True
+        cache.install(slot, key[1], prefetched=True)
+        self.completed += 1
+        return True
+
+    def install_ready(self) -> None:
+        for key in [k for k, (_, f) in self.inflight.items() if f.done()]:
+            self._settle(key, wait=False)
+
+    def wait_or_load(self, position: int, cache: LayerCache, missing, protect) -> None:
+        """Block until every expert in ``missing`` is resident (the exact path)."""
+        self.install_ready()
+        self.request(position, missing, protect)
+        for e in missing.tolist():
+            if (position, e) in self.inflight:
+                self._settle((position, e), wait=True)
+        still = cache.missing(missing)
+        if len(still):  # a prefetch failed or no slot could be had: load here, errors raise to the caller
+            for key in [k for k in self.inflight if k[0] == position]:
+                self._settle(key, wait=True)  # loads of guesses hold slots this layer needs now
+            cache.ensure(still, protect=protect)
+
+    # -- bookkeeping from the manager ----------------------------------------
+    def note_need(self, position: int, cache: LayerCache, needed: np.ndarray) -> None:
+        resident = int((cache.slot_of[needed] >= 0).sum())
+        inflight = sum(1 for e in needed.tolist() if cache.slot_of[e] < 0 and (position, e) in self.inflight)
+        self.needed += len(needed)
+        self.resident_at_need += resident
+        self.inflight_at_need += inflight
+        for name in ("gate+1", "gate+2", "runahead"):
+            guess = self._predicted.get((name, position))
+            if guess is not None:
+                self.scores[name].add(guess, needed)
+        if self.previous[position]:
+            self.scores["persistence"].add(self.previous[position], needed)
+        if self.prior[position]:
+            self.scores["profile"].add(self.prior[position], needed)
+        self._current[position] = set(needed.tolist())
+
+    def after_pass(self, seen, first) -> None:
+        """After a speculative pass: score its gate+1 traces; on a miss start
+        loads for every layer's misses (runahead) before the redo."""
+        if self._traces:
+            for j, guess in self._traces:
+                self._predicted[("gate+1", j)] = set(np.unique(np.array(guess)).tolist())
+            self._traces = []
+        if first is None:
+            return
+        for position, cache, needed, missing in seen:
+            if position >= first:
+                self._predicted[("runahead", position)] = set(needed.tolist())
+                if len(missing):
+                    self.request(position, missing, protect=needed)
+
+    def end_forward(self) -> None:
+        self._traces = []
+        self._predicted.clear()
+        for i, cur in enumerate(self._current):
+            if cur:
+                self.previous[i] = cur
+        self._current = [set() for _ in self.caches]
+
+    # -- reporting / shutdown -----------------------------------------------
+    def stats(self) -> dict:
+        used = sum(c.prefetch_used for c in self.caches)
+        wasted = sum(c.prefetch_wasted for c in self.caches)
+        return {
+            "workers": self.workers,
+            "depth": self.depth,
+            "recall": (self.resident_at_need + self.inflight_at_need) / self.needed if self.needed else None,
+            "resident_at_need": self.resident_at_need,
+            "inflight_at_need": self.inflight_at_need,
+            "needed": self.needed,
+            "precision": used / (used + wasted) if used + wasted else None,
+            "prefetched_used": used,
+            "prefetched_evicted_unused": wasted,
+            "requested": self.requested,
+            "completed": self.completed,
+            "failed": self.failed,
+            "no_slot": self.dropped,
+            "in_flight": len(self.inflight),
+            "errors": self.errors,
+            "predictors": {name: s.as_dict() for name, s in self.scores.items()},
+        }
+
+    def close(self, timeout: float = 1.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        t0 = time.monotonic()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for key in list(self.inflight):
+            slot, fut = self.inflight.pop(key)
+            try:
+                fut.result(timeout=max(0.0, timeout - (time.monotonic() - t0)))
+            except Exception:
+                pass
+            self.caches[key[0]].release(slot)
+        for t in list(getattr(self.pool, "_threads", ())):
+            t.join(max(0.0, timeout - (time.monotonic() - t0)))
+
+
+def attach_prefetcher(manager, *, workers: int = 4, depth: int = 2) -> Prefetcher:
+    manager.prefetcher = Prefetcher(manager, workers=workers, depth=depth)
+    return manager.prefetcher
