@@ -13,7 +13,7 @@ import msgpack
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import DaemonProcess, make_tiny_model, short_tmpdir
+from conftest import LONG_PROMPTS, DaemonProcess, find_long_generation, make_tiny_model, short_tmpdir
 from moed_client import Busy, EngineRestarted
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
@@ -107,6 +107,29 @@ def editor_path(shared_daemon):
     return shared_daemon.wait_ready()["editor_socket"]
 
 
+@pytest.fixture(scope="module")
+def long(shared_daemon):
+    """(prompt, max_tokens, seconds) of a request that keeps the engine busy for a few seconds."""
+    with shared_daemon.client(timeout=120) as c:
+        return find_long_generation(c)
+
+
+def long_infill(peer: "RpcPeer", max_tokens: int) -> str:
+    """A prefix whose infill (empty suffix) runs to max_tokens on the test model, FIM or not."""
+    for prefix in LONG_PROMPTS:
+        if peer.result("infill", {"prefix": prefix, "max_tokens": max_tokens})["finish_reason"] == "length":
+            return prefix
+    raise AssertionError("no infill of LONG_PROMPTS runs long on this model")
+
+
+def wait_active(d: DaemonProcess, n: int = 1) -> None:
+    deadline = time.monotonic() + 30
+    with d.client() as c:
+        while c.status()["requests"]["active"] < n:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.01)
+
+
 # --------------------------------------------------------------------------
 
 
@@ -133,9 +156,10 @@ def test_generate_equals_the_protocol_client(shared_daemon, editor_path):
     assert chat["text"] == want_chat.text
 
 
-def test_cancel_and_disconnect_free_the_daemon(shared_daemon, editor_path):
+def test_cancel_and_disconnect_free_the_daemon(shared_daemon, editor_path, long):
+    prompt, max_tokens, seconds = long
     peer = RpcPeer(editor_path)
-    rid = peer.result("generate", {"prompt": "hello world", "max_tokens": 4000, "stream": True})["id"]
+    rid = peer.result("generate", {"prompt": prompt, "max_tokens": max_tokens, "stream": True})["id"]
     while not any(n[1] == "moed_chunk" for n in peer.notes):
         peer._pump()
     assert peer.result("cancel", {"id": rid}) == {"id": rid, "cancelled": True}
@@ -143,30 +167,29 @@ def test_cancel_and_disconnect_free_the_daemon(shared_daemon, editor_path):
     assert info["finish_reason"] == "cancelled"
     wait_idle(shared_daemon, 5)
 
-    peer.send(lambda i: [0, i, "generate", [{"prompt": "hello world", "max_tokens": 4000}]])
-    with shared_daemon.client() as c:
-        while c.status()["requests"]["active"] == 0:
-            time.sleep(0.01)
+    peer.send(lambda i: [0, i, "generate", [{"prompt": prompt, "max_tokens": max_tokens}]])
+    wait_active(shared_daemon)
     peer.close()
-    assert wait_idle(shared_daemon, 5) < 5
+    assert wait_idle(shared_daemon, seconds) < seconds / 2
 
 
-def test_time_budget(shared_daemon, editor_path):
+def test_time_budget(shared_daemon, editor_path, long):
+    prompt, max_tokens, seconds = long
     peer = RpcPeer(editor_path)
     t0 = time.monotonic()
-    got = peer.result("generate", {"prompt": "hello world", "max_tokens": 4000, "t_max_ms": 300})
+    got = peer.result("generate", {"prompt": prompt, "max_tokens": max_tokens, "t_max_ms": 300})
     elapsed = time.monotonic() - t0
     assert got["finish_reason"] == "length" and got["timed_out"] is True
-    assert 0 < got["usage"]["completion_tokens"] < 4000
-    assert elapsed < 5.0
+    assert 0 < got["usage"]["completion_tokens"] < max_tokens
+    assert elapsed < seconds / 2
 
 
-def test_newer_infill_from_the_same_buffer_cancels_the_stale_one(shared_daemon, editor_path):
+def test_newer_infill_from_the_same_buffer_cancels_the_stale_one(shared_daemon, editor_path, long):
+    _, max_tokens, _ = long
     peer = RpcPeer(editor_path)
-    stale = peer.send(lambda i: [0, i, "infill", [{"prefix": "hello world", "max_tokens": 4000, "buffer": 1}]])
-    with shared_daemon.client() as c:
-        while c.status()["requests"]["active"] == 0:
-            time.sleep(0.01)
+    prefix = long_infill(peer, max_tokens)
+    stale = peer.send(lambda i: [0, i, "infill", [{"prefix": prefix, "max_tokens": max_tokens, "buffer": 1}]])
+    wait_active(shared_daemon)
     fresh = peer.result("infill", {"prefix": "hello world", "suffix": "", "max_tokens": 6, "buffer": 1})
     error, old = peer.wait(stale)
     assert error is None and old["finish_reason"] == "cancelled"
@@ -222,9 +245,11 @@ def test_no_editor_flag(daemon):
 def test_queue_limit_and_engine_restart_behave_as_on_zeromq(daemon):
     d = daemon(None, "--max-batch", "1", "--max-queue", "1")
     path = d.wait_ready()["editor_socket"]
+    with d.client(timeout=120) as c:
+        prompt, max_tokens, _ = find_long_generation(c)
     peer = RpcPeer(path)
-    first = peer.result("generate", {"prompt": "hello world", "max_tokens": 4000, "stream": True})["id"]
-    queued = peer.result("generate", {"prompt": "hello world", "max_tokens": 4000, "stream": True})["id"]
+    first = peer.result("generate", {"prompt": prompt, "max_tokens": max_tokens, "stream": True})["id"]
+    queued = peer.result("generate", {"prompt": prompt, "max_tokens": max_tokens, "stream": True})["id"]
     error, _ = peer.call("generate", {"prompt": "hello world", "max_tokens": 4})
     with d.client() as c:
         with pytest.raises(Busy) as zmq_error:

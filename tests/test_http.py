@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, find_long_generation
 from moed import http as gateway
 
 PROMPT = "1 2 3 4 5 6 7 8 9 10 11 12"
@@ -228,22 +228,11 @@ def gateway_args(listen: str, allow_remote: bool = False, token: str | None = No
 # A client that goes away cancels its generation
 
 
-LONG_PROMPTS = ("hello world", "the the the the", "aaaa", PROMPT, "def main():")
-
-
 @pytest.fixture(scope="module")
 def long_generation(served):
-    """(prompt, max_tokens, seconds): a request greedy decoding runs to max_tokens (no EOS), taking a few seconds."""
     d, _ = served
     with d.client(timeout=120) as c:
-        probe = c.complete(LONG_PROMPTS[0], max_tokens=64)
-        rate = probe.timings.get("decode_tok_s") or 50.0
-        max_tokens = int(min(4000, max(200, rate * 3.0)))
-        for prompt in LONG_PROMPTS:  # the first the test model does not end early; fixed for a given model
-            ref = c.complete(prompt, max_tokens=max_tokens)
-            if ref.finish_reason == "length":
-                return prompt, max_tokens, ref.timings["total_s"]
-    pytest.fail(f"every prompt of {LONG_PROMPTS} ends before {max_tokens} tokens on this model")
+        return find_long_generation(c)
 
 
 @pytest.mark.slow
