@@ -207,3 +207,21 @@ def test_model_from_environment(test_model):
         assert d.wait_ready()["model"]["path"] == str(test_model)
     finally:
         d.kill()
+
+
+def test_unloadable_model_exits_with_reason(tmp_path, test_model):
+    """A model the engine cannot load ends moed serve with status 1 and says why."""
+    from conftest import short_tmpdir
+
+    for f in test_model.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    runtime = short_tmpdir()
+    env = {**os.environ, "MOED_RUNTIME_DIR": str(runtime), "MOED_LOG_DIR": str(runtime / "logs")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moed.daemon", "serve", "--model", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert proc.returncode == 1
+    assert "cannot load model" in proc.stderr
