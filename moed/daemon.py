@@ -334,11 +334,14 @@ class Daemon:
         req = P.parse_generate(msg, max_tokens_limit=self.args.max_tokens)
         if self.state == "stopping":
             raise P.ProtocolError(P.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-        owned = self.by_client[client]
+        owned = self.by_client.get(client, {})  # a refused first request must leave no empty session behind
         if req.id in owned:
             raise P.ProtocolError(P.ErrorCode.DUPLICATE_ID, f"request {req.id!r} is still running")
         if len(self.queue) >= self.args.max_queue:
             raise P.ProtocolError(P.ErrorCode.BUSY, f"the queue is full ({self.args.max_queue} waiting); retry later")
+        if not owned and self.clients_at(door(client)) >= self.args.max_clients:
+            raise P.ProtocolError(P.ErrorCode.BUSY, f"too many clients with requests in flight on this door ({self.args.max_clients}); retry later")
+        owned = self.by_client[client]
         seq = self.next_seq
         self.next_seq += 1
         submit = {"type": "submit", "seq": seq, **req.to_dict()}
@@ -349,6 +352,9 @@ class Daemon:
         if self.args.debug:
             log.debug("request %s/%s: %r", client_name(client), req.id, submit)
         self.pump()
+
+    def clients_at(self, which: str) -> int:
+        return sum(1 for c, owned in self.by_client.items() if owned and door(c) == which)
 
     def pump(self) -> None:
         """Move queued requests into the engine while it has batch slots."""
@@ -656,6 +662,13 @@ class Daemon:
             self.ctx.term()
 
 
+def door(client) -> str:
+    """Which door a client came through: 'ipc', 'tcp' or 'editor' (each editor request is a client)."""
+    if isinstance(client, tuple):
+        return client[0]
+    return "editor" if client.startswith(b"\x00editor") else "ipc"
+
+
 def client_name(client) -> str:
     return f"tcp:{client[1].hex()}" if isinstance(client, tuple) else client.hex()
 
@@ -738,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefetch", action="store_true", help="disable expert prefetching")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 'busy'")
+    s.add_argument("--max-clients", type=int, default=64, help="clients with requests in flight, per door, before 'busy'")
     s.add_argument("--max-tokens", type=int, default=1 << 16, help="largest max_tokens a request may ask for")
     s.add_argument("--max-context", type=int, default=32768, help="largest prompt + max_tokens")
     s.add_argument("--prefill-step", type=int, default=512)

@@ -28,7 +28,7 @@ import zmq.asyncio
 
 from . import paths
 from . import protocol as P
-from .errors import DaemonNotRunning, MoedError, ProtocolMismatch, Timeout, from_message
+from .errors import DaemonNotRunning, MoedError, ProtocolMismatch, RequestError, Timeout, from_message
 
 DEFAULT_TIMEOUT_S = 120.0  # longest wait for any one reply or token (a first token may wait for a busy batch)
 CONNECT_TIMEOUT_S = 5.0
@@ -93,6 +93,15 @@ def generate_message(request_id: str, prompt=None, messages=None, token_ids=None
         raise TypeError(f"unknown sampling parameters: {sorted(unknown)}")
     msg.update({k: v for k, v in sampling.items() if v is not None})
     return msg
+
+
+def request_frame(msg: dict) -> bytes:
+    """The frame for ``msg``, refused here (limit_exceeded) when it is over the
+    daemon's MAXMSGSIZE: the daemon would drop the connection unanswered."""
+    frame = P.pack(msg)
+    if len(frame) > P.MAX_MESSAGE_BYTES:
+        raise RequestError(f"request of {len(frame)} bytes exceeds the {P.MAX_MESSAGE_BYTES}-byte message limit", code=P.ErrorCode.LIMIT_EXCEEDED)
+    return frame
 
 
 def _check_socket(endpoint: str) -> None:
@@ -259,9 +268,9 @@ class Client(_Base):
         """Stream a completion: an iterator of ``Chunk``. Sampling: max_tokens, temperature, top_p, top_k, min_p, seed, stop."""
         self.connect()
         rid = self._new_id()
-        msg = generate_message(rid, prompt, messages, token_ids, **sampling)
+        frame = request_frame(generate_message(rid, prompt, messages, token_ids, **sampling))
         self._inbox[rid] = collections.deque()
-        self._send(msg)
+        self._sock.send(frame)
         return Stream(self, rid, self.timeout if timeout is ... else timeout)
 
     def chat(self, messages: list[dict], **kwargs) -> Stream:
@@ -480,10 +489,10 @@ class AsyncClient(_Base):
         """``async for chunk in await client.generate(...)``."""
         await self.connect()
         rid = self._new_id()
-        msg = generate_message(rid, prompt, messages, token_ids, **sampling)
+        frame = request_frame(generate_message(rid, prompt, messages, token_ids, **sampling))
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = queue
-        await self._sock.send(P.pack(msg))
+        await self._sock.send(frame)
         return AsyncStream(self, rid, queue, self.timeout if timeout is ... else timeout)
 
     async def chat(self, messages: list[dict], **kwargs) -> AsyncStream:

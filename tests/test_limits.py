@@ -1,0 +1,133 @@
+"""Every limit in docs/limits.md: the table matches the code, and each limit,
+when hit, gives its stable error code and leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from moed import daemon as moed_daemon
+from moed import editor, http
+from moed_client import Busy, RequestError
+from moed_client import protocol as P
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "limits.md"
+MODULES = {"protocol": P, "editor": editor, "http": http}
+
+
+def table_rows() -> list[list[str]]:
+    rows = []
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| limit") and not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def doc_number(text: str) -> int:
+    m = re.fullmatch(r"(\d+)( MiB)?", text)
+    assert m, f"not a number in docs/limits.md: {text!r}"
+    return int(m.group(1)) * (1 << 20 if m.group(2) else 1)
+
+
+def test_the_limits_table_matches_the_code():
+    defaults = vars(moed_daemon.build_parser().parse_args(["serve"]))
+    checked = 0
+    for limit, value, where, outcome in table_rows():
+        if not outcome.startswith("none") and "closed" not in outcome:
+            assert re.search(r"`[a-z_]+`", outcome), f"{limit}: no error code named in {outcome!r}"
+        if m := re.fullmatch(r"`(protocol|editor|http)\.([A-Z_]+)`", where):
+            assert getattr(MODULES[m.group(1)], m.group(2)) == doc_number(value), limit
+            checked += 1
+        elif m := re.fullmatch(r"`--([a-z-]+)`", where):
+            assert defaults[m.group(1).replace("-", "_")] == doc_number(value), limit
+            checked += 1
+    assert checked >= 16
+    for code in re.findall(r"`([a-z_]+)`", DOC.read_text()):
+        if code in ("bad_message", "invalid_request", "limit_exceeded", "busy"):
+            assert code in vars(P.ErrorCode).values()
+
+
+@pytest.fixture(scope="module")
+def tight(test_model):
+    """A daemon with small limits: a batch of one, two waiting, two clients, 2000 tokens, a 2048-token context."""
+    from conftest import DaemonProcess
+
+    d = DaemonProcess(test_model, ("--max-batch", "1", "--max-queue", "2", "--max-clients", "2", "--max-tokens", "2000", "--max-context", "2048"))
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()
+
+
+def idle(d) -> dict:
+    with d.client(timeout=10) as c:
+        deadline = time.monotonic() + 10
+        while (s := c.status())["requests"] != {"active": 0, "queued": 0} and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert s["requests"] == {"active": 0, "queued": 0} and s["clients"] == 0, s
+    return s
+
+
+def test_max_tokens(tight):
+    with tight.client() as c:
+        with pytest.raises(RequestError) as e:
+            c.complete("hello", max_tokens=2001)
+        assert e.value.code == P.ErrorCode.LIMIT_EXCEEDED and "2000" in e.value.message
+        assert len(c.complete("hello", max_tokens=3).token_ids) == 3
+    idle(tight)
+
+
+def test_prompt_tokens_and_context(tight):
+    with tight.client() as c:
+        assert c.complete(token_ids=[1] * 2044, max_tokens=4).finish_reason in ("length", "stop")
+        for ids, n in (([1] * 2045, 4), ([1] * 10_000, 1), ([1] * P.MAX_ARRAY_LEN, 1)):
+            with pytest.raises(RequestError) as e:
+                c.complete(token_ids=ids, max_tokens=n)
+            assert e.value.code == P.ErrorCode.LIMIT_EXCEEDED, (len(ids), e.value)
+    assert idle(tight)["engine_restarts"] == 0
+
+
+def test_queue_and_clients_per_door(tight):
+    clients = [tight.client(timeout=30) for _ in range(3)]
+    try:
+        a, b, c = clients
+        running = a.generate("hello world", max_tokens=2000)
+        next(running)  # the batch of one
+        queued_b = b.generate("hello", max_tokens=2)  # queue 1; two clients hold requests
+        with pytest.raises(Busy) as e:
+            next(c.generate("hello", max_tokens=2))  # a third client on this door
+        assert "clients" in e.value.message
+        queued_a = a.generate("hello", max_tokens=2)  # a client that holds requests may add one: queue 2
+        with pytest.raises(Busy) as e:
+            next(b.generate("hello", max_tokens=2))  # the queue is full
+        assert "queue" in e.value.message
+        assert c.status()["clients"] == 2  # the refused client left no session
+        running.close()
+        assert queued_b.collect().token_ids and queued_a.collect().token_ids
+        assert c.complete("hello", max_tokens=2).token_ids  # a slot freed: the third client is served
+    finally:
+        for cl in clients:
+            cl.close()
+    idle(tight)
+
+
+def test_message_size(tight):
+    with tight.client(timeout=10) as c:
+        with pytest.raises(RequestError) as e:
+            c.complete("x" * P.MAX_MESSAGE_BYTES, max_tokens=1)
+        assert e.value.code == P.ErrorCode.LIMIT_EXCEEDED  # refused by the client, not a silent disconnect
+        assert c.complete("hello", max_tokens=1).token_ids  # the connection is fine
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"ipc://{tight.socket}")
+    try:
+        raw.send(b"\x81\xa4type\xa4ping" + b"\x00" * P.MAX_MESSAGE_BYTES)  # a raw peer that sends one anyway
+        assert not raw.poll(1000)  # is disconnected by ZeroMQ, unanswered
+    finally:
+        raw.close()
+    idle(tight)
