@@ -111,7 +111,7 @@ def editor_path(shared_daemon):
 def long(shared_daemon):
     """(prompt, max_tokens, seconds) of a request that keeps the engine busy for a few seconds."""
     with shared_daemon.client(timeout=120) as c:
-        return find_long_generation(c)
+        return find_long_generation(c, seconds=2.0)
 
 
 def long_infill(peer: "RpcPeer", max_tokens: int) -> str:
@@ -246,7 +246,7 @@ def test_queue_limit_and_engine_restart_behave_as_on_zeromq(daemon):
     d = daemon(None, "--max-batch", "1", "--max-queue", "1")
     path = d.wait_ready()["editor_socket"]
     with d.client(timeout=120) as c:
-        prompt, max_tokens, _ = find_long_generation(c)
+        prompt, max_tokens, _ = find_long_generation(c, seconds=2.0)
     peer = RpcPeer(path)
     first = peer.result("generate", {"prompt": prompt, "max_tokens": max_tokens, "stream": True})["id"]
     queued = peer.result("generate", {"prompt": prompt, "max_tokens": max_tokens, "stream": True})["id"]

@@ -232,7 +232,7 @@ def gateway_args(listen: str, allow_remote: bool = False, token: str | None = No
 def long_generation(served):
     d, _ = served
     with d.client(timeout=120) as c:
-        return find_long_generation(c)
+        return find_long_generation(c, seconds=2.0)
 
 
 @pytest.mark.slow

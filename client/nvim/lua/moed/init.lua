@@ -331,27 +331,52 @@ function M.ask(prompt, range, line1, line2)
   else
     params.prompt = content
   end
-  local id, err = M.stream('generate', params, function(text)
+  local retried, current = false, nil
+  local on_done
+  local function on_chunk(text)
     append(buf, text)
-  end, function(info)
-    if api.nvim_buf_is_valid(buf) then
-      api.nvim_buf_set_var(buf, 'moed_done', info)
-      if type(info) == 'table' and type(info.error) == 'table' then
-        append(buf, '\n[moed: ' .. info.error.code .. ': ' .. info.error.message .. ']')
+  end
+  local function start()
+    local id, err = M.stream('generate', params, on_chunk, on_done)
+    if id then
+      current = id
+      if api.nvim_buf_is_valid(buf) then
+        api.nvim_buf_set_var(buf, 'moed_request', id)
       end
     end
-  end)
+    return id, err
+  end
+  on_done = function(info)
+    if not api.nvim_buf_is_valid(buf) then
+      return
+    end
+    local e = type(info) == 'table' and type(info.error) == 'table' and info.error or nil
+    if e and params.messages and not retried and tostring(e.message):find('no chat template', 1, true) then
+      -- A model without a chat template (a plain code model) continues the text instead.
+      retried, params.messages, params.prompt = true, nil, content
+      local _, err = start()
+      if not err then
+        return
+      end
+      e = { code = 'client', message = err }
+      info = { finish_reason = 'error', error = e }
+    end
+    api.nvim_buf_set_var(buf, 'moed_done', info)
+    if e then
+      append(buf, '\n[moed: ' .. e.code .. ': ' .. e.message .. ']')
+    end
+  end
+  local id, err = start()
   if not id then
     append(buf, '[moed: ' .. err .. ']')
     api.nvim_buf_set_var(buf, 'moed_done', { finish_reason = 'error', error = { code = 'client', message = err } })
     return buf
   end
-  api.nvim_buf_set_var(buf, 'moed_request', id)
   api.nvim_create_autocmd('BufWipeout', {
     buffer = buf,
     once = true,
     callback = function()
-      M.cancel(id)
+      M.cancel(current)
     end,
   })
   return buf
