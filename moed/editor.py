@@ -97,10 +97,10 @@ def _invalid(message: str) -> P.ProtocolError:
 class RpcDecoder:
     """Splits a byte stream into msgpack objects, within the protocol's limits.
 
-    Raises ProtocolError(BAD_MESSAGE) when the stream cannot be decoded any
-    further (bad bytes, an object over MAX_MESSAGE_BYTES or over the container
-    limits); the connection must then be closed, as there is no way to find
-    the start of the next message.
+    ``feed`` returns the objects completed so far and, once the stream cannot
+    be decoded any further (bad bytes, an object over MAX_MESSAGE_BYTES or
+    over the container limits), a ProtocolError(BAD_MESSAGE): the connection
+    must then be closed, as there is no way to find the next message's start.
     """
 
     def __init__(self, max_bytes: int = P.MAX_MESSAGE_BYTES):
@@ -126,21 +126,21 @@ class RpcDecoder:
             raise P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"message holds more than {P.MAX_CONTAINERS} maps and arrays")
         return container
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> tuple[list, P.ProtocolError | None]:
         try:
             self._unpacker.feed(data)
         except msgpack.BufferFull:
-            raise P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"message exceeds {P.MAX_MESSAGE_BYTES} bytes") from None
+            return [], P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"message exceeds {P.MAX_MESSAGE_BYTES} bytes")
         out = []
         while True:
             try:
                 obj = next(self._unpacker)
             except StopIteration:
-                return out
-            except P.ProtocolError:
-                raise
+                return out, None
+            except P.ProtocolError as e:
+                return out, e
             except Exception as e:  # ValueError, FormatError, StackError... on hostile bytes
-                raise P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"not valid msgpack: {type(e).__name__}: {str(e)[:200]}") from None
+                return out, P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"not valid msgpack: {type(e).__name__}: {str(e)[:200]}")
             self._containers = 0
             out.append(obj)
 
@@ -281,13 +281,12 @@ class Connection:
                 data = await self.reader.read(READ_SIZE)
                 if not data:
                     break
-                try:
-                    messages = decoder.feed(data)
-                except P.ProtocolError as e:
-                    # Some messages of this read may have decoded before the bad bytes;
-                    # the stream itself cannot be resynchronised, so the peer is told and dropped.
-                    log.info("editor client sent a bad stream: %s", e.message)
-                    self.notify("moed_error", [e.code, e.message])
+                messages, error = decoder.feed(data)
+                if error is not None:
+                    # The stream cannot be resynchronised: the peer is told and dropped, and
+                    # what it sent in the same read is not started only to be cancelled.
+                    log.info("editor client sent a bad stream: %s", error.message)
+                    self.notify("moed_error", [error.code, error.message])
                     break
                 for msg in messages:
                     self.dispatch(msg)

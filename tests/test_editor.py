@@ -364,16 +364,16 @@ async def test_messages_split_across_reads_and_pipelined_requests(door):
 
 def test_decoder_limits_containers():
     d = editor.RpcDecoder()
+    ok = msgpack.packb([0, 1, "status", [[]] * 100])
     bomb = msgpack.packb([[]] * (P.MAX_CONTAINERS + 1))
-    with pytest.raises(P.ProtocolError) as e:
-        d.feed(bomb)
-    assert e.value.code == "bad_message"
+    messages, error = d.feed(ok + bomb)
+    assert len(messages) == 1 and error.code == "bad_message"
 
 
 def test_invalid_utf8_from_an_editor_is_replaced_not_fatal():
     d = editor.RpcDecoder()
     raw = b"\x94\x00\x01\xa8generate\x91\x81\xa6prompt\xa3a\xffb"
-    assert d.feed(raw) == [[0, 1, "generate", [{"prompt": "a\ufffdb"}]]]
+    assert d.feed(raw) == ([[0, 1, "generate", [{"prompt": "a\ufffdb"}]]], None)
 
 
 async def test_too_many_live_requests_on_one_connection(door):
@@ -443,3 +443,13 @@ async def test_infill_uses_fim_tokens_when_the_model_has_them(sock_dir):
         for p in model.iterdir():
             p.unlink()
         model.rmdir()
+
+
+async def test_bad_bytes_drop_the_connection_without_starting_its_requests(door):
+    server, backend = door
+    c = await client(server)
+    await c.send_raw(msgpack.packb([0, 1, "generate", [{"prompt": "hi"}]]) + b"\xc1")
+    note = await c.next_message()
+    assert note[:2] == [2, "moed_error"] and note[2][0] == "bad_message"
+    assert await c.next_message() is None
+    assert backend.submitted == []
