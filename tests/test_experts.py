@@ -26,6 +26,13 @@ PROMPT = "hello world, the quick brown fox"
 NEW_TOKENS = 10
 
 
+@pytest.fixture(autouse=True)
+def private_state(tmp_path, monkeypatch):
+    """Warm-start state and profiles go to this test's own dirs, never the user's."""
+    monkeypatch.setenv("MOED_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MOED_PROFILE_DIR", str(tmp_path / "profiles"))
+
+
 @pytest.fixture(scope="session")
 def family_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")

@@ -20,7 +20,7 @@ mx = pytest.importorskip("mlx.core")
 import mlx_lm  # noqa: E402
 
 from moed.experts import StoreError, load_model  # noqa: E402
-from test_experts import family_dir, greedy_tokens, num_experts, reference  # noqa: E402,F401
+from test_experts import family_dir, greedy_tokens, num_experts, private_state, reference  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("mode", ["auto", "speculative", "sync"])

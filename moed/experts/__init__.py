@@ -54,11 +54,16 @@ def _capacity_for_budget(budget: int, nonexpert: int, baseline: int, per_layer_e
 
 
 def load_model(path, *, capacity: int | None = None, memory_budget=None, approximate: bool = False,
-               prefetch: bool = True, policy: str = "lfru", decode_mode: str = "auto"):
+               prefetch: bool = True, policy: str = "lfru", decode_mode: str = "auto", profile="auto",
+               warm_start: bool = True):
     """Load an mlx-lm model; with ``capacity`` (experts per MoE layer) or
     ``memory_budget`` (bytes or "8GB") its experts stay on disk and a bounded
     cache per layer holds the ones in use. Returns ``(model, tokenizer, manager)``;
     manager is None for a plain load.
+
+    ``profile``: "auto" (the model's profile if one is found, see profile.py),
+    a path, or None. ``warm_start``: restore the experts resident at the last
+    shutdown of this model at this capacity, and save them at ``close()``.
     """
     import mlx_lm
 
@@ -98,4 +103,25 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
         from .prefetch import attach_prefetcher
 
         attach_prefetcher(manager)
+    manager.model_path, manager.warm_start = path, warm_start
+    if not all(c.complete for c in manager.caches):
+        _seed(manager, path, profile, warm_start)
     return model, tokenizer, manager
+
+
+def _seed(manager, path: Path, profile, warm_start: bool) -> None:
+    """Profile pins and priors, then the warm-start resident set, then the
+    profile's most active experts, into whatever slots are left."""
+    from . import profile as profiles
+
+    prof = None
+    if profile == "auto":
+        found = profiles.find_profile(path)
+        prof = profiles.read_profile(found, path) if found else None
+    elif profile is not None:
+        prof = profiles.read_profile(profile, path)
+    restored = profiles.restore_state(manager, path) if warm_start else 0
+    applied = profiles.apply_profile(manager, prof) if prof else None
+    manager.seeded = {"profile": bool(prof), "warm_restored": restored, **(applied or {})}
+    if prof or restored:
+        log.info("experts seeded: %s", manager.seeded)

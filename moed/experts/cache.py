@@ -54,6 +54,10 @@ class LRU:
     def scores(self) -> np.ndarray:
         return self.last
 
+    def seed(self, prior: np.ndarray) -> None:
+        """Start from a prior ranking in [0, 1] (a profile): higher lasts longer."""
+        self.last = np.asarray(prior, np.float64).copy()
+
 
 class FrequencyRecency:
     """Evict the expert with the least decayed use count (frequency x recency).
@@ -78,6 +82,11 @@ class FrequencyRecency:
 
     def scores(self) -> np.ndarray:
         return self.score * self.decay ** (self.clock - self.stamp)
+
+    def seed(self, prior: np.ndarray) -> None:
+        """Start from a prior ranking in [0, 1] (a profile), worth a few recent uses."""
+        self.score = 3.0 * np.asarray(prior, np.float64)
+        self.stamp[:] = self.clock
 
 
 POLICIES = {"lru": LRU, "lfru": FrequencyRecency}
@@ -106,6 +115,7 @@ class LayerCache:
         self.lock = threading.RLock()
         self._lut = None
         self.fresh = np.zeros(num_experts, bool)  # prefetched, not used yet
+        self.activations = np.zeros(num_experts, np.int64)  # routed (token, k) pairs per expert
         self.prefetch_used = self.prefetch_wasted = 0
         self.hits = self.misses = self.bytes_read = self.loads = self.evictions = 0
         self.load_time = 0.0
@@ -149,6 +159,9 @@ class LayerCache:
         self.prefetch_used += len(used)
         self.fresh[used] = False
         self.policy.touch(experts)
+
+    def count(self, ids: np.ndarray) -> None:
+        self.activations += np.bincount(np.asarray(ids).ravel(), minlength=self.num_experts)[: self.num_experts]
 
     # -- loading -----------------------------------------------------------
     def reserve(self, protect=()) -> int | None:

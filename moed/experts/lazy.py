@@ -21,6 +21,7 @@ choice, loads what it misses, then computes. Output is exact either way.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .cache import LayerCache, Part
 from .store import Checkpoint, Reader, expert_extents, layer_index
 
 _PROJ_ARRAYS = ("weight", "scales", "biases", "bias")
+log = logging.getLogger("moed.experts")
 
 
 class NotMoEError(ValueError):
@@ -157,6 +159,11 @@ class ExpertManager:
         self.mode_steps = {"speculative": 0, "sync": 0}
         self.redo_rate = 0.0  # EWMA share of speculative decode steps that needed a redo
         self.prefetcher = None
+        self.collect = False  # count activations even when every expert is resident (profiling)
+        self._collected: list = []
+        self.model_path = None
+        self.warm_start = False
+        self.seeded: dict = {}
         self.baseline_rss = None  # process memory before the model was loaded
         self._closed = False
 
@@ -164,6 +171,8 @@ class ExpertManager:
     def route(self, cache: LayerCache, inner, x, indices):
         mode = self._mode
         if mode == "direct" or cache.complete:
+            if self.collect:
+                self._collected.append((cache, indices))
             return inner(x, indices)
         order = self._order[id(cache)]
         if mode == "speculative":
@@ -191,6 +200,7 @@ class ExpertManager:
         ids = np.array(indices)
         needed = np.unique(ids)
         cache.record(needed)
+        cache.count(ids)
         cache.in_use = set(needed.tolist())  # replaces the speculative pass's guess
         if self.prefetcher is not None:
             self.prefetcher.note_need(order, cache, needed)
@@ -259,7 +269,13 @@ class ExpertManager:
         try:
             if all(c.complete for c in self.caches):
                 self._mode = "direct"
-                return call()
+                out = call()
+                if self.collect:
+                    mx.eval(out, [i for _, i in self._collected])
+                    for c, ind in self._collected:
+                        c.count(np.array(ind))
+                    self._collected = []
+                return out
             if self.approximate:
                 return self._approximate(call)
             trimmable = cache is None or all(c.is_trimmable() for c in cache)
@@ -315,16 +331,18 @@ class ExpertManager:
         speculative pass's choices are the best guess for the redo's) and the
         experts this pass used are kept from eviction until the forward ends.
         """
-        seen = []
+        seen, ids = [], []
         for cache, ind in self._records:
-            needed = np.unique(np.array(ind))
+            ids.append(np.array(ind))
+            needed = np.unique(ids[-1])
             seen.append((self._order[id(cache)], cache, needed, cache.missing(needed)))
         misses = [order for order, _, _, miss in seen if len(miss)]
         first = min(misses) if misses else None
-        for order, cache, needed, miss in seen:
+        for (order, cache, needed, miss), routed in zip(seen, ids):
             # layers from the first miss on are redone and record themselves then
             if first is None or order < first:
                 cache.record(needed)
+                cache.count(routed)
                 if self.prefetcher is not None:
                     self.prefetcher.note_need(order, cache, needed)
             cache.in_use.update(needed.tolist())
@@ -380,6 +398,7 @@ class ExpertManager:
             "readbacks": self.readbacks,
             "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
             "redos": self.redos,
+            "seeded": self.seeded,
             "decode_mode": self.decode_mode,
             "mode_steps": dict(self.mode_steps),
             "expert_wait_s": round(self.wait_time, 6),
@@ -401,11 +420,20 @@ class ExpertManager:
         return out
 
     def close(self) -> None:
+        """Stop the prefetch threads (joined within a second), save the warm-start
+        state if enabled, close the shard files."""
         if self._closed:
             return
         self._closed = True
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.warm_start and self.model_path is not None:
+            from .profile import save_state
+
+            try:
+                save_state(self, self.model_path)
+            except OSError as e:
+                log.warning("could not save warm-start state: %s", e)
         self.reader.close()
 
 
