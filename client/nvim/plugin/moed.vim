@@ -5,12 +5,6 @@ if exists('g:loaded_moed') || !has('nvim-0.7')
 endif
 let g:loaded_moed = 1
 
-" The daemon streams events by calling this function over the rpc channel
-" (nvim_call_function): stock Neovim routes no other notifications to Lua.
-function! MoedEvent(event, id, data) abort
-  call luaeval('require("moed")._on_event(_A[1], _A[2], _A[3])', [a:event, a:id, a:data])
-endfunction
-
 command! -range -nargs=* Moe lua require('moed').ask(<q-args>, <range>, <line1>, <line2>)
 command! MoeComplete lua require('moed').complete()
 command! MoeAccept lua require('moed').accept()

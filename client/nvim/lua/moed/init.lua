@@ -4,10 +4,11 @@
 -- It talks msgpack-rpc to the daemon's editor socket with Neovim's own rpc
 -- channel (sockconnect(..., {rpc = true})). Streams are requested with
 -- `callback = 'MoedEvent'`, so the daemon delivers each event as a call of that
--- Vim function (plugin/moed.vim), which hands it to M._on_event.
+-- Vim function (defined on first use), which hands it to M._on_event.
 
 local M = {}
 local api, fn = vim.api, vim.fn
+local uv = vim.uv or vim.loop -- vim.uv from Neovim 0.10 on
 
 M.config = {
   socket = nil, -- editor socket path; default: `moectl status --json`, then the runtime dir
@@ -58,7 +59,7 @@ local function runtime_socket()
     elseif fn.has('mac') == 1 then
       dir = vim.env.HOME .. '/Library/Caches/TemporaryItems/moed'
     else
-      dir = '/tmp/runtime-' .. vim.loop.getuid() .. '/moed'
+      dir = '/tmp/runtime-' .. uv.getuid() .. '/moed'
     end
   end
   return dir .. '/editor.sock'
@@ -141,6 +142,15 @@ end
 
 -- Start a streamed `generate` or `infill`; (request id) or (nil, error).
 function M.stream(method, params, on_chunk, on_done)
+  if fn.exists('*MoedEvent') == 0 then
+    -- The daemon streams events by calling this Vim function over the rpc channel
+    -- (nvim_call_function): stock Neovim routes no other notifications to Lua.
+    vim.cmd([[
+      function! MoedEvent(event, id, data) abort
+        call luaeval('require("moed")._on_event(_A[1], _A[2], _A[3])', [a:event, a:id, a:data])
+      endfunction
+    ]])
+  end
   params.stream = true
   params.callback = 'MoedEvent'
   local res, err = M.request(method, params)
@@ -272,10 +282,10 @@ function M.accept()
 end
 
 local function auto_complete()
-  if vim.loop.now() < state.down_until then
+  if uv.now() < state.down_until then
     return
   end
-  state.timer = state.timer or vim.loop.new_timer()
+  state.timer = state.timer or uv.new_timer()
   state.timer:stop()
   state.timer:start(M.config.debounce_ms, 0, vim.schedule_wrap(function()
     if string.sub(api.nvim_get_mode().mode, 1, 1) ~= 'i' then
@@ -283,7 +293,7 @@ local function auto_complete()
     end
     local _, err = M.complete()
     if err and not err:match('^%l[%l_]*: ') then
-      state.down_until = vim.loop.now() + M.config.retry_after_ms
+      state.down_until = uv.now() + M.config.retry_after_ms
       vim.notify('moed: ' .. err, vim.log.levels.WARN)
     end
   end))
@@ -320,10 +330,10 @@ function M.ask(prompt, range, line1, line2)
   vim.cmd('botright new')
   local buf = api.nvim_get_current_buf()
   state.answers = state.answers + 1
-  api.nvim_buf_set_option(buf, 'buftype', 'nofile')
-  api.nvim_buf_set_option(buf, 'bufhidden', 'wipe')
-  api.nvim_buf_set_option(buf, 'swapfile', false)
-  api.nvim_buf_set_option(buf, 'filetype', 'markdown')
+  vim.bo[buf].buftype = 'nofile'
+  vim.bo[buf].bufhidden = 'wipe'
+  vim.bo[buf].swapfile = false
+  vim.bo[buf].filetype = 'markdown'
   pcall(api.nvim_buf_set_name, buf, 'moe://answer/' .. state.answers)
   local params = { max_tokens = M.config.answer_max_tokens, temperature = M.config.temperature }
   if M.config.chat then
