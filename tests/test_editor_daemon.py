@@ -316,3 +316,13 @@ def test_infill_without_fim_tokens_continues_the_prefix(shared_daemon, editor_pa
     assert got["fim"] is False and "fim_format" not in got
     with shared_daemon.client() as c:
         assert got["text"] == c.complete("the quick brown", max_tokens=8).text
+
+
+def test_moectl_status_json_prints_the_editor_socket(shared_daemon, editor_path):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moed.cli", "status", "--json"], env=shared_daemon.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["editor_socket"] == editor_path
