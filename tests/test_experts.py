@@ -315,3 +315,17 @@ def test_shard_truncated_while_serving(family_dir, reference, tmp_path):
         assert greedy_tokens(model, tok) == reference["qwen3_moe"]
     finally:
         manager.close()
+
+
+def test_pinned_experts_with_grouped_prefill(family_dir, reference):
+    """Pins take slots for good; a prompt needing more experts than the rest
+    still computes exactly, in groups."""
+    path = family_dir["qwen3_moe"]
+    model, tok, manager = load_model(path, capacity=4, prefetch=False, profile=None)
+    try:
+        for c in manager.caches:
+            c.pin([0])
+        assert greedy_tokens(model, tok) == reference["qwen3_moe"]
+        assert all(c.slot_of[0] >= 0 and c.pinned == {0} for c in manager.caches)
+    finally:
+        manager.close()

@@ -205,17 +205,21 @@ class ExpertManager:
         if self.prefetcher is not None:
             self.prefetcher.note_need(order, cache, needed)
             self.prefetcher.request_ahead(ahead)
-        room = cache.capacity - len(cache.pinned - set(needed.tolist()))
-        if len(needed) <= room:
+        pinned = np.array(sorted(cache.pinned & set(needed.tolist())), dtype=needed.dtype)
+        others = np.setdiff1d(needed, pinned)
+        room = cache.capacity - len(cache.pinned)  # pinned experts are always resident
+        if len(others) <= room:
             self._load(cache, needed)
             return inner(x, cache.lut()[indices])
         # More distinct experts than slots (long prefill, big batch): compute in
         # groups that fit, resident ones first, each group evaluated before the
         # next overwrites its slots.
-        needed = needed[np.argsort(cache.slot_of[needed] < 0, kind="stable")]
+        others = others[np.argsort(cache.slot_of[others] < 0, kind="stable")]
         y = None
-        for start in range(0, len(needed), max(room, 1)):
-            group = needed[start:start + max(room, 1)]
+        for start in range(0, len(others), room):
+            group = others[start:start + room]
+            if start == 0:
+                group = np.concatenate([pinned, group])
             cache.in_use = set(group.tolist())
             self._load(cache, group)
             mask = mx.array(np.isin(ids, group))
@@ -427,7 +431,7 @@ class ExpertManager:
         self._closed = True
         if self.prefetcher is not None:
             self.prefetcher.close()
-        if self.warm_start and self.model_path is not None:
+        if self.warm_start and self.model_path is not None and not all(c.complete for c in self.caches):
             from .profile import save_state
 
             try:

@@ -47,6 +47,15 @@ PROMPT_MIX = [
 ]
 
 
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def model_revision(model_dir) -> str:
     """A fingerprint of the model's files: config and every shard's header."""
     model_dir = Path(model_dir)
@@ -110,7 +119,6 @@ def run_profile(model_path, prompts=None, out_path=None, progress=None, *, max_t
     """
     import mlx_lm
 
-    import moed
     from moed.experts import load_model
 
     model_path = Path(model_path)
@@ -143,7 +151,7 @@ def run_profile(model_path, prompts=None, out_path=None, progress=None, *, max_t
             "kind": "moed-expert-profile",
             "version": PROFILE_VERSION,
             "tool": "moed",
-            "tool_version": moed.__version__,
+            "tool_version": _tool_version(),
             "model_id": model_id(model_path),
             "revision": model_revision(model_path),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
