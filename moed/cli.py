@@ -696,21 +696,31 @@ def cmd_service(args, cfg: Config) -> int:
 
 def cmd_profile(args, cfg: Config) -> int:
     try:
-        from moed.experts.profile import run_profile
+        from moed.experts.profile import profile_name, run_profile, user_profiles_dir
     except ImportError:
         raise CommandError("expert profiling is not available in this build of moed") from None
 
-    prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()] if args.prompts else None
+    model = models.resolve_model(cfg.model)
+    out = Path(args.out) if args.out else user_profiles_dir() / profile_name(model)
+    prompts = None
+    if args.prompts:
+        try:
+            prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+        except OSError as e:
+            raise CommandError(f"cannot read prompts from {args.prompts}: {e.strerror}", EXIT_USAGE) from None
+        if not prompts:
+            raise CommandError(f"{args.prompts} holds no prompts", EXIT_USAGE)
     line = ProgressLine(sys.stderr)
     t0 = time.monotonic()
-    result = run_profile(
-        models.resolve_model(cfg.model),
-        prompts,
-        Path(args.out),
-        progress=lambda stage, message, fraction=None: line.show({"stage": stage, "message": message, "fraction": fraction}, time.monotonic() - t0),
-    )
-    line.done()
-    print(result if result is not None else args.out)
+    try:
+        run_profile(
+            model, prompts, out,
+            progress=lambda stage, message, fraction=None: line.show({"stage": stage, "message": message, "fraction": fraction}, time.monotonic() - t0),
+            capacity=cfg.capacity, memory_budget=cfg.memory_budget,
+        )
+    finally:
+        line.done()
+    print(out)
     return 0
 
 
@@ -783,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("profile", help="record which experts a set of prompts routes to (for prefetch)")
     s.add_argument("--model", help="model (default: the configured one)")
     s.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the built-in set)")
-    s.add_argument("--out", required=True, metavar="FILE", help="where to write the profile")
+    s.add_argument("--out", metavar="FILE", help="where to write the profile (default: the user profile dir, where moed looks)")
     s.set_defaults(func=cmd_profile)
     return p
 

@@ -208,3 +208,29 @@ def test_start_waits_for_a_daemon_that_is_already_loading(env, daemon, capsys, m
     assert d.proc.poll() is None  # the one daemon, still serving
     with d.client(timeout=5) as c:
         assert c.status()["state"] == "ready" and c.status()["pid"] == d.pid
+
+
+@pytest.mark.slow
+def test_profile_writes_a_profile_for_the_model(env, test_model, capsys, tmp_path):  # noqa: F811
+    from moed.models import expert_count, read_config
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n\nclass Stack:\n")
+    out = tmp_path / "profile.json"
+    assert cli.main(["profile", "--model", str(test_model), "--prompts", str(prompts), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "[profile] prompt 2/2" in captured.err
+    profile = json.loads(out.read_text())
+    config = read_config(test_model)
+    assert profile["kind"] == "moed-expert-profile" and profile["prompt_mix"] == ["def add(a, b):", "class Stack:"]
+    assert 0 < len(profile["layers"]) <= config["num_hidden_layers"]  # MoE layers (some families keep dense ones)
+    experts = expert_count(config)
+    assert all(len(layer["counts"]) == experts and sum(layer["counts"]) > 0 for layer in profile["layers"])
+
+
+def test_profile_refuses_an_empty_prompt_file(env, capsys, tmp_path, test_model):  # noqa: F811
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert cli.main(["profile", "--model", str(test_model), "--prompts", str(empty)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
