@@ -236,14 +236,16 @@ def test_front_memory_does_not_grow_under_junk(shared_daemon):
             r.until(lambda m: m["type"] == P.CHUNK)
             r.close()  # vanish mid-stream
 
-    round_of_junk(20)  # warm up allocator pools and caches
-    before = _rss(shared_daemon.pid)
+    engine = shared_daemon.engine_pid()
+    round_of_junk(20)  # warm up allocator pools and caches (the prompt-cache LRU fills up here too)
+    before, engine_before = _rss(shared_daemon.pid), _rss(engine)
     round_of_junk(100)
     with shared_daemon.client() as c:
         deadline = time.monotonic() + 10
         while c.status()["requests"]["active"] and time.monotonic() < deadline:
             time.sleep(0.05)
         status = c.status()
-    growth = _rss(shared_daemon.pid) - before
+    growth, engine_growth = _rss(shared_daemon.pid) - before, _rss(engine) - engine_before
     assert status["requests"]["active"] == 0 and status["clients"] == 0
     assert growth < 4 * 1024 * 1024, f"front grew by {growth} bytes over 100 vanished clients"
+    assert engine_growth < 16 * 1024 * 1024, f"engine grew by {engine_growth} bytes over 100 vanished clients"
