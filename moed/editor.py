@@ -104,27 +104,17 @@ class RpcDecoder:
     """
 
     def __init__(self, max_bytes: int = P.MAX_MESSAGE_BYTES):
-        self._containers = 0
+        self._budget = P.ContainerBudget()
         self._unpacker = msgpack.Unpacker(
             raw=False,
             # Neovim sends buffer text as msgpack str even when it is not UTF-8.
             unicode_errors="replace",
             strict_map_key=False,
             max_buffer_size=max_bytes,
-            max_str_len=P.MAX_STRING_BYTES,
-            max_bin_len=P.MAX_STRING_BYTES,
-            max_array_len=P.MAX_ARRAY_LEN,
-            max_map_len=P.MAX_MAP_LEN,
-            max_ext_len=0,
-            list_hook=self._count,
-            object_hook=self._count,
+            list_hook=self._budget,
+            object_hook=self._budget,
+            **P.UNPACK_LIMITS,
         )
-
-    def _count(self, container):
-        self._containers += 1
-        if self._containers > P.MAX_CONTAINERS:
-            raise P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"message holds more than {P.MAX_CONTAINERS} maps and arrays")
-        return container
 
     def feed(self, data: bytes) -> tuple[list, P.ProtocolError | None]:
         try:
@@ -135,13 +125,14 @@ class RpcDecoder:
         while True:
             try:
                 obj = next(self._unpacker)
+                P.check_depth(obj)
             except StopIteration:
                 return out, None
             except P.ProtocolError as e:
                 return out, e
             except Exception as e:  # ValueError, FormatError, StackError... on hostile bytes
                 return out, P.ProtocolError(P.ErrorCode.BAD_MESSAGE, f"not valid msgpack: {type(e).__name__}: {str(e)[:200]}")
-            self._containers = 0
+            self._budget.count = 0  # the budget is per message; the decoder resumes partial ones
             out.append(obj)
 
 

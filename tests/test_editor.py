@@ -23,6 +23,13 @@ from moed import editor, fim
 from moed_client import protocol as P
 
 
+def nested(depth: int):
+    obj = 1
+    for _ in range(depth):
+        obj = [obj]
+    return obj
+
+
 class ScriptedBackend:
     """Streams ``words`` one per ``delay`` seconds; records what it was sent."""
 
@@ -333,6 +340,7 @@ async def test_neovims_error_events_are_ignored(door):
         msgpack.packb([0, 1, "generate", [{"prompt": "x" * (P.MAX_MESSAGE_BYTES + 10)}]]),  # over the size limit
         b"\xdd\xff\xff\xff\xff",  # an array claiming 4 billion elements
         b"\x91" * 5000 + b"\x00",  # nested deeper than msgpack's stack
+        msgpack.packb([0, 1, "generate", [{"prompt": "x", "junk": nested(P.MAX_DEPTH + 1)}]]),  # deeper than MAX_DEPTH
     ],
 )
 async def test_an_undecodable_stream_drops_only_that_client(door, garbage):

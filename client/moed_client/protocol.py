@@ -86,40 +86,48 @@ def pack(message: dict) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
+# msgpack's own limits for untrusted input (unpack and the editor socket's stream decoder).
+UNPACK_LIMITS = dict(
+    max_str_len=MAX_STRING_BYTES,
+    max_bin_len=MAX_STRING_BYTES,
+    max_array_len=MAX_ARRAY_LEN,
+    max_map_len=MAX_MAP_LEN,
+    max_ext_len=0,
+)
+
+
+class ContainerBudget:
+    """msgpack's list_hook/object_hook: refuses a message with more than MAX_CONTAINERS maps and arrays."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, container):
+        self.count += 1
+        if self.count > MAX_CONTAINERS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message holds more than {MAX_CONTAINERS} maps and arrays")
+        return container
+
+
+def check_depth(obj: Any) -> None:
+    if _depth(obj) > MAX_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message nests deeper than {MAX_DEPTH}")
+
+
 def unpack(data: bytes) -> dict:
     """Decode one untrusted frame into a message map, or raise ProtocolError."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    containers = 0
-
-    def count_container(container):
-        nonlocal containers
-        containers += 1
-        if containers > MAX_CONTAINERS:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message holds more than {MAX_CONTAINERS} maps and arrays")
-        return container
-
+    budget = ContainerBudget()
     try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=MAX_STRING_BYTES,
-            max_bin_len=MAX_STRING_BYTES,
-            max_array_len=MAX_ARRAY_LEN,
-            max_map_len=MAX_MAP_LEN,
-            max_ext_len=0,
-            list_hook=count_container,
-            object_hook=count_container,
-        )
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, list_hook=budget, object_hook=budget, **UNPACK_LIMITS)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises ValueError, StackError, TypeError... on hostile input
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a valid msgpack message: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message must be a map, got {type(obj).__name__}")
-    if _depth(obj) > MAX_DEPTH:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"message nests deeper than {MAX_DEPTH}")
+    check_depth(obj)
     mtype = obj.get("type")
     if not isinstance(mtype, str):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no string 'type' field")
