@@ -201,7 +201,7 @@ class Gateway:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]  # the real port when asked for port 0
         names = {self.host, f"[{self.host}]"} | (set(LOOPBACK_NAMES) if is_loopback(self.host) else set())
         self.allowed_hosts = {f"{n}:{self.port}" for n in names} | ({n for n in names} if self.port == 80 else set())
         log.info("OpenAI-compatible gateway on %s", self.url)
@@ -306,14 +306,13 @@ class Gateway:
             await resp.prepare(request)
             chunk_kind = kind + ".chunk" if chat else kind
 
-            async def event(delta_or_text, finish=None, extra=None):
+            async def send(obj) -> None:
+                await resp.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+
+            async def event(delta_or_text, finish=None):
                 choice = {"index": 0, "finish_reason": finish, "logprobs": None}
-                if chat:
-                    choice["delta"] = delta_or_text
-                else:
-                    choice["text"] = delta_or_text
-                msg = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [choice], **(extra or {})}
-                await resp.write(b"data: " + json.dumps(msg).encode() + b"\n\n")
+                choice["delta" if chat else "text"] = delta_or_text
+                await send({"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [choice]})
 
             if chat:
                 await event({"role": "assistant", "content": ""})
@@ -325,13 +324,12 @@ class Gateway:
                         if piece.text:
                             await event({"content": piece.text} if chat else piece.text)
             except E.MoedError as e:
-                await resp.write(b"data: " + json.dumps(error_body(e.message, "server_error", e.code)).encode() + b"\n\n")
+                await send(error_body(e.message, "server_error", e.code))
                 return resp
             await event({} if chat else "", gen.finish_reason)
             if options.get("include_usage"):
-                msg = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [], "usage": usage(gen.usage)}
-                await resp.write(b"data: " + json.dumps(msg).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
+                await send({"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [], "usage": usage(gen.usage)})
+            await send(b"[DONE]")
             await resp.write_eof()
             return resp
 
