@@ -9,7 +9,9 @@ Figures (all medians over ``repeats``; greedy, so both sides produce the same to
   ``mlx_lm.generate`` runs) and its bare ``generate_step`` loop;
 - ``concurrency``: aggregate tok/s with 1, 2, 4, 8 clients generating at once
   (target: 4 clients >= 2x one client);
-- ``ipc``: ping round trip, and the per-token overhead implied by the two decode rates
+- ``ipc``: ping round trip; per-token IPC latency (engine -> front measured on the
+  shared monotonic clock, plus half a ping for front -> client); and the per-token
+  overhead implied by the two decode rates
   (negative when the daemon's engine loop outruns ``stream_generate``'s per-token Python
   work, as on tiny models where that work dominates).
 
@@ -191,6 +193,7 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
             pings = []
             for _ in range(200):
                 pings.append(c.ping())
+            engine_to_front = c.status().get("engine_to_front_us")
         same = all(a["tokens"] == b["tokens"] for a, b in zip(base, served))
         stream_rate, step_rate = median(r["decode_tok_s"] for r in base), median(r["generate_step_tok_s"] for r in base)
         batch_rate = median(r["batch_generator_tok_s"] for r in base)
@@ -218,6 +221,9 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
         result["ipc"] = {
             "ping_p50_us": pings[len(pings) // 2] * 1e6,
             "ping_p99_us": pings[int(len(pings) * 0.99)] * 1e6,
+            # Engine -> front measured with the shared monotonic clock; front -> client taken as half a ping.
+            "engine_to_front_us": engine_to_front,
+            "per_token_ipc_us": engine_to_front["p50"] + pings[len(pings) // 2] * 1e6 / 2 if engine_to_front else None,
             "per_token_overhead_us": (1 / daemon_rate - 1 / base_rate) * 1e6 if base_rate and daemon_rate else None,
         }
         runs = []

@@ -176,6 +176,7 @@ class Daemon:
         self.next_seq = 0
         self.engine_count = 0
         self.tok_window: collections.deque = collections.deque()
+        self.engine_latency: collections.deque = collections.deque(maxlen=1024)  # seconds, engine send -> front receive
         self.stopping = asyncio.Event()
         self.drain_deadline: float | None = None
         self.exit_code = 0
@@ -440,6 +441,8 @@ class Daemon:
             msg = P.unpack(await engine.sock.recv())
             kind = msg["type"]
             if kind == "events":
+                if isinstance(msg.get("t"), float):  # monotonic clocks are system-wide: comparable across processes
+                    self.engine_latency.append(time.monotonic() - msg["t"])
                 self.on_events(msg["events"])
             elif kind == "failed":
                 req = self.requests.get(msg["seq"])
@@ -573,6 +576,7 @@ class Daemon:
             "requests": {"active": in_engine, "queued": len(self.queue)},
             "clients": len(self.by_client),
             "recent_tok_s": tokens / span if span > 0 else 0.0,
+            "engine_to_front_us": percentiles_us(self.engine_latency),
             "experts": self.engine_stats.get("experts"),
             "prompt_cache": self.engine_stats.get("prompt_cache"),
             "editor_socket": str(self.editor.path) if self.editor else None,
@@ -667,6 +671,13 @@ def door(client) -> str:
     if isinstance(client, tuple):
         return client[0]
     return "editor" if client.startswith(b"\x00editor") else "ipc"
+
+
+def percentiles_us(samples) -> dict | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return {"p50": ordered[len(ordered) // 2] * 1e6, "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6, "n": len(ordered)}
 
 
 def client_name(client) -> str:

@@ -379,7 +379,7 @@ def serve(channel: Channel, engine: Engine) -> None:
             elif kind == "shutdown":
                 events.extend(engine.cancel_all())
                 if events:
-                    channel.send({"type": "events", "events": events})
+                    channel.send({"type": "events", "events": events, "t": time.monotonic()})
                 return
         if engine.active:
             try:
@@ -391,7 +391,7 @@ def serve(channel: Channel, engine: Engine) -> None:
                     channel.send({"type": "failed", "seq": a.seq, "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
                 raise
         if events:
-            channel.send({"type": "events", "events": events})
+            channel.send({"type": "events", "events": events, "t": time.monotonic()})
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
             channel.send({"type": "stats", **engine.stats()})
