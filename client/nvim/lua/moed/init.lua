@@ -282,7 +282,7 @@ function M.accept()
 end
 
 local function auto_complete()
-  if uv.now() < state.down_until then
+  if uv.now() < state.down_until or vim.bo.buftype ~= '' then -- files only: not prompts, terminals, answers
     return
   end
   state.timer = state.timer or uv.new_timer()
