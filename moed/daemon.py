@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import platformdirs
 import zmq
 import zmq.asyncio
@@ -438,7 +439,9 @@ class Daemon:
     async def engine_loop(self, engine: EngineHandle) -> None:
         """Read one engine's messages until its socket is closed."""
         while True:
-            msg = P.unpack(await engine.sock.recv())
+            # Our own engine on a private 0600 socket: trusted, and its stats (the expert
+            # manager's) may hold more containers than a client message may.
+            msg = msgpack.unpackb(await engine.sock.recv(), raw=False)
             kind = msg["type"]
             if kind == "events":
                 if isinstance(msg.get("t"), float):  # monotonic clocks are system-wide: comparable across processes
