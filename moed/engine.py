@@ -437,7 +437,11 @@ def main(argv=None) -> int:
         info = model_info(path, model)
         log.info("model %s loaded in %.1f s (pid %d)", info["name"], time.monotonic() - t0, os.getpid())
         channel.send({"type": "ready", "model": info, "pid": os.getpid()})
-        serve(channel, engine)
+        try:
+            serve(channel, engine)
+        finally:
+            if manager is not None and hasattr(manager, "close"):
+                manager.close()  # stops prefetching, saves the warm-start set
         return 0
     finally:
         channel.close()

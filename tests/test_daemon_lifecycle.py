@@ -225,3 +225,20 @@ def test_unloadable_model_exits_with_reason(tmp_path, test_model):
         shutil.rmtree(runtime, ignore_errors=True)
     assert proc.returncode == 1
     assert "cannot load model" in proc.stderr
+
+
+def test_lazy_experts_are_exact_and_reported(daemon, test_model):
+    """--capacity passes through to moed.experts: output stays exact and status carries the manager's stats."""
+    pytest.importorskip("moed.experts")
+    from moed.models import read_config
+
+    experts = read_config(test_model).get("num_experts") or 8
+    full = daemon()
+    with full.client() as c:
+        expected = c.complete("the quick brown fox", max_tokens=24).text
+    lazy = daemon(None, "--capacity", str(max(2, experts // 2)))
+    with lazy.client() as c:
+        out = c.complete("the quick brown fox", max_tokens=24)
+        status = c.status()
+    assert out.text == expected
+    assert isinstance(status["experts"], dict) and status["experts"]
