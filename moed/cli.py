@@ -467,19 +467,21 @@ def format_status(obj: dict) -> str:
 
 
 def format_experts(experts: dict) -> str:
-    """Expert-cache figures, whatever the cache reports: rates as percentages, *_bytes as sizes."""
-    parts = []
-    for key, value in experts.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        label = key.replace("_", " ")
-        if key.endswith("_bytes"):
-            parts.append(f"{label[: -len(' bytes')]} {configuration.format_size(value)}")
-        elif key.endswith(("rate", "recall", "precision")) and 0 <= value <= 1:
-            parts.append(f"{label} {100 * value:.1f}%")
-        else:
-            parts.append(f"{label} {value:g}")
-    return ", ".join(parts) or "-"
+    """The expert-cache figures a person looks at; `status --json` has them all."""
+
+    def pct(value) -> str:
+        return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
+
+    prefetch = experts.get("prefetch") if isinstance(experts.get("prefetch"), dict) else {}
+    parts = [f"hit rate {pct(experts.get('hit_rate'))}"]
+    if prefetch:
+        parts.append(f"prefetch recall {pct(prefetch.get('recall'))}, precision {pct(prefetch.get('precision'))}")
+    parts.append(f"{configuration.format_size(experts.get('bytes_read'))} read from disk")
+    if experts.get("slots"):
+        parts.append(f"{experts.get('resident', 0)}/{experts['slots']} slots filled ({experts.get('capacity')} per layer)")
+    if experts.get("approximate"):
+        parts.append("approximate")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------

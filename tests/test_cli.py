@@ -181,7 +181,10 @@ SAMPLE_STATUS = {
     "requests": {"active": 2, "queued": 1},
     "clients": 3,
     "recent_tok_s": 12.34,
-    "experts": {"hit_rate": 0.93, "prefetch_recall": 0.5, "disk_read_bytes": 1536 << 20, "capacity": 16},
+    "experts": {
+        "hit_rate": 0.93, "bytes_read": 1536 << 20, "capacity": 16, "slots": 64, "resident": 60, "approximate": False,
+        "prefetch": {"recall": 0.5, "precision": None},
+    },
     "socket": "/run/moed.sock",
     "log": "/l/moed.log",
     "service": {"manager": "launchd", "installed": True},
@@ -198,9 +201,9 @@ def test_human_status_shows_the_figures():
         "2 active, 1 queued; 3 client(s)",
         "12.3 tok/s",
         "hit rate 93.0%",
-        "prefetch recall 50.0%",
-        "disk read 1.5 GiB",
-        "capacity 16",
+        "prefetch recall 50.0%, precision -",
+        "1.5 GiB read from disk",
+        "60/64 slots filled (16 per layer)",
         "launchd (installed)",
     ):
         assert part in text, part
