@@ -407,7 +407,7 @@ def parse_args(argv=None):
     p.add_argument("--approximate", action="store_true")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--max-context", type=int, default=32768)
     p.add_argument("--prompt-cache-size", type=int, default=8)
     p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
