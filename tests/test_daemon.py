@@ -195,3 +195,11 @@ def test_many_requests_on_one_client(shared_daemon, reference):
         streams = [c.generate(p, max_tokens=10) for p in PROMPTS]
         texts = [s.collect().text for s in streams]
     assert texts == [reference(p, 10) for p in PROMPTS]
+
+
+def test_long_prompt_equals_mlx_lm(shared_daemon, reference):
+    long_prompt = " ".join(f"{i} the quick brown fox" for i in range(150))
+    assert len(reference.tokenizer.encode(long_prompt)) > 600
+    with shared_daemon.client() as c:
+        out = c.complete(long_prompt, max_tokens=16)
+    assert out.text == reference(long_prompt, 16)
