@@ -448,11 +448,12 @@ def format_status(obj: dict) -> str:
     rows.append(("model", f"{model_name(obj)}" + (f" ({model['path']})" if model.get("path") else "")))
     memory = obj.get("memory") or {}
     budget = memory.get("budget_bytes")
-    rows.append(("memory", f"{size(memory.get('rss_bytes'))} resident, budget {size(budget) if budget else 'none (whole model)'}"))
+    experts = obj.get("experts")
+    unbounded = "none" if experts else "none (whole model in memory)"
+    rows.append(("memory", f"{size(memory.get('rss_bytes'))} resident, budget {size(budget) if budget else unbounded}"))
     requests = obj.get("requests") or {}
     rows.append(("requests", f"{requests.get('active', 0)} active, {requests.get('queued', 0)} queued; {obj.get('clients', 0)} client(s)"))
     rows.append(("speed", f"{obj.get('recent_tok_s') or 0:.1f} tok/s (recent)"))
-    experts = obj.get("experts")
     if isinstance(experts, dict) and experts:
         rows.append(("experts", format_experts(experts)))
     rows.append(("socket", obj["socket"]))
