@@ -50,7 +50,7 @@ SETTINGS = (
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
     Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
     Setting("start_timeout", float, 1800.0, "seconds moectl start waits for the model to be ready"),
-    Setting("stop_timeout", float, 30.0, "seconds moectl stop waits for a graceful exit before signalling"),
+    Setting("stop_timeout", float, 40.0, "seconds moectl stop waits for a graceful exit (the daemon drains for 30) before signalling"),
     Setting("max_tokens", int, 512, "moectl run/chat: most tokens per answer"),
     Setting("temperature", float, 0.0, "moectl run/chat: sampling temperature (0 = greedy)"),
 )
@@ -69,7 +69,7 @@ class Config:
     http: str | None = None
     log_dir: str | None = None
     start_timeout: float = 1800.0
-    stop_timeout: float = 30.0
+    stop_timeout: float = 40.0
     max_tokens: int = 512
     temperature: float = 0.0
     source: Mapping[str, str] | None = None  # setting -> "default" | "file" | "env" | "flag"
