@@ -242,3 +242,26 @@ def test_lazy_experts_are_exact_and_reported(daemon, test_model):
         status = c.status()
     assert out.text == expected
     assert isinstance(status["experts"], dict) and status["experts"]
+
+
+def test_sd_notify_ready_watchdog_stopping(daemon):
+    from conftest import short_tmpdir
+
+    where = short_tmpdir() / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(where))
+    sock.settimeout(30)
+    try:
+        d = daemon(None, env={"NOTIFY_SOCKET": str(where), "WATCHDOG_USEC": "200000"}, ready=False)
+        seen = []
+        while "READY=1" not in seen or seen.count("WATCHDOG=1") < 2:
+            seen.append(sock.recv(64).decode())
+        with d.client() as c:
+            assert c.status()["state"] == "ready"  # READY=1 came after the model loaded
+            c.shutdown()
+        while "STOPPING=1" not in seen:
+            seen.append(sock.recv(64).decode())
+        assert d.proc.wait(timeout=30) == 0
+    finally:
+        sock.close()
+        shutil.rmtree(where.parent, ignore_errors=True)
