@@ -315,9 +315,12 @@ def test_service_without_a_manager_is_a_clear_error(env, capsys, monkeypatch):
     assert "no service manager" in capsys.readouterr().err
 
 
-def test_import_path_env():
-    env = cli.import_path_env({"PYTHONPATH": "/x"})
-    assert env == {"PYTHONPATH": os.pathsep.join([str(ROOT), "/x"])} or env == {}
+def test_import_path_env_lets_a_checkout_run_the_daemon_from_anywhere():
+    assert Path(cli.__file__).resolve().parents[1] == ROOT  # these tests run on the checkout
+    assert cli.import_path_env({"PYTHONPATH": "/x"}) == {"PYTHONPATH": os.pathsep.join([str(ROOT), "/x"])}
+    assert cli.import_path_env({}) == {"PYTHONPATH": str(ROOT)}
+    already = os.pathsep.join(["/x", str(ROOT)])
+    assert cli.import_path_env({"PYTHONPATH": already}) == {"PYTHONPATH": already}
 
 
 def test_moectl_entry_point_exit_code(env):
