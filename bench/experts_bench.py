@@ -115,8 +115,25 @@ def _evict_shards(model_dir: Path) -> bool:
     return all([drop_file_cache(p) for p in Path(model_dir).glob("*.safetensors")])
 
 
+def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
+    """Mean negative log-likelihood of ``continuation`` after ``text``, one
+    token per forward (as decoding feeds them)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    ids = tok.encode(text)
+    logits = model(mx.array(ids)[None], cache=cache)[:, -1, :]
+    total = 0.0
+    for t in continuation:
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        total -= logp[0, t].item()
+        logits = model(mx.array([[t]]), cache=cache)[:, -1, :]
+    return total / max(len(continuation), 1)
+
+
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
-                prefetch: bool = False, approximate: bool = False) -> dict:
+                prefetch: bool = False, approximate: bool = False, reference: list | None = None) -> dict:
     """Load (stock when ``capacity`` is None), greedy-decode each prompt, report."""
     import mlx.core as mx
     import mlx_lm
@@ -143,6 +160,8 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
             last = r
         runs.append({"tokens": out, "decode_tps": last.generation_tps, "prefill_tps": last.prompt_tps,
                      "wall_s": time.perf_counter() - t})
+        if reference is not None:  # quality: NLL of the exact continuation under this model
+            runs[-1]["nll_of_reference"] = teacher_forced_nll(model, tok, text, reference[len(runs) - 1])
     result = {
         "capacity": capacity,
         "load_s": load_s,
@@ -208,7 +227,7 @@ def raw_expert_preads(model_dir: Path, max_bytes: int = 256 << 20, seed: int = 0
 
 
 def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: bool, residencies=RESIDENCIES,
-                prefetch_too: bool = False, progress=print) -> dict:
+                prefetch_too: bool = False, approximate_too: bool = False, progress=print) -> dict:
     import mlx_lm
 
     model, _ = mlx_lm.load(str(model_dir), lazy=True)
@@ -221,18 +240,28 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
     out = {"model": str(model_dir), "num_experts": num_experts, "stock": stock, "lazy": []}
     if "error" in stock:
         return out
+    if approximate_too:  # the exact model's own NLL of its greedy tokens: the yardstick for approximate runs
+        stock_nll = _subprocess(model_dir, max(1, num_experts), tokens, prompts, uncached,
+                                reference=[r["tokens"] for r in stock["runs"]])
+        out["exact_nll_of_reference"] = [r.get("nll_of_reference") for r in stock_nll.get("runs", [])]
     ref = [r["tokens"] for r in stock["runs"]]
-    variants = [(share, False) for share in residencies]
+    variants = [(share, False, False) for share in residencies]
     if prefetch_too:
-        variants += [(share, True) for share in residencies if share < 1.0]
-    for share, prefetch in variants:
+        variants += [(share, True, False) for share in residencies if share < 1.0]
+    if approximate_too:
+        variants += [(share, False, True) for share in residencies if share < 1.0]
+    for share, prefetch, approximate in variants:
         cap = max(1, round(num_experts * share))
-        progress(f"{model_dir.name}: lazy at {share:.0%} ({cap} experts/layer){' + prefetch' if prefetch else ''}")
-        r = _subprocess(model_dir, cap, tokens, prompts, uncached, prefetch=prefetch)
+        label = " + prefetch" if prefetch else " approximate" if approximate else ""
+        progress(f"{model_dir.name}: lazy at {share:.0%} ({cap} experts/layer){label}")
+        extra = {"approximate": True, "reference": ref} if approximate else {}
+        r = _subprocess(model_dir, cap, tokens, prompts, uncached, prefetch=prefetch, **extra)
         r["residency"] = share
         r["prefetch"] = prefetch
+        r["approximate"] = approximate
         if "error" not in r:
             r["exact"] = [x["tokens"] for x in r["runs"]] == ref
+            r["token_agreement"] = sum(a == b for x, rt in zip(r["runs"], ref) for a, b in zip(x["tokens"], rt)) / sum(len(rt) for rt in ref)
             r["speed_vs_stock"] = r["decode_tps"] / stock["decode_tps"]
             s = r["stats"]
             r["disk_bytes_per_token"] = s["disk_bytes_per_token"]
@@ -255,7 +284,7 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
 
 
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 24, uncached: bool = True,
-        synthetic_layers: int = 16, prefetch_too: bool = False, progress=print) -> dict:
+        synthetic_layers: int = 16, prefetch_too: bool = True, approximate_too: bool = True, progress=print) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this)."""
     from moed.models import embedded_model_path
 
@@ -272,7 +301,8 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 24, 
         targets.append(synthetic_checkpoint(root, layers=synthetic_layers, progress=progress))
     for target in targets:
         result["models"].append(bench_model(target, tokens=tokens, prompts=PROMPTS, uncached=uncached,
-                                            prefetch_too=prefetch_too, progress=progress))
+                                            prefetch_too=prefetch_too, approximate_too=approximate_too,
+                                            progress=progress))
     return result
 
 
@@ -284,7 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic-layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
-    ap.add_argument("--prefetch", action="store_true", help="also run lazy configurations with the prefetcher")
+    ap.add_argument("--no-prefetch", action="store_true", help="skip the runs with the prefetcher")
+    ap.add_argument("--no-approximate", action="store_true", help="skip the approximate-mode quality runs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -292,7 +323,8 @@ def main(argv=None) -> int:
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
-                 synthetic_layers=args.synthetic_layers, prefetch_too=args.prefetch, progress=log)
+                 synthetic_layers=args.synthetic_layers, prefetch_too=not args.no_prefetch,
+                 approximate_too=not args.no_approximate, progress=log)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text)

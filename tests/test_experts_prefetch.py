@@ -3,6 +3,7 @@ metrics, shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -34,7 +35,9 @@ def test_exact_with_prefetch(family, share, mode, family_dir, reference):
         assert manager.prefetcher is not None
         assert greedy_tokens(model, tok) == reference[family]
         stats = manager.stats()
+        json.dumps(stats)  # JSON-safe, as status needs it
         pf = stats["prefetch"]
+        assert stats["recall"] == pf["recall"]
         assert pf["requested"] > 0 and pf["needed"] > 0
         assert 0.0 <= pf["recall"] <= 1.0
         for c in manager.caches:

@@ -420,7 +420,8 @@ class ExpertManager:
         if self.approximate:
             out["skipped_expert_uses"] = self.skipped
         if self.prefetcher is not None:
-            out["prefetch"] = self.prefetcher.stats()
+            pf = out["prefetch"] = self.prefetcher.stats()
+            out["recall"], out["precision"] = pf["recall"], pf["precision"]
         return out
 
     def close(self) -> None:
