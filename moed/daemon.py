@@ -46,6 +46,9 @@ HEARTBEAT_TIMEOUT_MS = 6000
 CLIENT_SNDHWM = 100_000
 TOK_RATE_WINDOW_S = 5.0
 SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
+# On exit, how long libzmq may keep delivering queued replies to a client that
+# reads slowly: its final 'done' sits behind its unread chunks.
+EXIT_FLUSH_MS = 2000
 
 
 class DaemonError(Exception):
@@ -662,9 +665,9 @@ class Daemon:
                 await self.http.close()
             if self.editor is not None:
                 await self.editor.close()
-            self.router.close(linger=100)
+            self.router.close(linger=EXIT_FLUSH_MS)
             if self.tcp_router is not None:
-                self.tcp_router.close(linger=100)
+                self.tcp_router.close(linger=EXIT_FLUSH_MS)
                 self.authenticator.stop()
             self.ctx.term()
 
