@@ -123,8 +123,10 @@ def synth_model(spec: str, root: Path) -> Path:
     layout = parts[3] if len(parts) > 3 else "stacked"
     out = root / f"synth-{shape}-{size}-{routing}-{layout}"
     if not (out / "synth.json").is_file():
-        log(f"generating {spec} in {out}")
-        generate(out, shape=shape, size=parse_size(size), layout=layout, routing=routing, progress=log)
+        # Another routing of the same experts: share its layer shards (hard links) instead of writing them again.
+        base = next((p for p in root.glob(f"synth-{shape}-{size}-*-{layout}") if (p / "synth.json").is_file()), None)
+        log(f"generating {spec} in {out}" + (f" (layer shards linked from {base.name})" if base else ""))
+        generate(out, shape=shape, size=parse_size(size), layout=layout, routing=routing, variant_of=base, progress=log)
     return out
 
 
@@ -389,13 +391,17 @@ def main(argv=None) -> int:
         common["ipc"] = guarded("ipc floor", limits.ipc_floor, round_trips=300 if small else 3000,
                                 stream_messages=3000 if small else 30000)
     result["limits"] = common
-    per_model = [bench_model(path, label, args, common) for path, label in models]
-    # Top-level sections keyed by model label (one object: machine, limits, peers, moed, ratios).
-    result["models"] = {r["label"]: {"info": r["model"], "routing": r.get("routing")} for r in per_model}
-    result["limits"]["disk"] = {r["label"]: r["disk"] for r in per_model}
-    result["peers"] = {r["label"]: r["peers"] for r in per_model}
-    result["moed"] = {r["label"]: r["moed"] for r in per_model}
-    result["ratios"] = {r["label"]: r["ratios"] for r in per_model}
+    result.update(models={}, peers={}, moed={}, ratios={})
+    result["limits"]["disk"] = {}
+    for path, label in models:
+        r = bench_model(path, label, args, common)
+        # Top-level sections keyed by model label (one object: machine, limits, peers, moed, ratios).
+        result["models"][label] = {"info": r["model"], "routing": r.get("routing")}
+        result["limits"]["disk"][label] = r["disk"]
+        result["peers"][label] = r["peers"]
+        result["moed"][label] = r["moed"]
+        result["ratios"][label] = r["ratios"]
+        out.write_text(json.dumps(result, indent=1, default=str))  # a run cut short keeps the models done
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.write_text(json.dumps(result, indent=1, default=str))
     table = report.markdown(result)

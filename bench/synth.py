@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -169,27 +170,24 @@ def _values(name: str, shape: tuple, is_code: bool, dtype, hidden: int):
     return mx.random.uniform(-a, a, shape).astype(dtype)
 
 
-def _route(weights: dict, layer: int | None, routing: str, knobs: dict, u, hidden: int, dtype):
-    """Apply the routing knob to the embedding (layer None) or to one layer's router."""
+def _route(weights: dict, routing: str, knobs: dict, u, hidden: int, dtype) -> None:
+    """Apply the routing knob to the token embeddings and to every router (all in the routing shard)."""
     import mlx.core as mx
 
-    if layer is None:
-        emb = weights["model.embed_tokens.weight"].astype(mx.float32)
-        if routing == "uniform":
-            emb = emb * knobs["embed_scale"]
-        elif routing == "skewed":
-            own = mx.sqrt(mx.mean(mx.sum(emb * emb, axis=-1)))
-            emb = emb + knobs["persist"] * own * u
-        weights["model.embed_tokens.weight"] = emb.astype(dtype)
-        return
+    emb = weights["model.embed_tokens.weight"].astype(mx.float32)
+    if routing == "uniform":
+        emb = emb * knobs["embed_scale"]
+    elif routing == "skewed":
+        own = mx.sqrt(mx.mean(mx.sum(emb * emb, axis=-1)))
+        emb = emb + knobs["persist"] * own * u
+    weights["model.embed_tokens.weight"] = emb.astype(dtype)
     if routing != "skewed" or knobs["zipf"] == 0:
         return
-    gate = next(k for k in weights if k.endswith(".gate.weight"))
-    w = weights[gate].astype(mx.float32)
-    experts = w.shape[0]
-    rank = mx.random.permutation(experts) + 1  # a different popular set in every layer
-    bias = -knobs["zipf"] * mx.log(rank.astype(mx.float32))
-    weights[gate] = (w + bias[:, None] * u[None, :] * math.sqrt(hidden) / hidden).astype(dtype)
+    for gate in sorted(k for k in weights if k.endswith(".gate.weight")):
+        w = weights[gate].astype(mx.float32)
+        rank = mx.random.permutation(w.shape[0]) + 1  # a different popular set in every layer
+        bias = -knobs["zipf"] * mx.log(rank.astype(mx.float32))
+        weights[gate] = (w + bias[:, None] * u[None, :] / math.sqrt(hidden)).astype(dtype)
 
 
 def _split_per_expert(weights: dict, shape: str) -> dict:
@@ -208,8 +206,15 @@ def _split_per_expert(weights: dict, shape: str) -> dict:
 
 def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, layers: int | None = None,
              layout: str = "stacked", routing: str = "random", embed_scale: float = 100.0, persist: float = 1.0,
-             zipf: float = 1.0, dtype: str | None = None, seed: int = 0, progress=print) -> dict:
-    """Write the checkpoint to ``out``; returns its description (also written to ``out/synth.json``)."""
+             zipf: float = 1.0, dtype: str | None = None, seed: int = 0, variant_of: Path | None = None,
+             progress=print) -> dict:
+    """Write the checkpoint to ``out``; returns its description (also written to ``out/synth.json``).
+
+    Embeddings and routers, the only tensors the routing knobs touch, go to the first shard; each
+    layer's other tensors to a shard of its own, drawn from a seed of their own. ``variant_of``: a
+    checkpoint made with the same shape, size, layout, dtype and seed whose layer shards are
+    hard-linked instead of generated again (another routing of the same experts, at no disk cost).
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -246,20 +251,35 @@ def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, l
     u = mx.random.normal((hidden,))
     u = u / mx.linalg.norm(u)
     knobs = {"embed_scale": embed_scale, "persist": persist, "zipf": zipf}
+    base = None
+    if variant_of is not None:
+        base = json.loads((Path(variant_of) / "synth.json").read_text())
+        mine = {"shape": shape, "layout": layout, "float_dtype": dtype, "seed": seed, "layers": layers}
+        if {k: base[k] for k in mine} != mine:
+            raise ValueError(f"{variant_of} differs from this checkpoint in {mine} vs { {k: base[k] for k in mine} }")
 
-    groups = [[k for k in params if ".layers." not in f".{k}"]]
-    groups += [[k for k in params if k.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    routing_keys = [k for k in params if ".layers." not in f".{k}" or k.endswith(".gate.weight")]
+    groups = [routing_keys] + [[k for k in params if k.startswith(f"model.layers.{i}.") and k not in routing_keys]
+                               for i in range(layers)]
     weight_map, total, t0 = {}, 0, time.perf_counter()
     for g, names in enumerate(groups):
+        name = f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
+        if g > 0 and base is not None:
+            os.link(Path(variant_of) / name, out / name)
+            keys = [k for k, f in json.loads((Path(variant_of) / "model.safetensors.index.json").read_text())["weight_map"].items() if f == name]
+            weight_map.update(dict.fromkeys(keys, name))
+            total += (out / name).stat().st_size
+            continue
+        mx.random.seed(seed * 1_000_003 + g)  # each shard's draws do not depend on the others
         weights = {k: _values(k, params[k].shape, params[k].dtype == mx.uint32, fdt, hidden) for k in names}
-        _route(weights, None if g == 0 else g - 1, routing, knobs, u, hidden, fdt)
+        if g == 0:
+            _route(weights, routing, knobs, u, hidden, fdt)
         if layout == "per-expert":
             weights = _split_per_expert(weights, shape)
         mx.eval(weights)
-        name = f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
         mx.save_safetensors(str(out / name), weights, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(weights, name))
-        total += sum(v.nbytes for v in weights.values())
+        total += (out / name).stat().st_size
         del weights
         mx.clear_cache()
         if g == 0 or g == len(groups) - 1 or g % 4 == 0:
@@ -309,13 +329,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="scales, biases and float weights "
                     "(default: float32 on CPU, bfloat16 on a GPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant-of", type=Path, help="hard-link the layer shards of this checkpoint (same shape, "
+                    "size, layout, dtype, seed) and write only embeddings and routers for --routing")
     ap.add_argument("--no-measure", action="store_true", help="skip the routing statistics")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     info = generate(args.out, shape=args.shape, size=args.size, layers=args.layers, layout=args.layout,
                     routing=args.routing, embed_scale=args.embed_scale, persist=args.persist, zipf=args.zipf,
-                    dtype=args.dtype, seed=args.seed, progress=log)
+                    dtype=args.dtype, seed=args.seed, variant_of=args.variant_of, progress=log)
     if not args.no_measure:
         log("synth: measuring routing")
         info["routing_stats"] = measure_routing(args.out)
