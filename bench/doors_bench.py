@@ -2,7 +2,8 @@
 
     python -m bench.doors_bench --out doors.json [--model DIR] [--repeats 50] [--tokens 128]
 
-One daemon (``--http 127.0.0.1:0``), greedy requests, client-side clocks, medians:
+One daemon (``--http 127.0.0.1:0``), greedy requests, client-side clocks, medians; the
+doors take turns, so all see the same load on a shared machine:
 - ``round_trip_us``: a request that does not touch the engine: ZeroMQ ``status``, editor
   ``status``, HTTP ``GET /v1/models`` (keep-alive connection);
 - ``one_token_ms``: a whole ``max_tokens=1`` generation of a short prompt through each door
@@ -93,13 +94,15 @@ class Http:
         return n, first, last
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, the callables taking turns so all see the same load."""
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: median(v) for name, v in samples.items()}
 
 
 def rate(n: int, first, last):
@@ -132,18 +135,14 @@ def run(model: Path | None = None, *, repeats: int = 50, tokens: int = 128, prog
         with d.client() as c:
             c.complete("warm up", max_tokens=8)
             progress("round trips")
-            result["round_trip_us"] = {
-                "zeromq_status": median(timed(c.status, repeats)) * 1e6,
-                "editor_status": median(timed(lambda: editor.call("status", {}), repeats)) * 1e6,
-                "http_models": median(timed(lambda: web.get("/v1/models"), repeats)) * 1e6,
-            }
+            trips = timed({"zeromq_status": c.status, "editor_status": lambda: editor.call("status", {}),
+                           "http_models": lambda: web.get("/v1/models")}, repeats)
+            result["round_trip_us"] = {k: v * 1e6 for k, v in trips.items()}
             progress("one-token generations")
             one = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}
-            result["one_token_ms"] = {
-                "zeromq": median(timed(lambda: c.complete(PROMPT, max_tokens=1), repeats)) * 1e3,
-                "editor": median(timed(lambda: editor.call("generate", one), repeats)) * 1e3,
-                "http": median(timed(lambda: web.post("/v1/completions", one), repeats)) * 1e3,
-            }
+            ones = timed({"zeromq": lambda: c.complete(PROMPT, max_tokens=1), "editor": lambda: editor.call("generate", one),
+                          "http": lambda: web.post("/v1/completions", one)}, repeats)
+            result["one_token_ms"] = {k: v * 1e3 for k, v in ones.items()}
             progress(f"streams of {tokens} tokens")
             runs = {"zeromq": [], "editor": [], "http": []}
             for _ in range(max(3, repeats // 10)):  # the doors alternate, so all see the same load
@@ -160,7 +159,7 @@ def run(model: Path | None = None, *, repeats: int = 50, tokens: int = 128, prog
             progress("infill")
             fill = {"prefix": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 16}
             infill = editor.call("infill", fill)
-            result["infill"] = {"fim": infill["fim"], "ms": median(timed(lambda: editor.call("infill", fill), repeats)) * 1e3}
+            result["infill"] = {"fim": infill["fim"], "ms": timed({"infill": lambda: editor.call("infill", fill)}, repeats)["infill"] * 1e3}
     finally:
         d.kill()
     return result
