@@ -124,3 +124,18 @@ def test_stale_warm_state_is_discarded(family_dir, tmp_path, caplog):
         assert all(len(c.resident()) == 0 for c in manager.caches)
     finally:
         manager.close()
+
+
+def test_shipped_profile_matches_embedded_model():
+    """The profile shipped for the embedded model is for its current revision."""
+    from moed.models import embedded_model_path
+
+    model = embedded_model_path()
+    shipped = profiles.PROFILES_DIR / profiles.profile_name(model)
+    if not (model / "config.json").is_file():
+        pytest.skip("no embedded model in this tree")
+    fix = f"regenerate it: moectl profile --out {shipped} (with the embedded model configured)"
+    assert shipped.is_file(), f"{shipped} is missing; {fix}"
+    prof = profiles.read_profile(shipped, model)
+    assert prof is not None, f"the shipped profile is for another revision of the embedded model; {fix}"
+    assert prof["num_experts"] > 0 and prof["layers"]

@@ -158,6 +158,7 @@ class ExpertManager:
         self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
         self.mode_steps = {"speculative": 0, "sync": 0}
         self.redo_rate = 0.0  # EWMA share of speculative decode steps that needed a redo
+        self._top_k = 1  # experts per token, as last seen
         self.prefetcher = None
         self.collect = False  # count activations even when every expert is resident (profiling)
         self._collected: list = []
@@ -193,6 +194,7 @@ class ExpertManager:
         return self._route_sync(cache, inner, x, indices, order)
 
     def _route_sync(self, cache: LayerCache, inner, x, indices, order: int):
+        self._top_k = indices.shape[-1]
         ahead = self.prefetcher.predict(order, x, indices) if self.prefetcher is not None else []
         mx.eval(indices, *[guess for _, guess, _ in ahead])
         self.readbacks += 1
@@ -283,7 +285,12 @@ class ExpertManager:
             if self.approximate:
                 return self._approximate(call)
             trimmable = cache is None or all(c.is_trimmable() for c in cache)
-            used = self._pick_decode_mode() if decode and trimmable else ("speculative" if trimmable else "sync")
+            if decode and trimmable:
+                used = self._pick_decode_mode()
+            elif trimmable and ntok * self._top_k <= min(c.capacity for c in self.caches):
+                used = "speculative"
+            else:  # a long prefill chunk: some layer is bound to miss, skip the pass that would be thrown away
+                used = "sync"
             self._sync_from = 0
             if used == "speculative":
                 self._mode, self._records, self._outputs = "speculative", [], {}
@@ -338,6 +345,7 @@ class ExpertManager:
         seen, ids = [], []
         for cache, ind in self._records:
             ids.append(np.array(ind))
+            self._top_k = ids[-1].shape[-1]
             needed = np.unique(ids[-1])
             seen.append((self._order[id(cache)], cache, needed, cache.missing(needed)))
         misses = [order for order, _, _, miss in seen if len(miss)]
