@@ -259,3 +259,29 @@ def test_client_disconnect_cancels_generation(served, long_generation, stream):
         assert time.monotonic() - t0 < natural_s, "the request ran on after its client went away"
     stopped_after = time.monotonic() - t0
     assert stopped_after < natural_s / 2, (stopped_after, natural_s)
+
+
+def test_standalone_gateway_process(served):
+    """``python -m moed.http``: the same gateway as a process of its own, a plain client of the daemon."""
+    import subprocess
+    import sys
+
+    d, _ = served
+    with socket.socket() as s:  # a free port for it to listen on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moed.http", "--listen", f"127.0.0.1:{port}", "--socket", str(d.socket)],
+                            env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or "listening on" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        assert lines[-1].strip() == f"moed-http listening on http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        got = oai(url).completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0)
+        with d.client() as c:
+            assert got.choices[0].text == c.complete(PROMPT, max_tokens=6).text
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
