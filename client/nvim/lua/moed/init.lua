@@ -11,7 +11,7 @@ local api, fn = vim.api, vim.fn
 local uv = vim.uv or vim.loop -- vim.uv from Neovim 0.10 on
 
 M.config = {
-  socket = nil, -- editor socket path; default: `moectl status --json`, then the runtime dir
+  socket = nil, -- editor socket path; default: $MOED_RUNTIME_DIR, else `moectl status --json`, else the runtime dir
   auto = true, -- ghost text while typing in insert mode
   debounce_ms = 150,
   max_tokens = 64, -- per ghost-text completion
