@@ -227,6 +227,8 @@ def infill_map(params: dict, request_id: str, model_dir: Path | None) -> tuple[d
     msg = generate_map(params, request_id)
     msg["prompt"] = prompt
     stop = msg.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
     if isinstance(stop, list):  # a malformed stop is left for the protocol's own validation to reject
         room = max(0, P.MAX_STOP_STRINGS - len(stop))
         msg["stop"] = stop + [s for s in fim.stop_strings(fmt, model_dir) if s not in stop][:room]

@@ -442,6 +442,8 @@ async def test_infill_uses_fim_tokens_when_the_model_has_them(sock_dir):
         sent = backend.submitted[-1]
         assert sent["prompt"] == "<|fim_prefix|>a = <|fim_suffix|>\nb = 2<|fim_middle|>"
         assert sent["stop"][0] == "\n\n" and "<|endoftext|>" in sent["stop"]
+        err, result = await c.request("infill", {"prefix": "a", "stop": "\n"})
+        assert err is None and backend.submitted[-1]["stop"][0] == "\n" and "<|fim_middle|>" in backend.submitted[-1]["stop"]
         backend._model_dir = None
         err, result = await c.request("infill", {"prefix": "a = ", "suffix": "\nb = 2"})
         assert err is None and result["fim"] is False
