@@ -463,3 +463,40 @@ async def test_bad_bytes_drop_the_connection_without_starting_its_requests(door)
     assert note[:2] == [2, "moed_error"] and note[2][0] == "bad_message"
     assert await c.next_message() is None
     assert backend.submitted == []
+
+
+# -- hostile input, generated ----------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=20), st.binary(max_size=20))
+_values = st.recursive(_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoder_never_raises_on_random_bytes(data):
+    messages, error = editor.RpcDecoder().feed(data)
+    assert error is None or error.code == "bad_message"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["generate", "infill", "cancel", "status", "x"]), params=st.lists(_values, max_size=3))
+def test_random_params_get_an_answer_and_the_server_lives(sock_dir, method, params):
+    async def go():
+        backend = ScriptedBackend(words=["w"], delay=0)
+        server = editor.EditorServer(backend, sock_dir / "h.sock")
+        await server.start()
+        try:
+            c = await client(server)
+            await c.send_raw(msgpack.packb([0, 1, method, params]))
+            reply = await c.wait_response(1)
+            assert reply[2] is None or (isinstance(reply[2], str) and ": " in reply[2])
+            err, result = await c.request("generate", {"prompt": "p"})
+            assert err is None and result["text"] == "w"
+            await c.close()
+        finally:
+            await server.close()
+
+    asyncio.run(go())
