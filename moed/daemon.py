@@ -475,6 +475,7 @@ class Daemon:
     def on_events(self, events: list[dict]) -> None:
         now = time.monotonic()
         self.tok_window.append((now, len(events)))
+        self.trim_tok_window(now)  # here, not only in status(): a daemon nobody asks grew without bound
         for ev in events:
             req = self.requests.get(ev["seq"])
             if req is None:
@@ -557,10 +558,13 @@ class Daemon:
 
     # -- status, readiness, shutdown ------------------------------------------
 
-    def status(self) -> dict:
-        now = time.monotonic()
+    def trim_tok_window(self, now: float) -> None:
         while self.tok_window and now - self.tok_window[0][0] > TOK_RATE_WINDOW_S:
             self.tok_window.popleft()
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        self.trim_tok_window(now)
         tokens = sum(n for _, n in self.tok_window)
         span = (now - self.tok_window[0][0]) if len(self.tok_window) > 1 else 0.0
         front_rss = rss_of(os.getpid())
