@@ -306,3 +306,77 @@ def test_many_clients_flooding_do_not_stall_a_stream(live):
     assert out.finish_reason == "length" and len(out.token_ids) == 30
     status = assert_healthy(live)
     assert status["clients"] == 0
+
+
+# --------------------------------------------------------------------------
+# The editor door (msgpack-rpc on a Unix socket)
+
+rpc_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt": st.text(max_size=20) | values, "prefix": st.text(max_size=20) | values, "suffix": st.text(max_size=20) | values,
+        "messages": values, "token_ids": values | st.lists(st.integers(-3, 2**64 - 1), max_size=4),
+        "max_tokens": values | st.integers(-5, 8), "temperature": values, "stop": values, "stream": values,
+        "callback": values | st.text(max_size=12), "t_max_ms": values, "buffer": values, "context": values, "id": values,
+    },
+)
+rpc_messages = (
+    values
+    | st.tuples(st.just(0), st.integers(-(2**40), 2**40) | values, st.sampled_from(["generate", "infill", "cancel", "status", "nope"]) | values,
+                st.lists(rpc_params, max_size=2) | values).map(list)
+    | st.tuples(st.just(2), st.text(max_size=10) | values, values).map(list)
+)
+
+
+def is_request(msg) -> bool:
+    """A well-formed msgpack-rpc request: the door owes it a response."""
+    return (isinstance(msg, list) and len(msg) == 4 and msg[0] == 0 and type(msg[1]) is int and 0 <= msg[1] < 2**32
+            and isinstance(msg[2], str) and isinstance(msg[3], list))
+
+
+@LIVE
+@given(msg=rpc_messages)
+def test_editor_door_random_rpc(live, msg):
+    """Each message gets a response (a well-formed request), a ``moed_error``
+    notification, or silence (a response or notification sent to the server);
+    never a crash; a stream it cannot decode is closed."""
+    import socket as socketlib
+
+    import msgpack
+
+    if isinstance(msg, list) and len(msg) == 4 and msg[0] == 0 and isinstance(msg[3], list):
+        for p in msg[3]:
+            if isinstance(p, dict):  # accepted generations stay short
+                p["max_tokens"] = min(p["max_tokens"], 8) if isinstance(p.get("max_tokens"), int) else 4
+    try:
+        frame = msgpack.packb(msg, use_bin_type=True)
+    except (OverflowError, ValueError):
+        return
+    s = socketlib.socket(socketlib.AF_UNIX)
+    s.connect(str(live.runtime_dir / "editor.sock"))
+    s.settimeout(30 if is_request(msg) else 0.3)
+    unpacker, replies = msgpack.Unpacker(raw=False), []
+    try:
+        s.sendall(frame)
+        while not any(r[0] == 1 or r[1] == "moed_error" for r in replies):
+            data = s.recv(65536)
+            if not data:
+                break  # closed: only for a stream it cannot decode
+            unpacker.feed(data)
+            replies.extend(unpacker)
+    except socketlib.timeout:
+        assert not is_request(msg), f"no response to a request in 30 s: {msg!r}"
+    finally:
+        s.close()
+    for r in replies:
+        assert isinstance(r, list) and r[0] in (1, 2), r
+        error = r[2] if r[0] == 1 else (r[2][0] if r[1] == "moed_error" else None)
+        if error is not None:
+            assert isinstance(error, str) and error.split(":")[0] in vars(P.ErrorCode).values(), r
+    if is_request(msg):
+        assert any(r[0] == 1 and r[1] == msg[1] for r in replies), (msg, replies)
+
+
+def test_after_random_editor_input_the_daemon_is_clean(live):
+    status = assert_healthy(live)
+    assert status["clients"] == 0
