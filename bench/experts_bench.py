@@ -1,7 +1,7 @@
 """Lazy experts against stock mlx-lm: tok/s, memory, disk bytes per token and
 expert-load throughput against raw ``pread`` bandwidth, in one run.
 
-    python -m bench.experts_bench --out experts.json [--model DIR] [--synthetic-layers 16] [--tokens 32]
+    python -m bench.experts_bench --out experts.json [--model DIR] [--no-synthetic] [--repeats 3] [--tokens 32]
 
 Every configuration (stock, and lazy at each residency) runs in a fresh
 process so its memory is its own. Tokens of every lazy run are compared with
@@ -122,7 +122,7 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    ids = tok.encode(text)
+    ids = list(text) if not isinstance(text, str) else tok.encode(text)  # chat templates may return ids
     logits = model(mx.array(ids)[None], cache=cache)[:, -1, :]
     total = 0.0
     for t in continuation:
@@ -133,8 +133,10 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 
 
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
-                prefetch: bool = False, approximate: bool = False, reference: list | None = None) -> dict:
-    """Load (stock when ``capacity`` is None), greedy-decode each prompt, report."""
+                prefetch: bool = False, approximate: bool = False, reference: list | None = None,
+                profile: str | None = "auto") -> dict:
+    """Load (stock when ``capacity`` is None), greedy-decode each prompt, report.
+    Always a cold start: no warm-start state is read or written."""
     import mlx.core as mx
     import mlx_lm
 
@@ -145,7 +147,8 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         _evict_shards(Path(model_dir))
     rss0 = process_rss_bytes()
     t0 = time.perf_counter()
-    model, tok, manager = load_model(model_dir, capacity=capacity, prefetch=prefetch, approximate=approximate)
+    model, tok, manager = load_model(model_dir, capacity=capacity, prefetch=prefetch, approximate=approximate,
+                                     profile=profile, warm_start=False)
     if manager is not None and uncached:
         manager.reader.uncached = True
     load_s = time.perf_counter() - t0
@@ -226,83 +229,162 @@ def raw_expert_preads(model_dir: Path, max_bytes: int = 256 << 20, seed: int = 0
             "expert_bytes": sum(x.nbytes for x in experts[0]), "preads_per_expert": len(experts[0])}
 
 
-def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: bool, residencies=RESIDENCIES,
-                prefetch_too: bool = False, approximate_too: bool = False, progress=print) -> dict:
+# name -> (share of experts resident, load_model options); "on-demand" is issue 5
+# alone (no prefetcher, no profile), "prefetch" adds the prefetcher and the profile.
+CONFIGS = {
+    "lazy-100": (1.0, {"prefetch": False, "profile": None}),
+    "on-demand-50": (0.5, {"prefetch": False, "profile": None}),
+    "prefetch-50": (0.5, {"prefetch": True, "profile": "auto"}),
+    "on-demand-25": (0.25, {"prefetch": False, "profile": None}),
+    "prefetch-25": (0.25, {"prefetch": True, "profile": "auto"}),
+}
+APPROXIMATE = {
+    "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
+    "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),
+}
+
+
+def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
+    s = r["stats"]
+    pf = s.get("prefetch") or {}
+    load_gb_s = s["bytes_read"] / s["load_time_s"] / 1e9 if s["load_time_s"] else None
+    return {
+        "capacity": r["capacity"],
+        "decode_tps": r["decode_tps"],
+        "speed_vs_stock": r["decode_tps"] / stock["decode_tps"],
+        "exact": [x["tokens"] for x in r["runs"]] == ref,
+        "token_agreement": sum(a == b for x, rt in zip(r["runs"], ref) for a, b in zip(x["tokens"], rt))
+        / max(sum(len(rt) for rt in ref), 1),
+        "hit_rate": s["hit_rate"],
+        "readbacks_per_token": s["readbacks_per_token"],
+        "redos": s["redos"],
+        "mode_steps": s["mode_steps"],
+        "disk_bytes_per_token": s["disk_bytes_per_token"],
+        "expert_wait_share": s["expert_wait_share"],
+        "recall": pf.get("recall"),
+        "precision": pf.get("precision"),
+        "predictors": {k: v["recall"] for k, v in pf.get("predictors", {}).items()},
+        "load_gb_s": load_gb_s,
+        "load_vs_raw_pread": load_gb_s / raw_gb_s if load_gb_s and raw_gb_s else None,
+        "rss_bytes": r["rss_end"],
+        "rss_vs_stock": r["rss_end"] / stock["rss_end"],
+        "expert_bytes": s["memory"]["expert_bytes"],
+        "seeded": s.get("seeded"),
+    }
+
+
+def _ratio(configs: dict, a: str, b: str):
+    x, y = configs.get(a, {}), configs.get(b, {})
+    return x["decode_tps"] / y["decode_tps"] if "decode_tps" in x and "decode_tps" in y else None
+
+
+def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: bool, repeats: int = 1,
+                configs: dict = CONFIGS, approximate_too: bool = False, progress=print) -> dict:
+    """Stock and every config, ``repeats`` interleaved rounds; per config the
+    fastest round is kept (the least disturbed by other load on the machine),
+    and every round must be exact."""
     import mlx_lm
 
-    model, _ = mlx_lm.load(str(model_dir), lazy=True)
     from moed.experts.lazy import find_moe_sites
 
+    model, _ = mlx_lm.load(str(model_dir), lazy=True)
     num_experts = find_moe_sites(model)[0].num_experts
     del model
-    progress(f"{model_dir.name}: stock mlx-lm")
-    stock = _subprocess(model_dir, None, tokens, prompts, uncached)
-    out = {"model": str(model_dir), "num_experts": num_experts, "stock": stock, "lazy": []}
-    if "error" in stock:
-        return out
-    if approximate_too:  # the exact model's own NLL of its greedy tokens: the yardstick for approximate runs
-        stock_nll = _subprocess(model_dir, max(1, num_experts), tokens, prompts, uncached,
-                                reference=[r["tokens"] for r in stock["runs"]])
-        out["exact_nll_of_reference"] = [r.get("nll_of_reference") for r in stock_nll.get("runs", [])]
-    ref = [r["tokens"] for r in stock["runs"]]
-    variants = [(share, False, False) for share in residencies]
-    if prefetch_too:
-        variants += [(share, True, False) for share in residencies if share < 1.0]
-    if approximate_too:
-        variants += [(share, False, True) for share in residencies if share < 1.0]
-    for share, prefetch, approximate in variants:
-        cap = max(1, round(num_experts * share))
-        label = " + prefetch" if prefetch else " approximate" if approximate else ""
-        progress(f"{model_dir.name}: lazy at {share:.0%} ({cap} experts/layer){label}")
-        extra = {"approximate": True, "reference": ref} if approximate else {}
-        r = _subprocess(model_dir, cap, tokens, prompts, uncached, prefetch=prefetch, **extra)
-        r["residency"] = share
-        r["prefetch"] = prefetch
-        r["approximate"] = approximate
-        if "error" not in r:
-            r["exact"] = [x["tokens"] for x in r["runs"]] == ref
-            r["token_agreement"] = sum(a == b for x, rt in zip(r["runs"], ref) for a, b in zip(x["tokens"], rt)) / sum(len(rt) for rt in ref)
-            r["speed_vs_stock"] = r["decode_tps"] / stock["decode_tps"]
-            s = r["stats"]
-            r["disk_bytes_per_token"] = s["disk_bytes_per_token"]
-            r["readbacks_per_token"] = s["readbacks_per_token"]
-            r["load_gb_s"] = s["bytes_read"] / s["load_time_s"] / 1e9 if s["load_time_s"] else None
-            mem = s["memory"]
-            r["rss_vs_stock"] = r["rss_end"] / stock["rss_end"]
-            r["expert_bytes"] = mem["expert_bytes"]
-            for run in r["runs"]:
-                del run["tokens"]
-        out["lazy"].append(r)
-    for run in stock["runs"]:
-        del run["tokens"]
     progress(f"{model_dir.name}: raw expert preads")
-    out["raw_pread"] = raw_expert_preads(model_dir)
-    for r in out["lazy"]:
-        if r.get("load_gb_s"):
-            r["load_vs_raw_pread"] = r["load_gb_s"] / out["raw_pread"]["gb_s"]
+    raw = raw_expert_preads(model_dir)
+    out = {"model": str(model_dir), "num_experts": num_experts, "repeats": repeats, "raw_pread": raw, "configs": {}}
+    todo = dict(configs)
+    if approximate_too:
+        todo.update(APPROXIMATE)
+    rounds: dict[str, list] = {"stock": []}
+    ref = None
+    for i in range(repeats):
+        progress(f"{model_dir.name}: stock mlx-lm (round {i + 1}/{repeats})")
+        rounds["stock"].append(_subprocess(model_dir, None, tokens, prompts, uncached))
+        if "error" in rounds["stock"][-1]:
+            out["stock"] = rounds["stock"][-1]
+            return out
+        ref = ref or [x["tokens"] for x in rounds["stock"][0]["runs"]]
+        for name, (share, opts) in todo.items():
+            cap = max(1, round(num_experts * share))
+            progress(f"{model_dir.name}: {name} ({cap} experts/layer, round {i + 1}/{repeats})")
+            extra = {"reference": ref} if opts.get("approximate") else {}
+            rounds.setdefault(name, []).append(_subprocess(model_dir, cap, tokens, prompts, uncached, **opts, **extra))
+    stock = max(rounds["stock"], key=lambda r: r["decode_tps"])
+    out["stock"] = {"decode_tps": stock["decode_tps"], "all_decode_tps": [r["decode_tps"] for r in rounds["stock"]],
+                    "rss_bytes": stock["rss_end"], "load_s": stock["load_s"],
+                    "deterministic": all([x["tokens"] for x in r["runs"]] == ref for r in rounds["stock"])}
+    for name in todo:
+        runs = rounds[name]
+        errors = [r["error"] for r in runs if "error" in r]
+        if errors:
+            out["configs"][name] = {"error": errors[0]}
+            continue
+        best = max(runs, key=lambda r: r["decode_tps"])
+        summary = _summary(best, ref, stock, raw.get("gb_s"))
+        summary["residency"] = todo[name][0]
+        summary["all_decode_tps"] = [r["decode_tps"] for r in runs]
+        summary["exact_every_round"] = all([x["tokens"] for x in r["runs"]] == ref for r in runs)
+        if todo[name][1].get("approximate"):
+            summary["nll_of_exact_tokens"] = [x.get("nll_of_reference") for x in best["runs"]]
+        out["configs"][name] = summary
+    if approximate_too:  # the exact model's NLL of its own greedy tokens: the yardstick
+        exact = _subprocess(model_dir, num_experts, tokens, prompts, uncached, profile=None, reference=ref)
+        out["exact_nll_of_exact_tokens"] = [x.get("nll_of_reference") for x in exact.get("runs", [])]
+    c = out["configs"]
+    out["targets"] = {
+        "lazy_100_vs_stock": c.get("lazy-100", {}).get("speed_vs_stock"),
+        "exact_everywhere": all(v.get("exact_every_round") for k, v in c.items() if not k.startswith("approximate")),
+        "prefetch_50_vs_all_resident": _ratio(c, "prefetch-50", "lazy-100"),
+        "prefetch_50_vs_on_demand_50": _ratio(c, "prefetch-50", "on-demand-50"),
+        "prefetch_25_vs_all_resident": _ratio(c, "prefetch-25", "lazy-100"),
+        "prefetch_25_vs_on_demand_25": _ratio(c, "prefetch-25", "on-demand-25"),
+        "prefetch_50_recall": c.get("prefetch-50", {}).get("recall"),
+        "prefetch_50_gate1_recall": (c.get("prefetch-50", {}).get("predictors") or {}).get("gate+1"),
+        "prefetch_50_expert_wait_share": c.get("prefetch-50", {}).get("expert_wait_share"),
+        "load_vs_raw_pread_best": max((v.get("load_vs_raw_pread") or 0) for v in c.values()) or None,
+    }
     return out
 
 
-def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 24, uncached: bool = True,
-        synthetic_layers: int = 16, prefetch_too: bool = True, approximate_too: bool = True, progress=print) -> dict:
-    """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this)."""
+def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
+        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, progress=print) -> dict:
+    """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
+
+    The embedded (or given) model: every config, ``repeats`` rounds, plus the
+    approximate mode's quality. The synthetic checkpoint (real-model shapes,
+    about 1 GB): every config once, page cache dropped, for the disk figures."""
+    import platform as _platform
+
     from moed.models import embedded_model_path
 
-    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens": tokens,
-              "prompts": PROMPTS, "page_cache_dropped": uncached, "models": []}
-    targets = []
+    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens": tokens, "prompts": PROMPTS,
+              "page_cache_dropped": uncached,
+              "machine": {"system": _platform.system(), "machine": _platform.machine(), "cpus": os.cpu_count(),
+                          "load_avg_start": os.getloadavg()},
+              "models": []}
     model = Path(model) if model else embedded_model_path()
-    if (model / "config.json").is_file():
-        targets.append(model)
-    else:
-        result["skipped"] = f"{model}: no model there"
-    if synthetic:
-        root = Path(os.environ.get("MOED_BENCH_DIR", tempfile.gettempdir())) / f"moed-synth-qwen3moe-{synthetic_layers}l"
-        targets.append(synthetic_checkpoint(root, layers=synthetic_layers, progress=progress))
-    for target in targets:
-        result["models"].append(bench_model(target, tokens=tokens, prompts=PROMPTS, uncached=uncached,
-                                            prefetch_too=prefetch_too, approximate_too=approximate_too,
-                                            progress=progress))
+    old_state = os.environ.get("MOED_STATE_DIR")
+    with tempfile.TemporaryDirectory(prefix="moed-bench-state-") as state:
+        os.environ["MOED_STATE_DIR"] = state  # subprocesses inherit it: nothing read from or left in the user's dirs
+        try:
+            if (model / "config.json").is_file():
+                result["models"].append(bench_model(model, tokens=tokens, prompts=PROMPTS, uncached=uncached,
+                                                    repeats=repeats, approximate_too=True, progress=progress))
+            else:
+                result["skipped"] = f"{model}: no model there"
+            if synthetic:
+                root = Path(os.environ.get("MOED_BENCH_DIR", tempfile.gettempdir())) / f"moed-synth-qwen3moe-{synthetic_layers}l"
+                target = synthetic_checkpoint(root, layers=synthetic_layers, progress=progress)
+                result["models"].append(bench_model(target, tokens=tokens, prompts=PROMPTS[:2], uncached=uncached,
+                                                    repeats=synthetic_repeats, progress=progress))
+        finally:
+            if old_state is None:
+                os.environ.pop("MOED_STATE_DIR", None)
+            else:
+                os.environ["MOED_STATE_DIR"] = old_state
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return result
 
 
@@ -312,10 +394,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="model directory (default: the embedded model)")
     ap.add_argument("--no-synthetic", action="store_true", help="skip the larger synthetic checkpoint")
     ap.add_argument("--synthetic-layers", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds on the embedded model (best kept)")
     ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
-    ap.add_argument("--no-prefetch", action="store_true", help="skip the runs with the prefetcher")
-    ap.add_argument("--no-approximate", action="store_true", help="skip the approximate-mode quality runs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -323,8 +404,7 @@ def main(argv=None) -> int:
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
-                 synthetic_layers=args.synthetic_layers, prefetch_too=not args.no_prefetch,
-                 approximate_too=not args.no_approximate, progress=log)
+                 synthetic_layers=args.synthetic_layers, repeats=args.repeats, progress=log)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text)
