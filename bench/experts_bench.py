@@ -270,6 +270,7 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "rss_vs_stock": r["rss_end"] / stock["rss_end"],
         "expert_bytes": s["memory"]["expert_bytes"],
         "seeded": s.get("seeded"),
+        "per_prompt_decode_tps": [x["decode_tps"] for x in r["runs"]],
     }
 
 
@@ -343,6 +344,12 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         "prefetch_50_gate1_recall": (c.get("prefetch-50", {}).get("predictors") or {}).get("gate+1"),
         "prefetch_50_expert_wait_share": c.get("prefetch-50", {}).get("expert_wait_share"),
         "load_vs_raw_pread_best": max((v.get("load_vs_raw_pread") or 0) for v in c.values()) or None,
+        "prefetch_never_slower_per_prompt": {
+            share: all(a >= b for a, b in zip(c[f"prefetch-{share}"]["per_prompt_decode_tps"],
+                                              c[f"on-demand-{share}"]["per_prompt_decode_tps"]))
+            for share in (50, 25) if "per_prompt_decode_tps" in c.get(f"prefetch-{share}", {})
+            and "per_prompt_decode_tps" in c.get(f"on-demand-{share}", {})
+        },
     }
     return out
 

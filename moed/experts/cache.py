@@ -15,7 +15,6 @@ resident after every byte of the expert arrived; a failed read leaves it free.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -76,7 +75,7 @@ class FrequencyRecency:
 
     def touch(self, experts) -> None:
         self.clock += 1
-        experts = np.asarray(experts)
+        experts = np.asarray(experts, dtype=np.int64)
         self.score[experts] = self.scores()[experts] + 1.0
         self.stamp[experts] = self.clock
 
@@ -144,13 +143,13 @@ class LayerCache:
         return np.flatnonzero(self.slot_of >= 0)
 
     def missing(self, experts) -> np.ndarray:
-        experts = np.asarray(experts)
+        experts = np.asarray(experts, dtype=np.int64)
         return experts[self.slot_of[experts] < 0]
 
     # -- accounting --------------------------------------------------------
     def record(self, experts, count_stats: bool = True) -> None:
         """Note one forward's use of ``experts`` (distinct ids) for stats and eviction."""
-        experts = np.asarray(experts)
+        experts = np.asarray(experts, dtype=np.int64)
         if count_stats:
             miss = int((self.slot_of[experts] < 0).sum())
             self.misses += miss
@@ -191,14 +190,13 @@ class LayerCache:
 
     def fill(self, slot: int, expert: int) -> int:
         """Read ``expert`` into reserved ``slot`` (any thread). Returns bytes read."""
-        t0 = time.perf_counter()
-        n = 0
+        n, seconds = 0, 0.0
         for p in self.parts:
-            self.reader.read_into(p.extents[expert], self._views[p.name][slot])
+            seconds += self.reader.read_into(p.extents[expert], self._views[p.name][slot])
             n += p.nbytes
         with self.lock:
             self.bytes_read += n
-            self.load_time += time.perf_counter() - t0
+            self.load_time += seconds
             self.loads += 1
         return n
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,13 +217,15 @@ class Reader:
                 self._fds[path] = fd
             return fd
 
-    def read_into(self, extent: Extent, buf) -> None:
-        """Fill ``buf`` (a writable buffer of ``extent.nbytes``) from disk."""
+    def read_into(self, extent: Extent, buf) -> float:
+        """Fill ``buf`` (a writable buffer of ``extent.nbytes``) from disk.
+        Returns the seconds spent reading."""
         view = memoryview(buf).cast("B")
         if view.nbytes != extent.nbytes:
             raise StoreError(f"{extent.file}: {extent.key!r}: buffer of {view.nbytes} bytes for {extent.nbytes}")
         fd = self._fd(extent.file)
         done = 0
+        t0 = time.perf_counter()
         while done < extent.nbytes:
             try:
                 n = os.preadv(fd, [view[done:]], extent.offset + done)
@@ -234,10 +237,12 @@ class Reader:
                     f"{extent.offset + extent.nbytes}, file ends at {os.fstat(fd).st_size}"
                 )
             done += n
+        elapsed = time.perf_counter() - t0
         if self.uncached:
             from moed.platform import evict_file_cache
 
             evict_file_cache(fd)
+        return elapsed
 
     def close(self) -> None:
         with self._lock:
