@@ -206,8 +206,7 @@ class Daemon:
         sock = self.router_socket()
         self.bind_ipc(sock)
         self.router = sock
-        self.router_sync = zmq.Socket.shadow(sock.underlying)  # sends that fail at once (EHOSTUNREACH, EAGAIN)
-        self.tcp_router = self.tcp_router_sync = None
+        self.tcp_router = None
         if self.args.tcp:
             self.bind_tcp(self.args.tcp)
 
@@ -261,7 +260,6 @@ class Daemon:
         sock.curve_secretkey = secret
         sock.bind(f"tcp://{host}:{port}")
         self.tcp_router = sock
-        self.tcp_router_sync = zmq.Socket.shadow(sock.underlying)
         log.info("also listening on tcp://%s:%s (CURVE; authorized keys in %s)", host, port, curve.authorized_dir())
 
     def send(self, client: bytes, msg: dict) -> bool:
@@ -270,17 +268,23 @@ class Daemon:
         if sink is not None:
             sink(msg)
             return True
-        try:
-            if isinstance(client, tuple):  # ("tcp", identity): the two ROUTERs' peer ids may collide
-                self.tcp_router_sync.send_multipart([client[1], P.pack(msg)], flags=zmq.NOBLOCK)
-            else:
-                self.router_sync.send_multipart([client, P.pack(msg)], flags=zmq.NOBLOCK)
+        if isinstance(client, tuple):  # ("tcp", identity): the two ROUTERs' peer ids may collide
+            router, frames = self.tcp_router, [client[1], P.pack(msg)]
+        else:
+            router, frames = self.router, [client, P.pack(msg)]
+        # With NOBLOCK, pyzmq's asyncio socket sends at once and returns a finished future
+        # (failed with EHOSTUNREACH or EAGAIN). Sending through pyzmq's own socket, not a
+        # sync shadow, matters: it re-arms the edge-triggered ZMQ_FD for waiting receivers.
+        sent = router.send_multipart(frames, flags=zmq.NOBLOCK)
+        error = sent.exception() if sent.done() else None
+        if error is None:
             return True
-        except zmq.ZMQError as e:
-            reason = "gone" if e.errno == errno.EHOSTUNREACH else f"not reading ({e.strerror})"
-            log.info("client %s is %s; dropping its requests", client_name(client), reason)
-            self.drop_client(client)
-            return False
+        if not isinstance(error, zmq.ZMQError):
+            raise error
+        reason = "gone" if error.errno == errno.EHOSTUNREACH else f"not reading ({error.strerror})"
+        log.info("client %s is %s; dropping its requests", client_name(client), reason)
+        self.drop_client(client)
+        return False
 
     # -- client messages ---------------------------------------------------
 

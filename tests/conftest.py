@@ -173,7 +173,7 @@ class DaemonProcess:
         """Poll status until the model is loaded; the status."""
         self.wait_socket(timeout)
         deadline = time.monotonic() + timeout
-        with self.client(timeout=5) as c:
+        with self.client(timeout=15) as c:
             while True:
                 status = c.status()
                 if status.get("engine_pid"):
@@ -185,7 +185,7 @@ class DaemonProcess:
                 time.sleep(0.05)
 
     def engine_pid(self) -> int:
-        with self.client(timeout=5) as c:
+        with self.client(timeout=15) as c:
             pid = c.status()["engine_pid"]
         self.engine_pids.add(pid)
         return pid

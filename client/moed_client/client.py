@@ -557,7 +557,15 @@ class AsyncClient(_Base):
         self._streams.pop(rid, None)
         if self._sock is not None:
             self._abandoned.add(rid)
+            data = P.pack({"type": P.CANCEL, "id": rid})
             try:
-                zmq.Socket.shadow(self._sock.underlying).send(P.pack({"type": P.CANCEL, "id": rid}), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+                # pyzmq's own socket (not a sync shadow) keeps its edge-triggered wakeups right;
+                # NOBLOCK returns a finished future at once, whose error nobody needs.
+                sent = self._sock.send(data, flags=zmq.NOBLOCK)
+                if sent.done():
+                    sent.exception()
+            except RuntimeError:  # no event loop (a stream collected after the loop ended): nobody is receiving
+                try:
+                    zmq.Socket.shadow(self._sock.underlying).send(data, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
