@@ -86,7 +86,8 @@ def test_plain_load_without_capacity(family_dir):
     assert manager is None
 
 
-def test_batched_generation_exact(family_dir):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_batched_generation_exact(family_dir, prefetch):
     """Two prompts decoded together by mlx-lm's BatchGenerator, at 25% capacity."""
     from mlx_lm.generate import BatchGenerator
 
@@ -106,7 +107,7 @@ def test_batched_generation_exact(family_dir):
         return [out[u] for u in uids]
 
     ref = run(*mlx_lm.load(str(path)))
-    model, tok, manager = load_model(path, capacity=4, prefetch=False)
+    model, tok, manager = load_model(path, capacity=4, prefetch=prefetch)
     try:
         assert run(model, tok) == ref
         assert manager.stats()["misses"] > 0

@@ -65,6 +65,8 @@ def find_moe_sites(model: nn.Module) -> list[MoESite]:
             continue
         parent_path, _, attr = path.rpartition(".")
         parent = modules[parent_path] if parent_path else model
+        if isinstance(parent, LazySwitch):  # already lazy
+            continue
         layer = layer_index(path)
         if layer is None:
             continue
@@ -457,7 +459,7 @@ def _hook_forward(model: nn.Module, manager: ExpertManager) -> None:
     def __call__(self, *args, **kwargs):
         return manager.forward(lambda: cls.__call__(self, *args, **kwargs), args, kwargs)
 
-    model.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    model.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_moed_lazy": True})
 
 
 def make_lazy(model: nn.Module, model_dir, capacity: int, *, approximate: bool = False, policy: str = "lfru",
@@ -468,6 +470,8 @@ def make_lazy(model: nn.Module, model_dir, capacity: int, *, approximate: bool =
     Call before the expert arrays are evaluated (``load(lazy=True)``): the
     original expert arrays are dropped unread.
     """
+    if getattr(model, "_moed_lazy", False):
+        raise ValueError("this model's experts are lazy already")
     sites = find_moe_sites(model)
     if not sites:
         raise NotMoEError(f"{model_dir}: no mixture-of-experts layers found (a dense model cannot use expert offloading)")
