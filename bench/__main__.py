@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform as pyplatform
@@ -228,6 +229,8 @@ def _get(d, *keys):
 
 
 def ratios(limits: dict, disk: dict, peers: dict, moed: dict) -> dict:
+    from bench.report import expert_runs
+
     out = {}
     stock = _get(peers, "stock", "decode_tok_s")
     daemon = moed.get("daemon", {})
@@ -256,8 +259,8 @@ def ratios(limits: dict, disk: dict, peers: dict, moed: dict) -> dict:
     random_best = disk.get("random_best_gb_s")
     sequential = _get(disk, "sequential", "gb_s")
     for m in _get(moed, "experts", "models") or []:
-        for r in m.get("lazy", []):
-            tag = f"{r.get('residency', 0):.0%}{'_prefetch' if r.get('prefetch') else ''}"
+        for r in expert_runs(m):
+            tag = f"{r.get('residency', 0):.0%}{'_prefetch' if r['prefetch'] else ''}"
             out[f"lazy_{tag}_vs_stock"] = _ratio(r.get("decode_tps"), _get(m, "stock", "decode_tps"),
                                                  f"in-process lazy experts at {tag} / stock, same run (experts_bench)", "tok/s")
             out[f"lazy_{tag}_load_vs_random_pread"] = _ratio(r.get("load_gb_s"), random_best,
@@ -276,7 +279,8 @@ def ratios(limits: dict, disk: dict, peers: dict, moed: dict) -> dict:
 
 # -- the run ---------------------------------------------------------------------
 
-def bench_model(path: Path, label: str, args, limits_common: dict) -> dict:
+def bench_model(path: Path, label: str, args, limits_common: dict, save=lambda r: None) -> dict:
+    """Every section for one model; ``save(partial result)`` after each, so a run cut short keeps what it measured."""
     from bench import limits, peers
 
     info = model_info(path)
@@ -291,6 +295,8 @@ def bench_model(path: Path, label: str, args, limits_common: dict) -> dict:
     if "synth" in info and "routing" not in skip:
         result["routing"] = guarded("routing statistics", synth_routing, path, max_bytes=min(args.memory_limit or 8e9, 8e9))
 
+    result.update(disk={}, peers={}, moed={}, ratios={})
+    save(result)
     result["disk"] = {"not_measured": "skipped"} if "limits" in skip else guarded(
         "disk limits", limits.disk, path, max_bytes=(16 << 20) if args.smoke else args.disk_bytes)
 
@@ -306,8 +312,9 @@ def bench_model(path: Path, label: str, args, limits_common: dict) -> dict:
         p["server"] = guarded("mlx_lm server", peers.server, path, tokens=tokens, repeats=repeats,
                               concurrency=conc, progress=log)
     result["peers"] = p
+    save(result)
 
-    m = {}
+    m = result["moed"]
     db, eb = optional("bench.daemon_bench"), optional("bench.experts_bench")
     if "daemon" in skip:
         m["daemon"] = {"not_measured": "skipped"}
@@ -319,24 +326,35 @@ def bench_model(path: Path, label: str, args, limits_common: dict) -> dict:
         log("moed: daemon, all resident (bench.daemon_bench)")
         m["daemon"] = guarded("bench.daemon_bench", db.run, path, tokens=tokens, repeats=repeats, concurrency=conc,
                               progress=log)
+    save(result)
     experts = info["experts_per_layer"]
     if "residency" in skip:
         m["daemon_residency"] = {"not_measured": "skipped"}
     else:
         m["daemon_residency"] = guarded("daemon residency sweep", daemon_residency, path, experts, tokens=tokens,
                                         repeats=repeats, concurrency=conc, residencies=args.residency)
+    save(result)
     if "experts" in skip:
         m["experts"] = {"not_measured": "skipped"}
     elif eb is None:
         m["experts"] = {"not_measured": "bench.experts_bench missing"}
     else:
         log("moed: lazy experts in process (bench.experts_bench)")
-        m["experts"] = guarded("bench.experts_bench", lambda: {"models": [eb.bench_model(
-            path, tokens=tokens, prompts=prompt_list, uncached=True, residencies=args.residency,
-            prefetch_too=True, progress=log)]})
-    result["moed"] = m
+        m["experts"] = guarded("bench.experts_bench", lambda: {"models": [experts_bench(eb, path, tokens, prompt_list, args)]})
     result["ratios"] = ratios(limits_common, result["disk"], p, m)
+    save(result)
     return result
+
+
+def experts_bench(eb, path: Path, tokens: int, prompts: list[str], args) -> dict:
+    """experts_bench.bench_model at the run's residencies, with whichever arguments its version takes."""
+    params = inspect.signature(eb.bench_model).parameters
+    kw = {"tokens": tokens, "prompts": prompts, "uncached": True, "progress": log}
+    if "configs" in params:
+        kw["configs"] = {k: v for k, v in eb.CONFIGS.items() if v[0] in args.residency}
+    else:
+        kw.update(residencies=args.residency, prefetch_too=True)
+    return eb.bench_model(path, **{k: v for k, v in kw.items() if k in params})
 
 
 def _prompt(i: int) -> str:
@@ -393,15 +411,19 @@ def main(argv=None) -> int:
     result["limits"] = common
     result.update(models={}, peers={}, moed={}, ratios={})
     result["limits"]["disk"] = {}
-    for path, label in models:
-        r = bench_model(path, label, args, common)
+
+    def save(r: dict) -> None:
         # Top-level sections keyed by model label (one object: machine, limits, peers, moed, ratios).
+        label = r["label"]
         result["models"][label] = {"info": r["model"], "routing": r.get("routing")}
         result["limits"]["disk"][label] = r["disk"]
         result["peers"][label] = r["peers"]
         result["moed"][label] = r["moed"]
         result["ratios"][label] = r["ratios"]
-        out.write_text(json.dumps(result, indent=1, default=str))  # a run cut short keeps the models done
+        out.write_text(json.dumps(result, indent=1, default=str))  # a run cut short keeps what it measured
+
+    for path, label in models:
+        bench_model(path, label, args, common, save)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.write_text(json.dumps(result, indent=1, default=str))
     table = report.markdown(result)

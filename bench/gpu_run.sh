@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
 # The bench suite on an NVIDIA machine with MLX's CUDA backend (no package registry there).
 #
-#   bench/gpu_run.sh parts DIR        copy carried MLX parts/wheels from DIR into /root/mlxparts
-#   bench/gpu_run.sh setup            install MLX (CUDA) + wheels into /root/site, cap MLX memory, fill the JIT cache
+#   bench/gpu_run.sh parts DIR        copy carried MLX parts/wheels from DIR into /root/moed-bench/parts
+#   bench/gpu_run.sh setup            install MLX (CUDA) + wheels into /root/moed-bench/site, cap MLX memory, fill the JIT cache
 #   bench/gpu_run.sh synth SIZE       generate qwen3-next-shaped checkpoints (uniform, and skewed sharing its experts)
-#   bench/gpu_run.sh start ARGS...    python -m bench ARGS in the background (its own session), log in /root/bench.log
-#   bench/gpu_run.sh wait SECONDS     wait for it (at most SECONDS), copy JSON/markdown/log to $OUT
+#   bench/gpu_run.sh bench NAME ARGS  python -m bench ARGS --out $OUT/NAME.json, in the foreground (nothing of
+#                                     ours runs between calls, when the GPU may be someone else's)
 #
 # Every Python process (the daemon's engine, mlx_lm server, bench subprocesses) caps MLX's memory at
 # MOED_MLX_MEMORY_LIMIT bytes through sitecustomize.py: MLX's CUDA backend uses managed memory, and
-# asking for more than the card has free can hang the GPU. Default: 32% of the card per process, so
-# two processes holding a model at once (daemon_bench) stay under 70%.
+# asking for more than the card has free can hang the GPU. Default: the smaller of 32% of the card and
+# half of what is free under 70% of it, so two processes holding a model at once (daemon_bench) fit.
 set -euo pipefail
-SITE=/root/site
-PARTS=/root/mlxparts
-SYNTH=/root/synth
-RESULTS=/root/results
+ROOT=/root/moed-bench
+SITE=$ROOT/site
+PARTS=$ROOT/parts
+SYNTH=$ROOT/synth
 export PYTHONPATH="$SITE:$PWD:$PWD/client"
 export PYTHONUNBUFFERED=1
 export MOED_BENCH_DIR=$SYNTH
-card_bytes() { nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print $1 * 1048576}'; }
-export MOED_MLX_MEMORY_LIMIT=${MOED_MLX_MEMORY_LIMIT:-$(card_bytes | awk '{printf "%d", $1 * 0.32}')}
+default_limit() {
+    nvidia-smi --query-gpu=memory.total,memory.used --format=csv,noheader,nounits | head -1 |
+        awk -F', ' '{t = $1 * 1048576; u = $2 * 1048576; a = 0.32 * t; b = (0.7 * t - u) / 2; printf "%d", (a < b ? a : b)}'
+}
+export MOED_MLX_MEMORY_LIMIT=${MOED_MLX_MEMORY_LIMIT:-$(default_limit)}
+echo "MOED_MLX_MEMORY_LIMIT=$MOED_MLX_MEMORY_LIMIT"
 
 case "${1:-}" in
 parts)
     mkdir -p "$PARTS" && cp "$2"/* "$PARTS"/ && ls -la "$PARTS"
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
-    nproc; free -g; df -h /root /tmp
+    nproc; free -g; df -h /root /tmp; du -sh /root/* 2>/dev/null || true
+    # Disk holding the checkpoints: direct-I/O write and read of 2 GB.
+    mkdir -p "$SYNTH" && dd if=/dev/zero of="$SYNTH/dd.tmp" bs=8M count=256 oflag=direct 2>&1 | tail -1
+    dd if="$SYNTH/dd.tmp" of=/dev/null bs=8M iflag=direct 2>&1 | tail -1; rm -f "$SYNTH/dd.tmp"
     ;;
 setup)
     (cd "$PARTS" && sha256sum -c --ignore-missing SHA256SUMS) || true
@@ -77,27 +84,21 @@ m, t, man = load_model('$SYNTH/warm', capacity=128); print(repr(mlx_lm.generate(
     ;;
 synth)
     size=${2:-32GB}
+    need=$(python3 -c "from bench.synth import parse_size; print(int(parse_size('$size') * 1.2))")
+    avail=$(df --output=avail -B1 "$SYNTH" | tail -1)
+    [ "$avail" -gt "$need" ] || { echo "not enough disk for $size: $avail bytes free, $need needed"; exit 1; }
     python3 -m bench.synth --shape qwen3-next --size "$size" --routing uniform --no-measure --out "$SYNTH/synth-qwen3-next-$size-uniform-stacked" | tail -20
     python3 -m bench.synth --shape qwen3-next --size "$size" --routing skewed --no-measure \
         --variant-of "$SYNTH/synth-qwen3-next-$size-uniform-stacked" --out "$SYNTH/synth-qwen3-next-$size-skewed-stacked" | tail -3
     du -sh "$SYNTH"/*; df -h "$SYNTH"
     ;;
-start)
-    shift
-    mkdir -p "$RESULTS"
-    echo "MOED_MLX_MEMORY_LIMIT=$MOED_MLX_MEMORY_LIMIT" > /root/bench.log
-    setsid bash -c "$*" >>/root/bench.log 2>&1 < /dev/null &
-    sleep 5; tail -5 /root/bench.log
-    ;;
-wait)
-    deadline=$(( $(date +%s) + ${2:-500} ))
-    while pgrep -f "python3 -m bench " >/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
-    pgrep -f "python3 -m bench " >/dev/null && echo "STILL RUNNING" || echo "DONE"
+bench)
+    name=$2; shift 2
+    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
     mkdir -p "$OUT"
-    cp /root/bench.log "$OUT"/ || true
-    cp "$RESULTS"/* "$OUT"/ 2>/dev/null || true
-    tail -40 /root/bench.log
+    set -o pipefail
+    python3 -m bench --memory-limit "$MOED_MLX_MEMORY_LIMIT" --out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^|" | tail -60
     ;;
 *)
-    sed -n 2,13p "$0"; exit 2 ;;
+    sed -n 2,15p "$0"; exit 2 ;;
 esac

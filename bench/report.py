@@ -19,6 +19,19 @@ def _get(d, *keys):
     return d
 
 
+def expert_runs(m: dict) -> list[dict]:
+    """experts_bench's lazy configurations of one model as a flat list, whichever of its layouts it wrote."""
+    runs = []
+    for name, r in (m.get("configs") or {}).items():
+        runs.append(dict(r, name=name, prefetch=r.get("prefetch", "prefetch" in name)))
+    for r in m.get("lazy") or []:
+        runs.append(dict(r, name=f"{r.get('residency', 0):.0%}{' prefetch' if r.get('prefetch') else ''}"))
+    for r in runs:
+        r.setdefault("hit_rate", _get(r, "stats", "hit_rate"))
+        r.setdefault("exact", r.get("exact_every_round"))
+    return runs
+
+
 def rows(result: dict, label: str) -> list[dict]:
     """One row per configuration of one model: 1-client tok/s, TTFT, aggregate tok/s by clients."""
     peers, moed = result["peers"].get(label, {}), result["moed"].get(label, {})
@@ -45,10 +58,13 @@ def rows(result: dict, label: str) -> list[dict]:
     if "not_measured" in (moed.get("daemon_residency") or {}):
         out.append({"name": "moed daemon, lazy experts", "note": moed["daemon_residency"]["not_measured"]})
     for m in _get(moed, "experts", "models") or []:
-        for r in m.get("lazy", []):
-            out.append({"name": f"moed in process, {r.get('residency', 0):.0%} resident{', prefetch' if r.get('prefetch') else ''}",
+        stock = m.get("stock") or {}
+        out.append({"name": "mlx-lm in process (experts_bench's stock, page cache dropped)", "tok_s": stock.get("decode_tps"),
+                    "note": (stock.get("error") or "")[:80]})
+        for r in expert_runs(m):
+            out.append({"name": f"moed in process, {r.get('residency', 0):.0%} resident{', prefetch' if r['prefetch'] else ''}",
                         "tok_s": r.get("decode_tps"), "disk_per_token": r.get("disk_bytes_per_token"),
-                        "hit_rate": _get(r, "stats", "hit_rate"), "load_gb_s": r.get("load_gb_s"),
+                        "hit_rate": r.get("hit_rate"), "load_gb_s": r.get("load_gb_s"),
                         "exact": r.get("exact"), "note": (r.get("error") or "")[:80]})
     if "not_measured" in (moed.get("experts") or {}):
         out.append({"name": "moed in process, lazy experts", "note": moed["experts"]["not_measured"]})
@@ -145,3 +161,17 @@ def plots(result: dict, stem: Path) -> list[Path]:
             plt.close(fig)
             written.append(path)
     return written
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bench.report RESULT.json  (rewrites RESULT.md and the plots next to it)")
+    path = Path(sys.argv[1])
+    data = json.loads(path.read_text())
+    text = markdown(data)
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    plots(data, path.with_suffix(""))
