@@ -1,4 +1,8 @@
-"""moectl against real daemons: start, status, run, stop (graceful, --now, frozen daemon), start failures."""
+"""moectl against real daemons: start, status, run, stop (graceful, --now, frozen daemon), start failures.
+
+These run on the tiny random model (conftest): lifecycle does not depend on what the model says,
+and it loads and decodes fastest.
+"""
 
 from __future__ import annotations
 
@@ -56,15 +60,15 @@ def status_json(capsys) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_start_status_run_stop(env, started, test_model, capsys, monkeypatch):  # noqa: F811
-    out = start(test_model, capsys)
+def test_start_status_run_stop(env, started, tiny_model, capsys, monkeypatch):  # noqa: F811
+    out = start(tiny_model, capsys)
     assert out.startswith("moed is ready in ")
     code, status = status_json(capsys)
     started.add(status["pid"])
     assert code == 0 and status["running"] is True and status["state"] == "ready"
     assert STATUS_KEYS <= set(status), STATUS_KEYS - set(status)
     assert status["pid"] == int((env / "moed.pid").read_text())
-    assert status["model"]["path"] == str(test_model)
+    assert status["model"]["path"] == str(tiny_model)
     assert status["memory"]["rss_bytes"] > 0
 
     assert cli.main(["start"]) == 0
@@ -130,12 +134,12 @@ def stream_in_background(socket, **request):
 
 
 @pytest.mark.slow
-def test_graceful_stop_lets_requests_finish_and_now_cancels_them(env, started, test_model, capsys):  # noqa: F811
-    start(test_model, capsys)
+def test_graceful_stop_lets_requests_finish_and_now_cancels_them(env, started, tiny_model, capsys):  # noqa: F811
+    start(tiny_model, capsys)
     with Client(env / "moed.sock") as c:
-        # An answer that takes ~3 s on this machine, so it is surely in flight when stop arrives.
-        rate = c.complete("def f(x):", max_tokens=100, temperature=0.0).timings["decode_tok_s"]
-        n = int(min(max(3 * rate, 100), 20000))
+        # An answer that takes ~2 s on this machine, so it is surely in flight when stop arrives.
+        rate = c.complete("def f(x):", max_tokens=30, temperature=0.0).timings["decode_tok_s"]
+        n = int(min(max(2 * rate, 40), 20000))
         reference = c.complete("def f(x):", max_tokens=n, temperature=0.0)
     assert len(reference.token_ids) > n // 2, "the model stops too early for this test"
     result, thread = stream_in_background(env / "moed.sock", max_tokens=n)
@@ -144,7 +148,7 @@ def test_graceful_stop_lets_requests_finish_and_now_cancels_them(env, started, t
     assert "letting finish 1 in-flight request(s)" in capsys.readouterr().err
     assert result.get("text") == reference.text and result["finish_reason"] == reference.finish_reason, result
 
-    start(test_model, capsys)
+    start(tiny_model, capsys)
     result, thread = stream_in_background(env / "moed.sock", max_tokens=20000)
     assert cli.main(["stop", "--now"]) == 0
     thread.join(60)
@@ -155,8 +159,8 @@ def test_graceful_stop_lets_requests_finish_and_now_cancels_them(env, started, t
 
 
 @pytest.mark.slow
-def test_stop_kills_a_frozen_daemon_and_cleans_up(env, started, test_model, capsys, monkeypatch):  # noqa: F811
-    start(test_model, capsys)
+def test_stop_kills_a_frozen_daemon_and_cleans_up(env, started, tiny_model, capsys, monkeypatch):  # noqa: F811
+    start(tiny_model, capsys)
     code, status = status_json(capsys)
     pid, engine = status["pid"], status["engine_pid"]
     started.add(pid)
@@ -193,8 +197,8 @@ def test_dense_model_is_refused_by_moectl_and_by_the_daemon(env, started, capsys
     assert sorted(p.name for p in env.iterdir()) == []
 
 
-def test_start_waits_for_a_daemon_that_is_already_loading(env, daemon, capsys, monkeypatch):  # noqa: F811
-    d = daemon(None, ready=False)
+def test_start_waits_for_a_daemon_that_is_already_loading(env, daemon, tiny_model, capsys, monkeypatch):  # noqa: F811
+    d = daemon(tiny_model, ready=False)
     monkeypatch.setenv("MOED_RUNTIME_DIR", str(d.runtime_dir))
     monkeypatch.setenv("MOED_LOG_DIR", str(d.log_dir))
     deadline = time.monotonic() + 30
@@ -211,26 +215,26 @@ def test_start_waits_for_a_daemon_that_is_already_loading(env, daemon, capsys, m
 
 
 @pytest.mark.slow
-def test_profile_writes_a_profile_for_the_model(env, test_model, capsys, tmp_path):  # noqa: F811
+def test_profile_writes_a_profile_for_the_model(env, tiny_model, capsys, tmp_path):  # noqa: F811
     from moed.models import expert_count, read_config
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n\nclass Stack:\n")
     out = tmp_path / "profile.json"
-    assert cli.main(["profile", "--model", str(test_model), "--prompts", str(prompts), "--out", str(out)]) == 0
+    assert cli.main(["profile", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out)
     assert "[profile] prompt 2/2" in captured.err
     profile = json.loads(out.read_text())
-    config = read_config(test_model)
+    config = read_config(tiny_model)
     assert profile["kind"] == "moed-expert-profile" and profile["prompt_mix"] == ["def add(a, b):", "class Stack:"]
     assert 0 < len(profile["layers"]) <= config["num_hidden_layers"]  # MoE layers (some families keep dense ones)
     experts = expert_count(config)
     assert all(len(layer["counts"]) == experts and sum(layer["counts"]) > 0 for layer in profile["layers"])
 
 
-def test_profile_refuses_an_empty_prompt_file(env, capsys, tmp_path, test_model):  # noqa: F811
+def test_profile_refuses_an_empty_prompt_file(env, capsys, tmp_path, tiny_model):  # noqa: F811
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert cli.main(["profile", "--model", str(test_model), "--prompts", str(empty)]) == 2
+    assert cli.main(["profile", "--model", str(tiny_model), "--prompts", str(empty)]) == 2
     assert "holds no prompts" in capsys.readouterr().err
