@@ -33,7 +33,7 @@ POLL_S = 0.2  # how often start/stop look at the daemon (5 Hz)
 TERM_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
 KILL_GRACE_S = 5.0
 STATUS_TIMEOUT_S = 5.0
-# Settings fixed in a service definition; `moectl start` cannot change them for one run.
+# Daemon settings: a service-managed daemon takes them from its definition and config.toml, not from `moectl start`.
 DAEMON_SETTINGS = ("model", "memory_budget", "capacity", "approximate", "prefetch", "socket", "tcp", "http")
 
 
