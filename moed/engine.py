@@ -175,7 +175,7 @@ class Active:
 
 class Engine:
     def __init__(self, model, tokenizer, manager, args):
-        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.generate import BatchGenerator, StopSequences
         from mlx_lm.models.cache import LRUPromptCache
 
         self.model, self.tokenizer, self.manager = model, tokenizer, manager
@@ -187,6 +187,7 @@ class Engine:
             prefill_batch_size=min(args.max_batch, 8),
             prefill_step_size=args.prefill_step,
         )
+        self.no_stop = StopSequences()  # for ignore_eos: no stop tokens at all
         self.prompt_caches = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=args.prompt_cache_bytes)
         self.active: dict[int, Active] = {}  # uid -> request
         self.by_seq: dict[int, int] = {}  # seq -> uid
@@ -240,6 +241,7 @@ class Engine:
             caches=[cache] if cache is not None else None,
             all_tokens=[tokens[:cached]],
             samplers=[make_request_sampler(req)],
+            stop_sequences=[self.no_stop] if req.get("ignore_eos") else None,
         )
         self.active[uid] = Active(seq, uid, len(tokens), cached, self.tokenizer.detokenizer, StopText(req.get("stop") or []))
         self.by_seq[seq] = uid

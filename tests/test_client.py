@@ -56,7 +56,7 @@ def test_request_error_has_code(shared_daemon):
 
 def test_stream_timeout(shared_daemon):
     with shared_daemon.client() as c:
-        stream = c.generate("hello world", max_tokens=30000, timeout=1e-6)
+        stream = c.generate("hello world", max_tokens=30000, ignore_eos=True, timeout=1e-6)
         with pytest.raises(Timeout):
             for _ in stream:
                 pass
@@ -79,7 +79,7 @@ async def test_async_client_streams_and_cancels(shared_daemon):
         assert stream.finish_reason in ("length", "stop")
 
         # Leaving the loop early cancels on the daemon.
-        stream = await c.generate("hello world", max_tokens=30000)
+        stream = await c.generate("hello world", max_tokens=30000, ignore_eos=True)
         async with stream:
             async for i, _ in _enumerate(stream):
                 if i == 2:

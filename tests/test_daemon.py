@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from moed_client import Client, protocol as P
+from moed_client import Client, RequestError, protocol as P
 
 PROMPTS = ["hello world", "the quick brown fox", "def main():", "user assistant"]
 
@@ -159,7 +159,7 @@ def test_seeded_sampling_is_reproducible(shared_daemon):
 
 def test_leaving_the_loop_cancels(shared_daemon):
     with shared_daemon.client() as c:
-        for i, _ in enumerate(c.generate("hello world", max_tokens=5000)):
+        for i, _ in enumerate(c.generate("hello world", max_tokens=5000, ignore_eos=True)):
             if i == 2:
                 break
         deadline = time.monotonic() + 5
@@ -172,7 +172,7 @@ def test_leaving_the_loop_cancels(shared_daemon):
 
 def test_cancel_message_gives_cancelled_done(shared_daemon):
     with shared_daemon.client() as c:
-        stream = c.generate("hello world", max_tokens=5000)
+        stream = c.generate("hello world", max_tokens=5000, ignore_eos=True)
         next(stream)
         c._send({"type": P.CANCEL, "id": stream.id})
         rest = list(stream)
@@ -182,7 +182,7 @@ def test_cancel_message_gives_cancelled_done(shared_daemon):
 
 def test_status_and_ping_answered_while_decoding(shared_daemon):
     with shared_daemon.client() as c, shared_daemon.client() as probe:
-        stream = c.generate("hello world", max_tokens=5000)
+        stream = c.generate("hello world", max_tokens=5000, ignore_eos=True)
         next(stream)
         status = probe.status()
         assert status["requests"]["active"] == 1
@@ -203,3 +203,12 @@ def test_long_prompt_equals_mlx_lm(shared_daemon, reference):
     with shared_daemon.client() as c:
         out = c.complete(long_prompt, max_tokens=16)
     assert out.text == reference(long_prompt, 16)
+
+
+def test_ignore_eos_runs_to_max_tokens(shared_daemon):
+    with shared_daemon.client() as c:
+        out = c.complete("hello world", max_tokens=40, ignore_eos=True)
+        with pytest.raises(RequestError, match="ignore_eos"):
+            c.complete("hello", ignore_eos="yes")
+    assert out.finish_reason == "length"
+    assert out.usage["completion_tokens"] == 40 == len(out.token_ids)

@@ -33,7 +33,7 @@ def test_engine_killed_midstream_restarts(daemon):
     d = daemon()
     old_engine = d.engine_pid()
     with d.client() as c, d.client() as other:
-        streams = [c.generate("hello world", max_tokens=LONG), other.generate("the quick brown fox", max_tokens=LONG)]
+        streams = [c.generate("hello world", max_tokens=LONG, ignore_eos=True), other.generate("the quick brown fox", max_tokens=LONG, ignore_eos=True)]
         for s in streams:
             next(s)
         os.kill(old_engine, signal.SIGKILL)
@@ -109,7 +109,7 @@ def test_graceful_shutdown_finishes_inflight(daemon):
 def test_shutdown_now_cancels_inflight(daemon):
     d = daemon()
     with d.client() as c, d.client() as admin:
-        stream = c.generate("hello world", max_tokens=LONG)
+        stream = c.generate("hello world", max_tokens=LONG, ignore_eos=True)
         next(stream)
         admin.shutdown(now=True)
         list(stream)
@@ -143,7 +143,7 @@ def _alive(pid: int) -> bool:
 def test_busy_when_queue_full(daemon):
     d = daemon(None, "--max-batch", "1", "--max-queue", "1")
     with d.client() as c:
-        running = c.generate("hello world", max_tokens=LONG)
+        running = c.generate("hello world", max_tokens=LONG, ignore_eos=True)
         next(running)
         queued = c.generate("hello world", max_tokens=5)
         with pytest.raises(Busy):

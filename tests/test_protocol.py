@@ -136,7 +136,7 @@ def test_limits(raw):
 
 
 def test_duplicate_and_unknown_ids(raw):
-    raw.send_msg({"type": P.GENERATE, "id": "same", "prompt": "hello", "max_tokens": 30000})
+    raw.send_msg({"type": P.GENERATE, "id": "same", "prompt": "hello", "max_tokens": 30000, "ignore_eos": True})
     raw.send_msg({"type": P.GENERATE, "id": "same", "prompt": "hello", "max_tokens": 5})
     msg = raw.until(lambda m: m["type"] == P.ERROR)
     assert msg["code"] == P.ErrorCode.DUPLICATE_ID and msg["id"] == "same"
@@ -194,7 +194,7 @@ VANISHING_CLIENT = textwrap.dedent(
     import sys
     from moed_client import Client
     c = Client(sys.argv[1])
-    stream = c.generate("hello world", max_tokens=30000)
+    stream = c.generate("hello world", max_tokens=30000, ignore_eos=True)
     next(stream)
     print("streaming", flush=True)
     sys.stdin.read()
@@ -232,7 +232,7 @@ def test_front_memory_does_not_grow_under_junk(shared_daemon):
         for _ in range(n):
             r = Raw(shared_daemon.socket)
             r.send(b"\xc1")
-            r.send_msg({"type": P.GENERATE, "id": "x", "prompt": "hello", "max_tokens": 30000})
+            r.send_msg({"type": P.GENERATE, "id": "x", "prompt": "hello", "max_tokens": 30000, "ignore_eos": True})
             r.until(lambda m: m["type"] == P.CHUNK)
             r.close()  # vanish mid-stream
 

@@ -209,6 +209,7 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_tokens tokens even past EOS (benchmarks, tests)
 
 
 @dataclass
@@ -248,6 +249,15 @@ def _number(msg: dict, name: str, default, kind, lo=None, hi=None):
         raise _invalid(f"'{name}' must be >= {lo}, got {value}")
     if hi is not None and value > hi:
         raise _invalid(f"'{name}' must be <= {hi}, got {value}")
+    return value
+
+
+def _flag(msg: dict, name: str) -> bool:
+    value = msg.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _invalid(f"'{name}' must be true or false, got {type(value).__name__}")
     return value
 
 
@@ -303,6 +313,7 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
         min_p=_number(msg, "min_p", 0.0, float, 0.0, 1.0),
         seed=seed,
         stop=list(stop),
+        ignore_eos=_flag(msg, "ignore_eos"),
     )
     if sampling.max_tokens > max_tokens_limit:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")
