@@ -332,7 +332,8 @@ def bench_model(path: Path, label: str, args, limits_common: dict, save=lambda r
         m["daemon_residency"] = {"not_measured": "skipped"}
     else:
         m["daemon_residency"] = guarded("daemon residency sweep", daemon_residency, path, experts, tokens=tokens,
-                                        repeats=repeats, concurrency=conc, residencies=args.residency)
+                                        repeats=repeats, concurrency=conc, residencies=args.residency,
+                                        prefetch_modes=args.prefetch_modes)
     save(result)
     if "experts" in skip:
         m["experts"] = {"not_measured": "skipped"}
@@ -351,7 +352,8 @@ def experts_bench(eb, path: Path, tokens: int, prompts: list[str], args) -> dict
     params = inspect.signature(eb.bench_model).parameters
     kw = {"tokens": tokens, "prompts": prompts, "uncached": True, "progress": log}
     if "configs" in params:
-        kw["configs"] = {k: v for k, v in eb.CONFIGS.items() if v[0] in args.residency}
+        kw["configs"] = {k: v for k, v in eb.CONFIGS.items()
+                         if v[0] in args.residency and (v[0] >= 1.0 or bool(v[1].get("prefetch")) in args.prefetch_modes)}
     else:
         kw.update(residencies=args.residency, prefetch_too=True)
     return eb.bench_model(path, **{k: v for k, v in kw.items() if k in params})
@@ -380,9 +382,10 @@ def parse_args(argv):
     ap.add_argument("--skip", type=lambda t: set(t.split(",")), default=set(),
                     help="comma list of sections: limits,routing,peers,daemon,residency,experts")
     args = ap.parse_args(argv)
+    args.prefetch_modes = (False, True)
     if args.smoke:
         args.tokens, args.repeats = 8, 1
-        args.concurrency, args.residency = (1, 2), (0.5,)
+        args.concurrency, args.residency, args.prefetch_modes = (1, 2), (0.5,), (True,)
     return args
 
 
