@@ -70,6 +70,7 @@ class Prefetcher:
         self.caches: list[LayerCache] = manager.caches
         self.routers = [find_router(s.block, s.num_experts) for s in manager.sites]
         self.depth = depth
+        self.trace_every = 4
         self.load_ahead = load_ahead
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moed-prefetch")
         self.workers = workers
@@ -110,7 +111,11 @@ class Prefetcher:
         return out
 
     def trace(self, position: int, x, indices) -> None:
-        """In a speculative pass: the gate+1 guess for the next layer, for the stats only."""
+        """In a speculative pass: the gate+1 guess for the next layer, for the
+        stats only, so on a sample of forwards (every ``trace_every``-th) to keep
+        the extra router work off most tokens."""
+        if self.manager.forwards % self.trace_every:
+            return
         j = position + 1
         if j < len(self.caches) and self.routers[j] is not None:
             self._traces.append((j, self._route(j, x, indices.shape[-1])))
