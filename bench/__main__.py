@@ -186,7 +186,10 @@ def daemon_residency(model: Path, experts: int, *, tokens: int, repeats: int, co
                     for i in range(repeats):
                         single.append(db.through_daemon(c, db.prompt(offset + i), tokens))
                     offset += repeats
-                    entry["decode_tok_s"] = db.median(r["decode_tok_s"] for r in single)
+                    from bench.peers import MIN_RATE_TOKENS
+
+                    entry["completion_tokens"] = [len(r["tokens"]) for r in single]
+                    entry["decode_tok_s"] = db.median(r["decode_tok_s"] for r in single if len(r["tokens"]) >= MIN_RATE_TOKENS)
                     entry["ttft_s"] = db.median(r["ttft_s"] for r in single)
                     entry["concurrency"] = []
                     for n in concurrency:

@@ -26,6 +26,12 @@ from pathlib import Path
 from bench.daemon_bench import median, prompt, rate
 
 REPO = Path(__file__).resolve().parent.parent
+# Fewer tokens than this make (n - 1) / (last - first) measure chunking, not decoding: no rate then.
+MIN_RATE_TOKENS = 8
+
+
+def steady_rate(n: int, first, last) -> float | None:
+    return rate(n, first, last) if first and n >= MIN_RATE_TOKENS else None
 
 
 # -- stock mlx-lm, in process ------------------------------------------------
@@ -51,7 +57,7 @@ def stock_one(model_dir: str, prompts: list[str], tokens: int) -> dict:
             first = first or now
             last = now
             n += 1
-        runs.append({"tokens": n, "ttft_s": first - t, "decode_tok_s": rate(n, first, last)})
+        runs.append({"tokens": n, "ttft_s": first - t, "decode_tok_s": steady_rate(n, first, last)})
     return {
         "load_s": load_s,
         "ttft_s": median(r["ttft_s"] for r in runs),
@@ -136,7 +142,7 @@ class MlxServer:
         conn.close()
         n = usage.get("completion_tokens", chunks)
         return {"tokens": n, "ttft_s": first - t0 if first else None, "end": time.perf_counter(),
-                "decode_tok_s": rate(chunks, first, last) if first else None}
+                "decode_tok_s": steady_rate(chunks, first, last)}
 
     def close(self) -> None:
         if self.proc.poll() is None:
