@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from moed_client import protocol as P
 from moed_client.protocol import ErrorCode, ProtocolError
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Every msgpack type the wire can carry (ext types excluded: unpack refuses them).
 scalars = (
@@ -218,7 +218,7 @@ def check_request(req: P.GenerateRequest, limit: int) -> None:
     assert all(isinstance(x, str) and 0 < len(x) <= P.MAX_STOP_STRING_LEN for x in s.stop)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(generate_maps, st.integers(1, 1 << 20))
 def test_parse_generate_accepts_valid_or_raises_a_stable_code(msg, limit):
     try:
