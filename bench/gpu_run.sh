@@ -69,18 +69,8 @@ if _LIMIT:
     sys.meta_path.insert(0, _CapMlx())
 EOF
     python3 -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, mx.default_device(), "mlx_lm", mlx_lm.__version__, "limit", mx.set_memory_limit(int(__import__("os").environ["MOED_MLX_MEMORY_LIMIT"])) / 1e9, "GB")'
-    # Fill MLX's on-disk PTX cache (/tmp/mlx/<version>/ptx) with the kernels a 4-bit MoE uses, so no timed
-    # process pays the first-use NVRTC compile.
-    rm -rf "$SYNTH/warm" && mkdir -p "$SYNTH"
-    t=$(date +%s)
-    python3 -m bench.synth --shape qwen3-next --layers 2 --routing uniform --out "$SYNTH/warm" >/dev/null
-    python3 -c "
-import mlx_lm
-from moed.experts import load_model
-m, t = mlx_lm.load('$SYNTH/warm'); print(repr(mlx_lm.generate(m, t, 'hello world', max_tokens=16)))
-m, t, man = load_model('$SYNTH/warm', capacity=128); print(repr(mlx_lm.generate(m, t, 'hello world', max_tokens=16))); man.close()
-"
-    echo "JIT warm-up took $(( $(date +%s) - t )) s"
+    # No separate JIT warm-up: MLX keeps compiled kernels on disk (/tmp/mlx/<version>/ptx), the synth step
+    # and the routing statistics fill it, and every timed section warms up before its clock starts.
     ;;
 synth)
     size=${2:-32GB}
