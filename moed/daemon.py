@@ -45,6 +45,7 @@ HEARTBEAT_TIMEOUT_MS = 6000
 # A client that stops reading is dropped rather than allowed to stall the others.
 CLIENT_SNDHWM = 100_000
 TOK_RATE_WINDOW_S = 5.0
+ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a stopped one goes quiet
 SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
 # On exit, how long libzmq may keep delivering queued replies to a client that
 # reads slowly: its final 'done' sits behind its unread chunks.
@@ -159,6 +160,10 @@ class EngineHandle:
     endpoint_path: Path
     pid: int
     ready: bool = False
+    beat_fd: int = -1  # read end of the engine's heartbeat pipe
+    last_beat: float = field(default_factory=time.monotonic)
+    stalled: bool = False
+    watchdog: asyncio.Task | None = None
 
 
 class Daemon:
@@ -396,6 +401,7 @@ class Daemon:
                 self.engine_send({"type": "cancel", "seq": seq})
             else:
                 self.queue.remove(seq)
+        self.pump()  # the dropped requests' batch slots are free now
 
     def finish(self, req: Request, final: dict | None) -> None:
         self.requests.pop(req.seq, None)
@@ -439,9 +445,49 @@ class Daemon:
             if value is not None:
                 cmd += [flag, str(value)]
         cmd += ["--approximate"] * a.approximate + ["--no-prefetch"] * a.no_prefetch + ["--debug"] * a.debug
-        proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL)
+        beat_read, beat_write = os.pipe()
+        cmd += ["--heartbeat-fd", str(beat_write)]
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, pass_fds=(beat_write,))
+        finally:
+            os.close(beat_write)
         log.info("engine %d started (pid %d)", self.engine_count, proc.pid)
-        return EngineHandle(proc, sock, path, proc.pid)
+        engine = EngineHandle(proc, sock, path, proc.pid, beat_fd=beat_read)
+        self.watch_engine(engine)
+        return engine
+
+    def watch_engine(self, engine: EngineHandle) -> None:
+        """Kill an engine whose heartbeat stops (SIGSTOP, a wedged process):
+        supervise() then fails its requests (engine_restarted) and restarts it.
+
+        The beats come from a thread in the engine, so a long decode step or
+        load (MLX releases the GIL) does not look like a stall.
+        """
+        loop = asyncio.get_running_loop()
+        os.set_blocking(engine.beat_fd, False)
+
+        def on_beat() -> None:
+            if drain_beats(engine):
+                engine.last_beat = time.monotonic()
+            elif engine.proc.returncode is not None:
+                loop.remove_reader(engine.beat_fd)
+
+        loop.add_reader(engine.beat_fd, on_beat)
+        timeout = self.args.engine_timeout
+        if timeout and timeout > 0:
+            engine.watchdog = loop.create_task(self.engine_watchdog(engine, timeout))
+
+    async def engine_watchdog(self, engine: EngineHandle, timeout: float) -> None:
+        while engine.proc.returncode is None:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if drain_beats(engine):  # beats that came while this loop was busy elsewhere
+                engine.last_beat = time.monotonic()
+            silent = time.monotonic() - engine.last_beat
+            if silent > timeout and engine.proc.returncode is None:
+                log.error("engine pid %d stalled: no heartbeat for %.1f s (--engine-timeout %g); killing it", engine.pid, silent, timeout)
+                engine.stalled = True
+                engine.proc.kill()
+                return
 
     async def engine_loop(self, engine: EngineHandle) -> None:
         """Read one engine's messages until its socket is closed."""
@@ -523,7 +569,11 @@ class Daemon:
                 message = self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})"
                 self.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {message}")  # no request waits on a dead daemon
                 raise DaemonError(message)
-            self.fail_in_engine(P.ErrorCode.ENGINE_RESTARTED, f"the engine stopped (exit code {rc}) and is restarting; retry the request")
+            if engine.stalled:
+                reason = f"the engine stalled (no heartbeat for {self.args.engine_timeout:g} s) and was killed"
+            else:
+                reason = f"the engine stopped (exit code {rc})"
+            self.fail_in_engine(P.ErrorCode.ENGINE_RESTARTED, f"{reason}; it is restarting; retry the request")
             if self.state == "stopping":
                 return
             self.state = "restarting"
@@ -554,6 +604,12 @@ class Daemon:
         self.engine = None
 
     def close_engine_socket(self, engine: EngineHandle) -> None:
+        if engine.watchdog is not None:
+            engine.watchdog.cancel()
+        if engine.beat_fd >= 0:
+            asyncio.get_running_loop().remove_reader(engine.beat_fd)
+            os.close(engine.beat_fd)
+            engine.beat_fd = -1
         engine.sock.close(linger=0)
         try:
             engine.endpoint_path.unlink()
@@ -680,6 +736,22 @@ class Daemon:
             self.ctx.term()
 
 
+def drain_beats(engine: EngineHandle) -> bool:
+    """Read what the engine's heartbeat thread wrote; whether there was anything."""
+    got = False
+    while engine.beat_fd >= 0:
+        try:
+            data = os.read(engine.beat_fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        if not data:
+            break
+        got = True
+    return got
+
+
 def door(client) -> str:
     """Which door a client came through: 'ipc', 'tcp' or 'editor' (each editor request is a client)."""
     if isinstance(client, tuple):
@@ -783,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-cache-size", type=int, default=8, help="recent prompt caches kept for prefix reuse")
     s.add_argument("--prompt-cache-bytes", type=parse_size, default=512 << 20, help="memory for those caches, e.g. 512M")
     s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
+    s.add_argument("--engine-timeout", type=float, default=ENGINE_STALL_TIMEOUT_S,
+                   help="seconds without a heartbeat from the engine before it is killed and restarted (0: never)")
     s.add_argument("--debug", action="store_true", help="verbose logs, including prompts")
     from moed import editor, http
 

@@ -249,3 +249,24 @@ def test_front_memory_does_not_grow_under_junk(shared_daemon):
     assert status["requests"]["active"] == 0 and status["clients"] == 0
     assert growth < 4 * 1024 * 1024, f"front grew by {growth} bytes over 100 vanished clients"
     assert engine_growth < 16 * 1024 * 1024, f"engine grew by {engine_growth} bytes over 100 vanished clients"
+
+
+def test_dropped_client_frees_batch_slots_for_the_queue(daemon):
+    """Requests waiting in the queue start when a vanished client's requests leave the batch."""
+    d = daemon(None, "--max-batch", "2")
+    two_streams = VANISHING_CLIENT.replace("next(stream)", 'other = c.generate("hello", max_tokens=30000, ignore_eos=True)\nnext(stream)')
+    vanishing = subprocess.Popen([sys.executable, "-c", two_streams, str(d.socket)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert vanishing.stdout.readline().strip() == b"streaming"
+        with d.client(timeout=30) as c:
+            waiting = c.generate("the quick brown fox", max_tokens=5)
+            deadline = time.monotonic() + 10
+            while c.status()["requests"] != {"active": 2, "queued": 1} and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert c.status()["requests"] == {"active": 2, "queued": 1}
+            vanishing.kill()
+            vanishing.wait()
+            assert waiting.collect().token_ids
+    finally:
+        vanishing.kill()
+        vanishing.wait()
