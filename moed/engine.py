@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from moed_client import protocol as P
 log = logging.getLogger("moed.engine")
 
 STATS_INTERVAL_S = 1.0
+HEARTBEAT_S = 0.5
 PROMPT_CACHE_MODEL_KEY = "model"
 
 
@@ -414,7 +416,25 @@ def parse_args(argv=None):
     p.add_argument("--prompt-cache-size", type=int, default=8)
     p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--heartbeat-fd", type=int, default=None, help="pipe to write a heartbeat byte to every 0.5 s")
     return p.parse_args(argv)
+
+
+def start_heartbeat(fd: int | None) -> None:
+    """Beat on the front's pipe from a thread: a stopped or wedged process goes
+    quiet, a long decode step does not (MLX releases the GIL while it computes)."""
+    if fd is None:
+        return
+
+    def beat() -> None:
+        while True:
+            try:
+                os.write(fd, b".")
+            except OSError:  # the front is gone
+                return
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def main(argv=None) -> int:
@@ -422,6 +442,7 @@ def main(argv=None) -> int:
     from moed.daemon import setup_logging
 
     setup_logging("engine", args.debug)
+    start_heartbeat(args.heartbeat_fd)
     channel = Channel(args.channel)
     try:
         path = Path(args.model)
