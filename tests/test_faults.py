@@ -171,6 +171,30 @@ def test_unreadable_model_fails_the_load_cleanly(daemon, test_model, tmp_path):
     assert not any(d.runtime_dir.glob("*.sock")) and not (d.runtime_dir / "moed.pid").exists()
 
 
+def test_model_unreadable_when_the_engine_reloads(daemon, test_model, tmp_path):
+    """The engine dies, and the restart finds the model files broken: the
+    streaming client gets engine_restarted, a request sent during the reload
+    gets engine_error, and the daemon exits 1 leaving nothing behind."""
+    model = copy_model(test_model, tmp_path)
+    d = daemon(model)
+    engine = d.engine_pid()
+    with d.client(timeout=30) as a, d.client(timeout=30) as b:
+        stream = a.generate("hello world", max_tokens=LONG)
+        next(stream)
+        for shard in model.glob("*.safetensors"):
+            with open(shard, "r+b") as f:
+                f.truncate(64)
+        os.kill(engine, signal.SIGKILL)
+        with pytest.raises(EngineRestarted):
+            list(stream)
+        with pytest.raises(MoedError) as e:
+            b.complete("hello", max_tokens=2)
+        assert e.value.code == P.ErrorCode.ENGINE_ERROR and "cannot load" in e.value.message, e.value
+    assert d.proc.wait(timeout=30) == 1
+    assert "cannot load" in d.output()
+    assert not any(d.runtime_dir.glob("*.sock")) and not (d.runtime_dir / "moed.pid").exists()
+
+
 def test_expert_read_error_fails_its_requests_and_the_daemon_recovers(daemon, test_model, tmp_path):
     model = copy_model(test_model, tmp_path)
     shards = sorted(model.glob("*.safetensors"))

@@ -154,20 +154,27 @@ def test_tcp_refuses_a_curve_key_it_has_not_authorized(daemon, tmp_path):
     server_public, _ = zmq.auth.load_certificate(curve_dir / "server.key")
     public, secret = zmq.curve_keypair()  # a stranger who knows the server's public key
 
-    def try_hello(pub, sec) -> dict | None:
+    def exchange(pub, sec, *frames: bytes) -> list[dict | None]:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, pub, sec
         sock.connect(f"tcp://127.0.0.1:{port}")
         try:
-            sock.send(P.pack(P.hello()))
-            return P.unpack(sock.recv()) if sock.poll(1500) else None
+            replies = []
+            for frame in frames:
+                sock.send(frame)
+                replies.append(P.unpack(sock.recv()) if sock.poll(1500) else None)
+            return replies
         finally:
             sock.close()
 
-    assert try_hello(public, secret) is None
+    assert exchange(public, secret, P.pack(P.hello())) == [None]
     authorized_public, authorized_secret = zmq.auth.load_certificate(curve_dir / "client.key_secret")
-    assert try_hello(authorized_public, authorized_secret)["type"] == P.HELLO  # the same code path works with a real key
+    # The same code path works with a real key, and hostile frames on this door get errors as on the Unix socket.
+    hello, junk, deep, ping = exchange(authorized_public, authorized_secret, P.pack(P.hello()), b"\xc1",
+                                       b"\x82\xa4type\xa4ping\xa1v" + b"\x91" * 5000 + b"\x00", P.pack({"type": P.PING}))
+    assert hello["type"] == P.HELLO and ping["type"] == P.PONG
+    assert junk["code"] == deep["code"] == P.ErrorCode.BAD_MESSAGE
     with d.client() as c:
         assert c.status()["state"] == "ready"
 
