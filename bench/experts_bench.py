@@ -355,7 +355,8 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
 
 
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
-        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, progress=print) -> dict:
+        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, progress=print,
+        checkpoint=None) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
 
     The embedded (or given) model: every config, ``repeats`` rounds, plus the
@@ -378,6 +379,8 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
             if (model / "config.json").is_file():
                 result["models"].append(bench_model(model, tokens=tokens, prompts=PROMPTS, uncached=uncached,
                                                     repeats=repeats, approximate_too=True, progress=progress))
+                if checkpoint:  # a partial result survives a run cut short
+                    checkpoint(result)
             else:
                 result["skipped"] = f"{model}: no model there"
             if synthetic:
@@ -410,8 +413,9 @@ def main(argv=None) -> int:
         print(json.dumps(measure_one(**json.loads(args.one))))
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
-                 synthetic_layers=args.synthetic_layers, repeats=args.repeats, progress=log)
+                 synthetic_layers=args.synthetic_layers, repeats=args.repeats, progress=log, checkpoint=save)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text)
