@@ -266,6 +266,8 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "predictors": {k: v["recall"] for k, v in pf.get("predictors", {}).items()},
         "load_gb_s": load_gb_s,
         "load_vs_raw_pread": load_gb_s / raw_gb_s if load_gb_s and raw_gb_s else None,
+        "prefetch_stream_gb_s": pf.get("stream_gb_s"),
+        "prefetch_stream_vs_raw_pread": pf["stream_gb_s"] / raw_gb_s if pf.get("stream_gb_s") and raw_gb_s else None,
         "rss_bytes": r["rss_end"],
         "rss_vs_stock": r["rss_end"] / stock["rss_end"],
         "expert_bytes": s["memory"]["expert_bytes"],
@@ -344,6 +346,7 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         "prefetch_50_gate1_recall": (c.get("prefetch-50", {}).get("predictors") or {}).get("gate+1"),
         "prefetch_50_expert_wait_share": c.get("prefetch-50", {}).get("expert_wait_share"),
         "load_vs_raw_pread_best": max((v.get("load_vs_raw_pread") or 0) for v in c.values()) or None,
+        "prefetch_stream_vs_raw_pread_best": max((v.get("prefetch_stream_vs_raw_pread") or 0) for v in c.values()) or None,
         "prefetch_never_slower_per_prompt": {
             share: all(a >= b for a, b in zip(c[f"prefetch-{share}"]["per_prompt_decode_tps"],
                                               c[f"on-demand-{share}"]["per_prompt_decode_tps"]))

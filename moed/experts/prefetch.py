@@ -84,6 +84,11 @@ class Prefetcher:
         self.needed = self.resident_at_need = self.inflight_at_need = 0
         self.requested = self.completed = self.failed = self.dropped = 0
         self.errors: list[str] = []
+        self._busy_lock = threading.Lock()
+        self._active = 0
+        self._busy_since = 0.0
+        self.busy_time = 0.0
+        self.streamed_bytes = 0
         self._closed = False
 
     # -- predictions -------------------------------------------------------
@@ -142,10 +147,28 @@ class Prefetcher:
             if slot is None:
                 self.dropped += 1
                 continue
-            self.inflight[(position, e)] = (slot, self.pool.submit(cache.fill, slot, e))
+            self.inflight[(position, e)] = (slot, self.pool.submit(self._fill, cache, slot, e))
             self.requested += 1
             started += 1
         return started
+
+    def _fill(self, cache: LayerCache, slot: int, expert: int) -> int:
+        """One load in the pool; also times the pool's busy wall time, so
+        streaming throughput counts the threads' overlap."""
+        with self._busy_lock:
+            if self._active == 0:
+                self._busy_since = time.perf_counter()
+            self._active += 1
+        try:
+            n = cache.fill(slot, expert)
+            with self._busy_lock:
+                self.streamed_bytes += n
+            return n
+        finally:
+            with self._busy_lock:
+                self._active -= 1
+                if self._active == 0:
+                    self.busy_time += time.perf_counter() - self._busy_since
 
     def _settle(self, key, wait: bool) -> bool:
         """Install (or release, on failure) one in-flight load. Engine thread."""
@@ -242,6 +265,8 @@ class Prefetcher:
             "failed": self.failed,
             "no_slot": self.dropped,
             "in_flight": len(self.inflight),
+            "streamed_bytes": self.streamed_bytes,
+            "stream_gb_s": self.streamed_bytes / self.busy_time / 1e9 if self.busy_time else None,
             "errors": self.errors,
             "predictors": {name: s.as_dict() for name, s in self.scores.items()},
         }
