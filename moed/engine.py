@@ -254,7 +254,9 @@ class Engine:
         if uid is None:
             return None
         self._remove(uid, keep_cache=True)
-        return self._final(self.active.pop(uid), "cancelled", "")
+        a = self.active.pop(uid)
+        a.pending_ids = []  # the last step's ids went out with its event already
+        return self._final(a, "cancelled", "")
 
     def cancel_all(self) -> list[dict]:
         return [e for e in (self.cancel(seq) for seq in list(self.by_seq)) if e]

@@ -178,6 +178,8 @@ def test_cancel_message_gives_cancelled_done(shared_daemon):
         rest = list(stream)
         assert stream.finish_reason == "cancelled"
         assert len(rest) < 4990
+        # Every token was sent exactly once, and usage counts what was sent.
+        assert len(stream.token_ids) == stream.usage["completion_tokens"]
 
 
 def test_status_and_ping_answered_while_decoding(shared_daemon):
