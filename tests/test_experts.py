@@ -333,3 +333,19 @@ def test_pinned_experts_with_grouped_prefill(family_dir, reference):
         assert all(c.slot_of[0] >= 0 and c.pinned == {0} for c in manager.caches)
     finally:
         manager.close()
+
+
+def test_full_cache_loaded_out_of_order_still_maps(family_dir, reference):
+    """Capacity = all experts but loaded in another order: slot ids differ from
+    expert ids, so the lookup must stay on."""
+    path = family_dir["qwen3_moe"]
+    model, tok = mlx_lm.load(str(path), lazy=True)
+    manager = make_lazy(model, path, capacity=16)
+    mx.eval(model.parameters())
+    try:
+        for c in manager.caches:
+            c.ensure(list(range(15, -1, -1)))
+            assert not c.complete
+        assert greedy_tokens(model, tok) == reference["qwen3_moe"]
+    finally:
+        manager.close()

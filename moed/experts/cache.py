@@ -107,6 +107,7 @@ class LayerCache:
         mx.eval(list(self.slots.values()))
         self._views = {n: np.frombuffer(a, dtype=np.uint8).reshape(capacity, -1) for n, a in self.slots.items()}
         self.slot_of = np.full(num_experts, -1, np.int32)
+        self._identity = np.arange(num_experts, dtype=np.int32)
         self.expert_in = np.full(capacity, -1, np.int32)
         self.loading = np.zeros(capacity, bool)
         self.pinned: set[int] = set()
@@ -126,7 +127,9 @@ class LayerCache:
 
     @property
     def complete(self) -> bool:
-        return self.capacity == self.num_experts and bool((self.slot_of >= 0).all())
+        """Every expert resident in the slot of its own id: the model may use expert
+        ids as slot ids, with no lookup and no residency check."""
+        return self.capacity == self.num_experts and bool((self.slot_of == self._identity).all())
 
     def lut(self) -> mx.array:
         """expert id -> slot id as a device array (missing experts map to slot 0)."""
