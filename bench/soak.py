@@ -3,26 +3,34 @@
     python -m bench.soak --requests 10000 --clients 16 --out soak.json
     python -m bench.soak --socket /run/user/1000/moed/moed.sock ...   # an already running daemon
 
-Each client is a worker process on its own DEALER socket that speaks raw
-protocol v1 (not ``moed_client.Client``, which hides late messages of a
-request it gave up on), so the driver can check the contract itself: every
-request ends with exactly one ``done`` or ``error`` and nothing follows it.
-Client ids collide on purpose (every worker numbers its requests from 0).
+Each client is a worker process of its own, on one of the daemon's doors:
+most speak raw protocol v1 on the ZeroMQ socket (not ``moed_client.Client``,
+which hides late messages of a request it gave up on), a fifth each use the
+HTTP gateway (``/v1/completions`` and ``/v1/chat/completions``, SSE and plain
+JSON) and the editor socket (msgpack-rpc, streamed and plain) when the daemon
+has them open. The driver checks the contract itself: every request ends with
+exactly one final (``done``/``error``, an HTTP finish or error, a ``moed_done``
+or response) and nothing follows it. Client ids collide on purpose (every
+ZeroMQ worker numbers its requests from 0).
 
 The mix, drawn from ``--seed``: prompts of 1..``--max-prompt`` words as text,
 chat messages or token ids; streaming clients read every chunk as it comes,
-"collect" clients read lazily (a slow consumer); a third of the requests are
-cancelled (before the first token or after a few chunks); ``--kill-every``
-requests, a worker SIGKILLs itself mid-stream and is replaced.
+"collect" clients read lazily (a slow consumer) or ask for a non-streamed
+answer; a third of the requests are cancelled (before the first token or after
+a few chunks; on HTTP, and for a non-streamed editor call, by hanging up);
+about one request in ``--kill-every`` has its client SIGKILL itself mid-stream,
+and the client is replaced.
 
-Reported (JSON): completed / cancelled / errored (by code) / lost, violations
-of the contract, client-side time to first token p50/p99, and the front's and
-the engine's RSS and open file descriptors after warm-up and at the end.
+Reported (JSON): completed / cancelled / disconnected / errored (by code) /
+killed / lost, violations of the contract, client-side time to first token
+p50/p99, and the front's and the engine's RSS and open file descriptors before
+the run (after one request through each door), after warm-up and at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -153,6 +161,190 @@ def worker(endpoint: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
         out.flush()
 
 
+def prompt_fields(spec: dict) -> dict:
+    """The prompt part of a request, shared by the three doors."""
+    msg = request_message("x", spec)
+    return {k: msg[k] for k in ("prompt", "messages", "token_ids") if k in msg}
+
+
+def http_worker(base_url: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
+    """One client of the OpenAI-compatible gateway: completions and chat, SSE and plain JSON.
+    A cancel is a disconnect (what an HTTP client can do); the daemon must then drop the request."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(base_url)
+    for line in sys.stdin:
+        spec = json.loads(line)
+        fields = prompt_fields(spec)
+        stream = spec["mode"] == "stream"
+        body = {"model": "m", "max_tokens": spec["max_tokens"], "temperature": spec["temperature"], "seed": spec["seed"],
+                "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if "messages" in fields:
+            path, body["messages"] = "/v1/chat/completions", fields["messages"]
+        else:
+            path, body["prompt"] = "/v1/completions", fields.get("prompt", fields.get("token_ids"))
+        result = {"n": spec["n"], "outcome": "lost", "chunks": 0, "tokens": 0, "ttft_s": None, "violations": []}
+        cancel_after, die_after = spec.get("cancel_after"), spec.get("die_after")
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=final_timeout)
+        try:
+            conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            if cancel_after is not None and (not stream or cancel_after == -1):
+                time.sleep(random.random() * 0.05)
+                result["outcome"] = "disconnected"  # hang up before the answer: the gateway cancels it
+                continue
+            resp = conn.getresponse()
+            if not stream or resp.status != 200:
+                reply = json.loads(resp.read() or b"{}")
+                if resp.status == 200:
+                    choice = reply["choices"][0]
+                    result.update(outcome="done", finish_reason=choice["finish_reason"], tokens=reply["usage"]["completion_tokens"])
+                    result["ttft_s"] = None  # not streamed: no first token to time
+                else:
+                    result.update(outcome="error", code=(reply.get("error") or {}).get("code"), status=resp.status)
+                continue
+            finals, done_marker = 0, False
+            while raw := resp.readline():
+                if not raw.startswith(b"data: "):
+                    continue
+                data = raw[6:].strip()
+                if done_marker:
+                    result["violations"].append("data after [DONE]")
+                if data == b"[DONE]":
+                    done_marker = True
+                    continue
+                obj = json.loads(data)
+                if "error" in obj:
+                    result.update(outcome="error", code=obj["error"].get("code"))
+                    finals += 1
+                    continue
+                if obj.get("usage"):
+                    result["tokens"] = obj["usage"]["completion_tokens"]
+                for choice in obj.get("choices", []):
+                    text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                    if text:
+                        result["chunks"] += 1
+                        if result["ttft_s"] is None:
+                            result["ttft_s"] = time.perf_counter() - t0
+                        if die_after is not None and result["chunks"] > die_after:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        if cancel_after is not None and result["chunks"] > cancel_after:
+                            break
+                    if choice.get("finish_reason"):
+                        finals += 1
+                        result.update(outcome="done", finish_reason=choice["finish_reason"])
+                if cancel_after is not None and result["chunks"] > cancel_after and result["outcome"] == "lost":
+                    result["outcome"] = "disconnected"
+                    break
+            if finals > 1:
+                result["violations"].append(f"{finals} finals in one stream")
+            if result["outcome"] == "done" and not done_marker:
+                result["violations"].append("stream ended without [DONE]")
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            result["violations"].append(f"http: {type(e).__name__}: {e}"[:200])
+        finally:
+            conn.close()
+            result["wall_s"] = time.perf_counter() - t0
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+
+
+def editor_worker(path: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
+    """One editor on the msgpack-rpc socket: plain calls and streamed ones (cancelled with ``cancel``)."""
+    import socket as socketlib
+
+    import msgpack
+
+    def connect():
+        s = socketlib.socket(socketlib.AF_UNIX)
+        s.connect(path)
+        s.settimeout(final_timeout)
+        return s, msgpack.Unpacker(raw=False)
+
+    sock, unpacker = connect()
+    msgids = itertools.count(1)
+    finished: set = set()
+
+    def read():
+        while True:
+            for msg in unpacker:
+                return msg
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the editor socket closed the connection")
+            unpacker.feed(data)
+
+    for line in sys.stdin:
+        spec = json.loads(line)
+        stream = spec["mode"] == "stream"
+        params = {**prompt_fields(spec), "max_tokens": spec["max_tokens"], "temperature": spec["temperature"],
+                  "seed": spec["seed"], "stream": stream}
+        result = {"n": spec["n"], "outcome": "lost", "chunks": 0, "tokens": 0, "ttft_s": None, "violations": []}
+        cancel_after, die_after = spec.get("cancel_after"), spec.get("die_after")
+        t0 = time.perf_counter()
+        msgid = next(msgids)
+        try:
+            sock.sendall(msgpack.packb([0, msgid, "generate", [params]]))
+            if not stream and cancel_after is not None:
+                time.sleep(random.random() * 0.05)
+                sock.close()  # closing the connection cancels its requests
+                sock, unpacker = connect()
+                result["outcome"] = "disconnected"
+                continue
+            rid, cancel_sent = None, False
+            while True:
+                msg = read()
+                if msg[0] == 1 and msg[1] == msgid:
+                    if msg[2] is not None:
+                        result.update(outcome="error", code=str(msg[2]).split(":")[0])
+                        break
+                    if not stream:
+                        info = msg[3]
+                        result.update(outcome="done", finish_reason=info["finish_reason"], tokens=(info.get("usage") or {}).get("completion_tokens", 0))
+                        break
+                    rid = msg[3]["id"]
+                    if cancel_after == -1:
+                        sock.sendall(msgpack.packb([0, next(msgids), "cancel", [{"id": rid}]]))
+                        cancel_sent = True
+                elif msg[0] == 1:
+                    continue  # the answer to our cancel (it may race with the end: unknown_request is fine)
+                elif msg[0] == 2 and msg[1] in ("moed_chunk", "moed_done"):
+                    eid, data = msg[2]
+                    if eid != rid:
+                        result["violations"].append(f"{msg[1]} for {'finished' if eid in finished else 'unknown'} id {eid!r}")
+                        continue
+                    if msg[1] == "moed_chunk":
+                        result["chunks"] += 1
+                        if result["ttft_s"] is None:
+                            result["ttft_s"] = time.perf_counter() - t0
+                        if die_after is not None and result["chunks"] > die_after:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        if cancel_after is not None and cancel_after >= 0 and result["chunks"] > cancel_after and not cancel_sent:
+                            sock.sendall(msgpack.packb([0, next(msgids), "cancel", [{"id": rid}]]))
+                            cancel_sent = True
+                        continue
+                    if data.get("finish_reason") == "error":
+                        result.update(outcome="error", code=(data.get("error") or {}).get("code"))
+                    else:
+                        result.update(outcome="done", finish_reason=data["finish_reason"],
+                                      tokens=(data.get("usage") or {}).get("completion_tokens", 0))
+                    finished.add(rid)
+                    break
+                else:
+                    result["violations"].append(f"unexpected {msg!r}"[:200])
+        except (OSError, ConnectionError, ValueError) as e:
+            result["violations"].append(f"editor: {type(e).__name__}: {e}"[:200])
+            sock.close()
+            sock, unpacker = connect()
+        finally:
+            result["wall_s"] = time.perf_counter() - t0
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+
+
 # --------------------------------------------------------------------------
 # Driver
 
@@ -170,8 +362,11 @@ def proc_sample(pid: int | None) -> dict | None:
 
 
 class Soak:
-    def __init__(self, socket: Path, clients: int, plan: list[dict], warmup: int, status_client, final_timeout: float):
-        self.endpoint = "ipc://" + str(socket)
+    def __init__(self, doors: dict[str, str], slot_doors: list[str], plan: list[dict], warmup: int, status_client,
+                 final_timeout: float):
+        self.doors = doors  # door -> its address (zmq endpoint, http base url, editor socket path)
+        self.slot_doors = slot_doors
+        clients = len(slot_doors)
         self.final_timeout = final_timeout
         self.clients = clients
         self.todo: queue.Queue = queue.Queue()
@@ -198,15 +393,15 @@ class Soak:
             if len(self.results) == self.warmup and self.warm_sample is None:
                 self.warm_sample = self.sample()
 
-    def spawn(self) -> subprocess.Popen:
+    def spawn(self, door: str) -> subprocess.Popen:
         with self.lock:
             self.workers_started += 1
-        return subprocess.Popen([sys.executable, "-m", "bench.soak", "--worker", "--socket", self.endpoint,
+        return subprocess.Popen([sys.executable, "-m", "bench.soak", "--worker", door, "--socket", self.doors[door],
                                  "--final-timeout", str(self.final_timeout)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                 cwd=Path(__file__).resolve().parent.parent)
 
-    def slot(self) -> None:
+    def slot(self, door: str) -> None:
         """One client slot: a worker process fed one request at a time, replaced when it dies."""
         proc = None
         try:
@@ -216,18 +411,18 @@ class Soak:
                 except queue.Empty:
                     return
                 if proc is None:
-                    proc = self.spawn()
+                    proc = self.spawn(door)
                 proc.stdin.write(json.dumps(spec) + "\n")
                 proc.stdin.flush()
                 line = proc.stdout.readline()
                 if line:
-                    self.record(json.loads(line))
+                    self.record(json.loads(line) | {"door": door})
                     continue
                 proc.wait()
                 died_on_purpose = spec.get("die_after") is not None and proc.returncode == -signal.SIGKILL
                 with self.lock:
                     self.worker_deaths += 1
-                self.record({"n": spec["n"], "outcome": "killed" if died_on_purpose else "worker_crashed",
+                self.record({"n": spec["n"], "outcome": "killed" if died_on_purpose else "worker_crashed", "door": door,
                              "returncode": proc.returncode, "violations": [], "chunks": None, "ttft_s": None})
                 proc = None
         finally:
@@ -242,7 +437,7 @@ class Soak:
     def run(self, progress) -> dict:
         start_sample = self.sample()
         t0 = time.monotonic()
-        threads = [threading.Thread(target=self.slot, daemon=True) for _ in range(self.clients)]
+        threads = [threading.Thread(target=self.slot, args=(door,), daemon=True) for door in self.slot_doors]
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
@@ -290,6 +485,9 @@ class Soak:
             "errored": sum(errors.values()),
             "errors_by_code": errors,
             "killed_clients": sum(1 for r in res if outcome(r) == "killed"),
+            "disconnected": sum(1 for r in res if outcome(r) == "disconnected"),  # cancelled by hanging up (HTTP, editor)
+            "by_door": {d: {o: sum(1 for r in res if r.get("door") == d and outcome(r) == o) for o in sorted({outcome(r) for r in res})}
+                        for d in sorted(set(self.slot_doors))},
             "worker_crashes": sum(1 for r in res if outcome(r) == "worker_crashed"),
             "lost": sum(1 for r in res if outcome(r) == "lost") + (self.total - len(res)),
             "violations": len(violations),
@@ -308,20 +506,47 @@ class Soak:
         }
 
 
+def warm_doors(doors: dict[str, str]) -> None:
+    """One short request through each door, so the start sample of descriptors sees them all in use once."""
+    for door, address in doors.items():
+        spec = {"n": -1, "kind": "prompt", "words": 2, "max_tokens": 1, "mode": "collect", "seed": 1, "temperature": 0.0, "vocab": 2}
+        proc = subprocess.run([sys.executable, "-m", "bench.soak", "--worker", door, "--socket", address, "--final-timeout", "60"],
+                              input=json.dumps(spec) + "\n", capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent)
+        result = json.loads(proc.stdout.splitlines()[-1]) if proc.stdout.strip() else {}
+        if result.get("outcome") != "done":
+            raise RuntimeError(f"warm-up request through the {door} door failed: {result or proc.stderr[-500:]}")
+
+
+def assign_doors(clients: int, doors: dict[str, str]) -> list[str]:
+    """Which door each client slot uses: a fifth each on HTTP and the editor socket when the daemon has them."""
+    slots = []
+    for door in ("http", "editor"):
+        if door in doors:
+            slots += [door] * max(1, clients // 5)
+    return ["zmq"] * (clients - len(slots)) + slots
+
+
 def run_soak(socket: Path, *, requests: int, clients: int, seed: int = 0, max_prompt: int = 24, max_tokens: int = 24,
              kill_every: int = 200, warmup: int | None = None, final_timeout: float = FINAL_TIMEOUT_S,
-             progress=lambda done, total: None) -> dict:
-    """Soak the daemon listening on ``socket``; the JSON-able report."""
+             doors: tuple[str, ...] = ("zmq", "http", "editor"), progress=lambda done, total: None) -> dict:
+    """Soak the daemon listening on ``socket`` through each of ``doors`` it has open; the JSON-able report."""
     from moed_client import Client
 
     with Client(socket, timeout=30) as c:
         vocab = (c.server.get("model") or {}).get("vocab_size") or 256
+        status = c.status()
+        open_doors = {"zmq": "ipc://" + str(socket), "http": status.get("http"), "editor": status.get("editor_socket")}
+        open_doors = {d: a for d, a in open_doors.items() if a and d in doors}
+        slot_doors = assign_doors(clients, open_doors)
+        warm_doors(open_doors)  # the gateway opens its own daemon connection on first use: not a leak
         plan = make_plan(requests, seed, max_prompt, max_tokens, kill_every, vocab=vocab)
-        soak = Soak(socket, clients, plan, warmup if warmup is not None else max(clients, requests // 20), c, final_timeout)
+        soak = Soak(open_doors, slot_doors, plan, warmup if warmup is not None else max(clients, requests // 20), c, final_timeout)
         soak._plan_by_n = {s["n"]: s for s in plan}
         report = soak.run(progress)
-    report["config"] = {"requests": requests, "clients": clients, "seed": seed, "max_prompt_words": max_prompt,
-                        "max_tokens": max_tokens, "kill_every": kill_every, "vocab": vocab}
+    report["config"] = {"requests": requests, "clients": clients, "doors": {d: slot_doors.count(d) for d in open_doors},
+                        "seed": seed, "max_prompt_words": max_prompt, "max_tokens": max_tokens, "kill_every": kill_every,
+                        "vocab": vocab}
     return report
 
 
@@ -337,10 +562,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model for the daemon started here (default: the embedded model, else a tiny random one)")
     p.add_argument("--out", default=None, help="write the JSON report here (default: stdout)")
     p.add_argument("--final-timeout", type=float, default=FINAL_TIMEOUT_S, help="seconds without a message before a request counts as lost")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--doors", default="zmq,http,editor", help="doors to soak through, of those the daemon has open")
+    p.add_argument("--worker", choices=("zmq", "http", "editor"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.socket, args.final_timeout)
+        {"zmq": worker, "http": http_worker, "editor": editor_worker}[args.worker](args.socket, args.final_timeout)
         return 0
 
     def progress(done, total):
@@ -354,7 +580,7 @@ def main(argv=None) -> int:
             started, socket = start_daemon(args.model)
         report = run_soak(socket, requests=args.requests, clients=args.clients, seed=args.seed, max_prompt=args.max_prompt,
                           max_tokens=args.max_tokens, kill_every=args.kill_every,
-                          final_timeout=args.final_timeout, progress=progress)
+                          final_timeout=args.final_timeout, doors=tuple(args.doors.split(",")), progress=progress)
     finally:
         print(file=sys.stderr)
         if started is not None:
@@ -380,7 +606,7 @@ def start_daemon(model: str | None):
             model = embedded
         else:
             model = make_tiny_model(short_tmpdir("moed-soak-model-") / "tiny")
-    d = DaemonProcess(Path(model), ())
+    d = DaemonProcess(Path(model), ("--http", "127.0.0.1:0"))
     try:
         d.wait_ready(300)
     except BaseException:
