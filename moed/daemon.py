@@ -45,6 +45,7 @@ HEARTBEAT_TIMEOUT_MS = 6000
 # A client that stops reading is dropped rather than allowed to stall the others.
 CLIENT_SNDHWM = 100_000
 TOK_RATE_WINDOW_S = 5.0
+ENGINE_FIRST_BEAT_S = 30.0
 ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a stopped one goes quiet
 SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
 # On exit, how long libzmq may keep delivering queued replies to a client that
@@ -163,6 +164,7 @@ class EngineHandle:
     beat_fd: int = -1  # read end of the engine's heartbeat pipe
     last_beat: float = field(default_factory=time.monotonic)
     stalled: bool = False
+    beating: bool = False  # a first beat came: the interpreter is up
     watchdog: asyncio.Task | None = None
 
 
@@ -468,7 +470,7 @@ class Daemon:
 
         def on_beat() -> None:
             if drain_beats(engine):
-                engine.last_beat = time.monotonic()
+                engine.last_beat, engine.beating = time.monotonic(), True
             elif engine.proc.returncode is not None:
                 loop.remove_reader(engine.beat_fd)
 
@@ -481,9 +483,10 @@ class Daemon:
         while engine.proc.returncode is None:
             await asyncio.sleep(min(1.0, timeout / 4))
             if drain_beats(engine):  # beats that came while this loop was busy elsewhere
-                engine.last_beat = time.monotonic()
+                engine.last_beat, engine.beating = time.monotonic(), True
             silent = time.monotonic() - engine.last_beat
-            if silent > timeout and engine.proc.returncode is None:
+            # Until its first beat, a new engine is still starting Python: a short timeout must not kill it there.
+            if silent > (timeout if engine.beating else max(timeout, ENGINE_FIRST_BEAT_S)) and engine.proc.returncode is None:
                 log.error("engine pid %d stalled: no heartbeat for %.1f s (--engine-timeout %g); killing it", engine.pid, silent, timeout)
                 engine.stalled = True
                 engine.proc.kill()
