@@ -214,3 +214,14 @@ def test_ignore_eos_runs_to_max_tokens(shared_daemon):
             c.complete("hello", ignore_eos="yes")
     assert out.finish_reason == "length"
     assert out.usage["completion_tokens"] == 40 == len(out.token_ids)
+
+
+def test_new_request_joins_the_running_batch(shared_daemon):
+    """A request arriving mid-stream is decoded alongside it, not after it."""
+    with shared_daemon.client() as c, shared_daemon.client() as other:
+        long = c.generate("hello world", max_tokens=5000, ignore_eos=True)
+        next(long)
+        short = other.complete("the quick brown fox", max_tokens=8, ignore_eos=True)
+        assert short.timings["max_batch"] == 2
+        assert long.finish_reason is None  # still running
+        long.close()
