@@ -225,3 +225,16 @@ def test_new_request_joins_the_running_batch(shared_daemon):
         assert short.timings["max_batch"] == 2
         assert long.finish_reason is None  # still running
         long.close()
+
+
+def test_seeded_request_same_alone_and_in_a_batch(shared_daemon):
+    """A seed's draws come from the request's own key, so batching with others does not change them."""
+    kw = dict(max_tokens=32, temperature=1.0, top_p=0.9, seed=7)
+    with shared_daemon.client() as c, shared_daemon.client() as other:
+        alone = c.complete("hello world", **kw)
+        background = other.generate("the quick brown fox", max_tokens=5000, ignore_eos=True)
+        next(background)
+        batched = c.complete("hello world", **kw)
+        background.close()
+    assert batched.timings["max_batch"] >= 2
+    assert batched.token_ids == alone.token_ids
