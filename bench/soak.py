@@ -519,7 +519,11 @@ def warm_doors(doors: dict[str, str]) -> None:
 
 
 def assign_doors(clients: int, doors: dict[str, str]) -> list[str]:
-    """Which door each client slot uses: a fifth each on HTTP and the editor socket when the daemon has them."""
+    """Which door each client slot uses: a fifth each on HTTP and the editor socket when the
+    daemon has them, the rest on ZeroMQ (or, without it, shared by the doors there are)."""
+    if "zmq" not in doors:
+        names = sorted(doors)
+        return [names[i % len(names)] for i in range(clients)]
     slots = []
     for door in ("http", "editor"):
         if door in doors:
