@@ -112,3 +112,46 @@ async def _enumerate(aiter):
     async for x in aiter:
         yield i, x
         i += 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_daemon_killed_midstream_is_noticed(daemon, monkeypatch, kind):
+    """A stream whose daemon dies (kill -9) ends with DaemonNotRunning after the liveness probe, not at the timeout."""
+    import os
+    import signal
+
+    import moed_client.client as client_module
+
+    monkeypatch.setattr(client_module, "LIVENESS_S", 0.5)
+    d = daemon()
+
+    async def run_async():
+        async with d.async_client(timeout=60) as c:
+            stream = await c.generate("hello world", max_tokens=30000, ignore_eos=True)
+            await stream.__anext__()
+            os.kill(d.pid, signal.SIGKILL)
+            async for _ in stream:
+                pass
+
+    t0 = time.monotonic()
+    with pytest.raises(DaemonNotRunning):
+        if kind == "async":
+            asyncio.run(run_async())
+        else:
+            with d.client(timeout=60) as c:
+                stream = c.generate("hello world", max_tokens=30000, ignore_eos=True)
+                next(stream)
+                os.kill(d.pid, signal.SIGKILL)
+                for _ in stream:
+                    pass
+    assert time.monotonic() - t0 < 20
+
+
+def test_liveness_pong_is_swallowed(shared_daemon):
+    """The client's own liveness ping is answered and consumed without disturbing other replies."""
+    with shared_daemon.client() as c:
+        c._probe()
+        assert c.status()["state"] == "ready"
+        assert c._probe_sent is False
+        assert not any(m.get("type") == "pong" for m in c._replies)
+        assert c.complete("hello world", max_tokens=5).token_ids

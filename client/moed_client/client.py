@@ -32,6 +32,11 @@ from .errors import DaemonNotRunning, MoedError, ProtocolMismatch, RequestError,
 
 DEFAULT_TIMEOUT_S = 120.0  # longest wait for any one reply or token (a first token may wait for a busy batch)
 CONNECT_TIMEOUT_S = 5.0
+# After this long without a word from the daemon, a waiting client pings it; with no pong
+# within as long again, the daemon is gone (killed, crashed) and the wait ends at once
+# instead of at ``timeout``. The front answers pings while the engine is busy.
+LIVENESS_S = 5.0
+LIVENESS_NONCE = "moed-client-liveness"
 
 
 @dataclass
@@ -107,6 +112,12 @@ def request_frame(msg: dict) -> bytes:
 def _check_socket(endpoint: str) -> None:
     if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://") :]):
         raise DaemonNotRunning(f"moed is not running (no socket at {endpoint[len('ipc://'):]}); start it with `moectl start` or `moed serve`")
+
+
+def _same_daemon(server: dict | None, pong: dict) -> None:
+    """A pong from another daemon instance means ours restarted: its requests are gone."""
+    if server and pong.get("instance_id") and pong["instance_id"] != server.get("instance_id"):
+        raise DaemonNotRunning("moed restarted (a new instance answers); requests in flight were lost", code="restarted")
 
 
 def _hello_reply(msg: dict, endpoint: str) -> dict:
@@ -232,6 +243,7 @@ class Client(_Base):
         self._inbox: dict[str, collections.deque] = {}
         self._replies: collections.deque = collections.deque()  # replies that carry no request id
         self._abandoned: set[str] = set()
+        self._probe_sent = False
 
     def connect(self) -> dict:
         """Say hello (done lazily by every call); the daemon's hello reply."""
@@ -308,12 +320,22 @@ class Client(_Base):
 
     def _receive(self, deadline: float | None, not_running: bool = False) -> None:
         """Receive one message into the inbox it belongs to."""
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._sock.poll(None if wait is None else int(wait * 1000)):
-            if not_running:
-                raise DaemonNotRunning(f"moed does not answer on {self.endpoint} (socket present but no reply in {self.connect_timeout:g} s)")
-            raise Timeout(f"no reply from moed within {wait if wait is not None else 0:.3g} s")
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            slice_s = LIVENESS_S if wait is None else min(wait, LIVENESS_S)
+            if self._sock.poll(int(slice_s * 1000)):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                if not_running:
+                    raise DaemonNotRunning(f"moed does not answer on {self.endpoint} (socket present but no reply in {self.connect_timeout:g} s)")
+                raise Timeout(f"no reply from moed on {self.endpoint} within the timeout")
+            if not not_running:
+                self._probe()
         msg = P.unpack(self._sock.recv())
+        self._probe_sent = False  # any message shows the daemon is alive
+        if msg.get("type") == P.PONG and msg.get("nonce") == LIVENESS_NONCE:
+            _same_daemon(self.server, msg)
+            return
         rid = msg.get("id")
         if isinstance(rid, str) and rid in self._abandoned:
             if msg.get("type") in (P.DONE, P.ERROR):
@@ -323,6 +345,16 @@ class Client(_Base):
             self._inbox[rid].append(msg)
         else:
             self._replies.append(msg)
+
+    def _probe(self) -> None:
+        """A silent wait: ping the daemon, or give up if the last ping went unanswered."""
+        if self._probe_sent:
+            raise DaemonNotRunning(f"moed stopped answering on {self.endpoint} (no reply to a ping in {LIVENESS_S:g} s)")
+        try:
+            self._sock.send(P.pack({"type": P.PING, "nonce": LIVENESS_NONCE}), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise DaemonNotRunning(f"moed is gone from {self.endpoint}") from None
+        self._probe_sent = True
 
     def _reply(self, kind: str, timeout: float | None, not_running: bool = False) -> dict:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -378,10 +410,7 @@ class AsyncStream:
 
     async def __anext__(self) -> Chunk:
         while self._open:
-            try:
-                msg = await asyncio.wait_for(self._queue.get(), self._timeout)
-            except asyncio.TimeoutError:
-                raise Timeout(f"no token from moed within {self._timeout:g} s") from None
+            msg = await self._next_message()
             if msg is None:  # the client closed under us
                 self._open = False
                 raise MoedError("client closed", code="closed")
@@ -395,6 +424,23 @@ class AsyncStream:
                 break
             return chunk
         raise StopAsyncIteration
+
+    async def _next_message(self) -> dict | None:
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            slice_s = LIVENESS_S if wait is None else min(wait, LIVENESS_S)
+            try:
+                return await asyncio.wait_for(self._queue.get(), slice_s)
+            except asyncio.TimeoutError:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Timeout(f"no token from moed within {self._timeout:g} s")
+            try:  # silence: is the daemon still there?
+                pong = await self._client._request({"type": P.PING, "nonce": LIVENESS_NONCE}, P.PONG, LIVENESS_S)
+            except Timeout:
+                raise DaemonNotRunning(f"moed stopped answering on {self._client.endpoint} (no reply to a ping in {LIVENESS_S:g} s)") from None
+            _same_daemon(self._client.server, pong)
 
     def _end(self):
         self._open = False
