@@ -255,12 +255,21 @@ def ratios(limits: dict, disk: dict, peers: dict, moed: dict) -> dict:
                                       "daemon ping p50 / bare zmq+msgpack round trip p50 (lower is better)", "us")
     out["token_ipc_vs_stream_floor"] = _ratio(_get(daemon, "ipc", "per_token_overhead_us"), ipc.get("stream_us_per_msg"),
                                               "per-token overhead through the daemon / bare zmq stream cost per message", "us")
+    random_best = disk.get("random_best_gb_s")
+    sequential = _get(disk, "sequential", "gb_s")
     for r in _get(moed, "daemon_residency", "runs") or []:
         tag = f"{r['residency']:.0%}{'_prefetch' if r['prefetch'] else ''}"
         out[f"daemon_lazy_{tag}_vs_stock"] = _ratio(r.get("decode_tok_s"), stock,
                                                     f"moed daemon, lazy experts at {tag}, one client / stock all resident", "tok/s")
-    random_best = disk.get("random_best_gb_s")
-    sequential = _get(disk, "sequential", "gb_s")
+        e = r.get("experts") or {}
+        if e.get("bytes_read") and e.get("load_time_s"):
+            out[f"daemon_lazy_{tag}_load_vs_random_pread"] = _ratio(
+                e["bytes_read"] / e["load_time_s"] / 1e9, random_best,
+                "daemon's expert-load bandwidth (bytes read / load time) / best 1-4 MB random pread bandwidth", "GB/s")
+        if e.get("disk_bytes_per_token") and r.get("decode_tok_s"):
+            out[f"daemon_lazy_{tag}_disk_demand_vs_sequential"] = _ratio(
+                e["disk_bytes_per_token"] * r["decode_tok_s"] / 1e9, sequential,
+                "expert bytes read per token x tok/s / uncached sequential disk bandwidth (above 1: served from the page cache)", "GB/s")
     for m in _get(moed, "experts", "models") or []:
         for r in expert_runs(m):
             tag = f"{r.get('residency', 0):.0%}{'_prefetch' if r['prefetch'] else ''}"

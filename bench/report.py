@@ -167,10 +167,23 @@ if __name__ == "__main__":
     import json
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.report RESULT.json  (rewrites RESULT.md and the plots next to it)")
-    path = Path(sys.argv[1])
+    args = [a for a in sys.argv[1:] if a != "--recompute-ratios"]
+    if len(args) != 1:
+        sys.exit("usage: python -m bench.report [--recompute-ratios] RESULT.json\n"
+                 "  rewrites RESULT.md and the plots next to it; --recompute-ratios derives 'ratios' again from the\n"
+                 "  measured sections with this version's formulas (recorded under 'ratios_recomputed')")
+    path = Path(args[0])
     data = json.loads(path.read_text())
+    if "--recompute-ratios" in sys.argv:
+        import time
+
+        from bench.__main__ import ratios
+
+        for label in data["peers"]:
+            data["ratios"][label] = ratios(data["limits"], data["limits"]["disk"].get(label, {}),
+                                           data["peers"][label], data["moed"].get(label, {}))
+        data["ratios_recomputed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        path.write_text(json.dumps(data, indent=1, default=str))
     text = markdown(data)
     path.with_suffix(".md").write_text(text)
     print(text)
