@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from moed_client import protocol as P
 
-LIVE = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+LIVE = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 FINALS = (P.DONE, P.ERROR)
 
 

@@ -200,7 +200,7 @@ openai_fields = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=openai_fields)
 def test_http_hostile_bodies_get_client_errors(gated, path, body):
     for name in ("max_tokens", "max_completion_tokens"):
