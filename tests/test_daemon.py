@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from moed_client import Client, RequestError, protocol as P
+from moed_client import RequestError, protocol as P
 
 PROMPTS = ["hello world", "the quick brown fox", "def main():", "user assistant"]
 
