@@ -100,7 +100,7 @@ def model_info(path: Path) -> dict:
     return info
 
 
-def default_model(smoke: bool) -> tuple[Path, str]:
+def default_model() -> tuple[Path, str]:
     from moed.models import embedded_model_path
 
     embedded = embedded_model_path()
@@ -116,7 +116,7 @@ def default_model(smoke: bool) -> tuple[Path, str]:
 
 def synth_model(spec: str, root: Path) -> Path:
     """``shape:size[:routing[:layout]]`` -> a checkpoint under ``root`` (reused if already there)."""
-    from bench.synth import generate, measure_routing, parse_size
+    from bench.synth import generate, parse_size
 
     parts = spec.split(":")
     shape, size = parts[0], parts[1]
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     for spec in args.synth:
         models.append((synth_model(spec, args.synth_dir), f"synth {spec}"))
     if not models:
-        models.append(default_model(args.smoke))
+        models.append(default_model())
     result = {"started": started, "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "smoke": args.smoke, "tokens": args.tokens, "repeats": args.repeats,
               "concurrency": list(args.concurrency), "residencies": list(args.residency), "machine": machine()}
