@@ -9,7 +9,7 @@ Shapes (4-bit affine, group 64; the number of layers is chosen to reach --size):
   1.97 MB with float32 scales), top-10.
 - ``mixtral``: mlx-lm's ``mixtral`` class with Mixtral-8x7B's shapes: hidden 4096,
   8 experts of 3 x 4096x14336 (about 88 MB at 4 bits), top-2.
-- ``tiny``: qwen3-next in miniature (hidden 256, 32 experts) for tests.
+- ``tiny``, ``tiny-mixtral``: the same families in miniature (hidden 256) for tests.
 
 Layouts: ``stacked`` is mlx-lm's own (``...switch_mlp.gate_proj.weight`` of shape
 [experts, ...]); ``per-expert`` is the Hugging Face layout
@@ -70,11 +70,13 @@ SHAPES = {
     "tiny": dict(_COMMON_QWEN, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4,
                  moe_intermediate_size=128),
+    "tiny-mixtral": dict(model_type="mixtral", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                         rope_theta=1e6, tie_word_embeddings=False),
 }
 # Per-expert names on disk (Hugging Face layout) for the stacked projection names.
-PER_EXPERT = {
-    "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}),
-}
+_MIXTRAL_NAMES = ("block_sparse_moe", {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"})
+PER_EXPERT = {"mixtral": _MIXTRAL_NAMES, "tiny-mixtral": _MIXTRAL_NAMES}
 
 _TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
