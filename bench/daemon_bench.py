@@ -5,7 +5,8 @@
 Figures (all medians over ``repeats``; greedy, so both sides produce the same tokens):
 - ``single``: decode tok/s and time to first token, in-process mlx-lm vs one client
   through the daemon (client-side clocks), their ratio (target >= 0.97) and the TTFT
-  overhead. In-process is the faster of ``mlx_lm.stream_generate`` (what
+  overhead. In-process runs in a child process of its own session, as the daemon does,
+  and alternates with the daemon runs, so both see the same machine. In-process is the faster of ``mlx_lm.stream_generate`` (what
   ``mlx_lm.generate`` runs) and its bare ``generate_step`` loop;
 - ``concurrency``: aggregate tok/s with 1, 2, 4, 8 clients generating at once
   (target: 4 clients >= 2x one client);
@@ -42,6 +43,42 @@ def prompt(i: int) -> str:
 
 def rate(n_tokens: int, first: float, last: float) -> float | None:
     return (n_tokens - 1) / (last - first) if n_tokens > 1 and last > first else None
+
+
+class InProcessWorker:
+    """mlx-lm in a child process of its own session.
+
+    Linux groups a session's processes for CPU fairness (sched autogroup); the daemon
+    runs in its own session, so the in-process side must too, or on a busy machine
+    the comparison measures the scheduler rather than moed.
+    """
+
+    def __init__(self, model: Path, tokens: int):
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.daemon_bench", "--worker", str(model), "--tokens", str(tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("in-process worker failed to start")
+
+    def run(self, p: str) -> dict:
+        self.proc.stdin.write(json.dumps(p) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def worker(model: Path, tokens: int) -> None:
+    model_and_tokenizer = load_in_process(model)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(in_process(*model_and_tokenizer, [json.loads(line)], tokens)[0]), flush=True)
 
 
 def load_in_process(model_dir: Path):
@@ -175,7 +212,7 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
         "tokens": tokens,
         "repeats": repeats,
     }
-    model_and_tokenizer = load_in_process(model)
+    local = InProcessWorker(model, tokens)
 
     progress("starting moed")
     d = DaemonProcess(model, ("--max-batch", str(max(concurrency))))
@@ -188,7 +225,7 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
             progress(f"in-process mlx-lm and one client, alternating: {repeats} x {tokens} tokens")
             base, served = [], []
             for p in prompts:
-                base += in_process(*model_and_tokenizer, [p], tokens)
+                base.append(local.run(p))
                 served.append(through_daemon(c, p, tokens))
             pings = []
             for _ in range(200):
@@ -244,6 +281,7 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
         result["concurrency"] = {"runs": runs, "target_4_clients_speedup": 2.0, "four_clients_speedup": four["speedup_vs_one"] if four else None}
     finally:
         d.kill()
+        local.close()
     return result
 
 
@@ -254,7 +292,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--concurrency", type=lambda t: tuple(int(x) for x in t.split(",")), default=CONCURRENCY, help="e.g. 1,2,4,8")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.tokens)
+        return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = run(args.model, tokens=args.tokens, repeats=args.repeats, concurrency=args.concurrency, progress=log)
     text = json.dumps(result, indent=1)
