@@ -58,15 +58,15 @@ def load_model(path: Path, *, capacity=None, memory_budget=None, approximate=Fal
 
 
 def model_info(path: Path, model) -> dict:
-    from moed.models import read_config
+    from moed.models import display_name, expert_count, read_config
 
     config = read_config(path)
     text_config = config.get("text_config", config)
     return {
-        "name": path.name,
+        "name": display_name(path),
         "path": str(path),
         "model_type": config.get("model_type"),
-        "num_experts": text_config.get("num_experts") or text_config.get("num_local_experts") or text_config.get("n_routed_experts"),
+        "num_experts": expert_count(config),
         "num_experts_per_tok": text_config.get("num_experts_per_tok"),
         "num_layers": text_config.get("num_hidden_layers"),
         "vocab_size": text_config.get("vocab_size"),
