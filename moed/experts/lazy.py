@@ -51,6 +51,7 @@ class MoESite:
     switch: nn.Module
     block: nn.Module  # the MoE block (router + experts)
     num_experts: int
+    layer_module: nn.Module | None = None  # the decoder layer holding the block
 
 
 def _projections(module) -> dict[str, nn.Module]:
@@ -73,7 +74,8 @@ def find_moe_sites(model: nn.Module) -> list[MoESite]:
         n = {p.weight.shape[0] for p in _projections(mod).values()}
         if len(n) != 1:
             continue
-        sites.append(MoESite(layer, path, parent, attr, mod, parent, n.pop()))
+        grand = modules.get(parent_path.rpartition(".")[0]) if parent_path else None
+        sites.append(MoESite(layer, path, parent, attr, mod, parent, n.pop(), grand))
     return sorted(sites, key=lambda s: s.layer)
 
 
@@ -85,6 +87,13 @@ def find_router(block: nn.Module, num_experts: int):
             return child
     gate = block.get("gate") if hasattr(block, "get") else None
     return gate if isinstance(gate, nn.Module) else None
+
+
+def find_pre_expert_norm(site: MoESite):
+    """The RMSNorm the decoder layer applies before its MoE block
+    (``post_attention_layernorm`` in every mlx-lm MoE family), or None."""
+    norm = site.layer_module.get("post_attention_layernorm") if site.layer_module is not None else None
+    return norm if isinstance(norm, nn.RMSNorm) else None
 
 
 def expert_parts(ckpt: Checkpoint, site: MoESite) -> list[Part]:

@@ -21,10 +21,14 @@ Threading model
 Predictors (each measured in ``stats()``, whether or not it drives loads)
 -------------------------------------------------------------------------
 * ``gate+1``/``gate+2``: the router of layer l+1 (l+2) applied to layer l's
-  input (speculative gating). Drives loads in sync mode.
+  expert input, carried over from layer l's pre-expert norm to l+1's
+  (speculative gating); linear routers name 2 x top-k guesses. Drives loads in
+  sync mode.
 * ``runahead``: a speculative pass's own choices for the layers after its first
   miss. Drives loads for the redo.
 * ``persistence``: the previous forward's experts at the same layer.
+* ``gate+1|persistence``: both together, the set the prefetcher actually
+  works from (gate+1 names what to load, persistence what to keep).
 * ``profile``: the most active experts of a saved profile (see profile.py);
   drives pinning and the initial fill.
 """
@@ -40,11 +44,11 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import LayerCache
-from .lazy import find_router
+from .lazy import find_pre_expert_norm, find_router
 
 log = logging.getLogger("moed.experts.prefetch")
 
-PREDICTORS = ("gate+1", "gate+2", "runahead", "persistence", "profile")
+PREDICTORS = ("gate+1", "gate+2", "runahead", "persistence", "profile", "gate+1|persistence")
 
 
 class _Score:
@@ -65,10 +69,12 @@ class _Score:
 
 
 class Prefetcher:
-    def __init__(self, manager, *, workers: int = 4, depth: int = 2, load_ahead: bool = True):
+    def __init__(self, manager, *, workers: int = 4, depth: int = 2, width: int = 2, load_ahead: bool = True):
         self.manager = manager
         self.caches: list[LayerCache] = manager.caches
         self.routers = [find_router(s.block, s.num_experts) for s in manager.sites]
+        self.norms = [find_pre_expert_norm(s) for s in manager.sites]
+        self.width = width
         self.depth = depth
         self.trace_every = 4
         self.load_ahead = load_ahead
@@ -92,14 +98,24 @@ class Prefetcher:
         self._closed = False
 
     # -- predictions -------------------------------------------------------
-    def _route(self, position: int, x, k: int):
+    def _route(self, position: int, x, k: int, source: int | None = None):
+        """The experts layer ``position``'s router would pick for ``x``, the
+        input of layer ``source``'s experts: ``x`` is first moved from that
+        layer's pre-expert norm to this one's (an RMSNorm is scale-free, so
+        rms_norm(x / w_source) * w_position is what this layer's norm makes of
+        the same residual). Linear routers name ``width`` x top-k guesses."""
         router = self.routers[position]
         if router is None:
             return None
+        if source is not None and self.norms[source] is not None and self.norms[position] is not None:
+            src, dst = self.norms[source], self.norms[position]
+            w = src.weight
+            x = mx.fast.rms_norm(x / mx.where(mx.abs(w) < 1e-6, 1.0, w), dst.weight, dst.eps)
         out = router(x)
-        if isinstance(out, tuple):  # MoEGate: (indices, scores)
+        if isinstance(out, tuple):  # MoEGate: (indices, scores), its own top-k
             return out[0]
-        return mx.argpartition(-out, kth=k - 1, axis=-1)[..., :k]
+        n = min(k * self.width, out.shape[-1])
+        return mx.argpartition(-out, kth=n - 1, axis=-1)[..., :n]
 
     def predict(self, position: int, x, indices) -> list[tuple[int, mx.array, int]]:
         """Lazy guesses ``(layer position, expert ids, steps ahead)`` of the next
@@ -110,7 +126,7 @@ class Prefetcher:
             j = position + step
             if j >= len(self.caches):
                 break
-            guess = self._route(j, x, k)
+            guess = self._route(j, x, k, source=position)
             if guess is not None:
                 out.append((j, guess, step))
         return out
@@ -123,7 +139,7 @@ class Prefetcher:
             return
         j = position + 1
         if j < len(self.caches) and self.routers[j] is not None:
-            self._traces.append((j, self._route(j, x, indices.shape[-1])))
+            self._traces.append((j, self._route(j, x, indices.shape[-1], source=position)))
 
     def pending_traces(self) -> list:
         return [g for _, g in self._traces]
@@ -219,6 +235,9 @@ class Prefetcher:
                 self.scores[name].add(guess, needed)
         if self.previous[position]:
             self.scores["persistence"].add(self.previous[position], needed)
+            gate = self._predicted.get(("gate+1", position))
+            if gate is not None:  # what to load (gate) plus what to keep (persistence)
+                self.scores["gate+1|persistence"].add(gate | self.previous[position], needed)
         if self.prior[position]:
             self.scores["profile"].add(self.prior[position], needed)
         self._current[position] = set(needed.tolist())
