@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -327,6 +328,9 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         summary = _summary(best, ref, stock, raw.get("gb_s"))
         summary["residency"] = todo[name][0]
         summary["all_decode_tps"] = [r["decode_tps"] for r in runs]
+        # paired with the stock run of the same round: robust to slow drifts in machine load
+        summary["median_paired_vs_stock"] = statistics.median(
+            r["decode_tps"] / s["decode_tps"] for r, s in zip(runs, rounds["stock"]))
         summary["exact_every_round"] = all([x["tokens"] for x in r["runs"]] == ref for r in runs)
         if todo[name][1].get("approximate"):
             summary["nll_of_exact_tokens"] = [x.get("nll_of_reference") for x in best["runs"]]
@@ -335,6 +339,19 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         exact = _subprocess(model_dir, num_experts, tokens, prompts, uncached, profile=None, reference=ref)
         out["exact_nll_of_exact_tokens"] = [x.get("nll_of_reference") for x in exact.get("runs", [])]
     c = out["configs"]
+
+    def paired(a: str, b: str):
+        if a not in rounds or b not in rounds or any("error" in r for r in rounds[a] + rounds[b]):
+            return None
+        return statistics.median(x["decode_tps"] / y["decode_tps"] for x, y in zip(rounds[a], rounds[b]))
+
+    out["median_paired_ratios"] = {
+        "lazy_100_vs_stock": paired("lazy-100", "stock"),
+        "prefetch_50_vs_all_resident": paired("prefetch-50", "lazy-100"),
+        "prefetch_50_vs_on_demand_50": paired("prefetch-50", "on-demand-50"),
+        "prefetch_25_vs_all_resident": paired("prefetch-25", "lazy-100"),
+        "prefetch_25_vs_on_demand_25": paired("prefetch-25", "on-demand-25"),
+    }
     out["targets"] = {
         "lazy_100_vs_stock": c.get("lazy-100", {}).get("speed_vs_stock"),
         "exact_everywhere": all(v.get("exact_every_round") for k, v in c.items() if not k.startswith("approximate")),
