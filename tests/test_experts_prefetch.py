@@ -110,3 +110,33 @@ def test_close_joins_threads_within_a_second(family_dir):
     assert time.monotonic() - t0 < 1.0
     assert not any(t.is_alive() for t in pool_threads)
     assert not [t for t in threading.enumerate() if t.name.startswith("moed-prefetch")]
+
+
+@pytest.mark.parametrize("mode", ["speculative", "sync"])
+def test_slow_disk_loads_overlap_forwards_exactly(family_dir, reference, monkeypatch, mode):
+    """Every read takes 3 ms, so prefetches are still in flight while later
+    forwards run and evict: installs and evictions must never reach a slot the
+    model is reading (tokens exact, maps consistent)."""
+    from moed.experts.store import Reader
+
+    real = Reader.read_into
+
+    def slow(self, extent, buf):
+        time.sleep(0.003)
+        return real(self, extent, buf)
+
+    monkeypatch.setattr(Reader, "read_into", slow)
+    for family in ("glm4_moe",):
+        model, tok, manager = load_model(family_dir[family], capacity=3, decode_mode=mode, profile=None)
+        try:
+            manager.prefetcher.depth = 3
+            for _ in range(2):
+                assert greedy_tokens(model, tok) == reference[family]
+            pf = manager.stats()["prefetch"]
+            assert pf["completed"] > 0
+            for c in manager.caches:
+                for s, e in enumerate(c.expert_in):
+                    assert e < 0 or c.slot_of[e] == s
+                assert (c.slot_of >= 0).sum() <= c.capacity
+        finally:
+            manager.close()
