@@ -142,8 +142,11 @@ class DaemonProcess:
         self.socket = self.runtime_dir / "moed.sock"
         self.env = {**os.environ, "MOED_RUNTIME_DIR": str(self.runtime_dir), "MOED_LOG_DIR": str(self.log_dir), **(env or {})}
         cmd = [sys.executable, "-m", "moed.daemon", "serve", *(["--model", str(model)] if model else []), *map(str, args)]
+        # A file, not a pipe: nobody reads a pipe while the daemon runs, and once its 64 KiB fill up the
+        # daemon blocks in its next log write (a long soak wedged the front that way).
+        self._out = tempfile.TemporaryFile()
         # A session of its own: cleanup kills the whole group, engine included, whatever state it is in.
-        self.proc = subprocess.Popen(cmd, env=self.env, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=self.env, cwd=REPO, start_new_session=True, stdout=self._out, stderr=subprocess.STDOUT)
         self.engine_pids: set[int] = set()
 
     @property
@@ -193,7 +196,8 @@ class DaemonProcess:
     def output(self) -> str:
         if self.proc.poll() is None:
             return "(still running)"
-        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+        self._out.seek(0)
+        return self._out.read().decode(errors="replace")
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
@@ -213,8 +217,7 @@ class DaemonProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        self._out.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
