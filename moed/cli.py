@@ -302,7 +302,9 @@ def spawn_detached(cfg: Config) -> subprocess.Popen:
     log = console_log(cfg)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MOED_LOG_DIR=str(cfg.log_path().parent), **import_path_env())
-    with open(log, "ab") as out:
+    # 0600 like the daemon's own logs: with --debug this file holds prompts too.
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
+        os.chmod(log, 0o600)
         return subprocess.Popen(
             daemon_argv(cfg),
             stdin=subprocess.DEVNULL,
