@@ -545,7 +545,7 @@ def run_soak(socket: Path, *, requests: int, clients: int, seed: int = 0, max_pr
         slot_doors = assign_doors(clients, open_doors)
         warm_doors(open_doors)  # the gateway opens its own daemon connection on first use: not a leak
         plan = make_plan(requests, seed, max_prompt, max_tokens, kill_every, vocab=vocab)
-        soak = Soak(open_doors, slot_doors, plan, warmup if warmup is not None else max(clients, requests // 20), c, final_timeout)
+        soak = Soak(open_doors, slot_doors, plan, warmup if warmup is not None else max(clients, requests // 10), c, final_timeout)
         soak._plan_by_n = {s["n"]: s for s in plan}
         report = soak.run(progress)
     report["config"] = {"requests": requests, "clients": clients, "doors": {d: slot_doors.count(d) for d in open_doors},
