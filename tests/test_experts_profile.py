@@ -139,3 +139,17 @@ def test_shipped_profile_matches_embedded_model():
     prof = profiles.read_profile(shipped, model)
     assert prof is not None, f"the shipped profile is for another revision of the embedded model; {fix}"
     assert prof["num_experts"] > 0 and prof["layers"]
+
+
+def test_revision_sees_new_weights_of_the_same_shapes(family_dir, tmp_path):
+    """A retrained model keeps config and header; its revision must still change."""
+    path = tmp_path / "m"
+    shutil.copytree(family_dir["qwen3_moe"], path)
+    before = profiles.model_revision(path)
+    shard = path / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    for i in range(8 + n, len(data), 997):  # nudge bytes all over the data, as training would
+        data[i] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert profiles.model_revision(path) != before
