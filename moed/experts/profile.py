@@ -10,8 +10,8 @@ with a warning.
 **Warm state** is the resident set at shutdown, keyed by model revision and
 capacity; it is restored at the next start, and discarded when either differs.
 
-The revision is a fingerprint of config.json and the shards' headers (names,
-sizes, tensor layout): any change to the weights' files changes it.
+The revision is a hub snapshot's commit, or a fingerprint of config.json,
+the shards' headers and samples of their data (see ``model_revision``).
 """
 
 from __future__ import annotations
