@@ -283,6 +283,7 @@ class ExpertManager:
         used = None
         if self.prefetcher is not None:
             self.prefetcher.install_ready()
+            self.prefetcher.scoring = decode
         try:
             if all(c.complete for c in self.caches):
                 self._mode = "direct"

@@ -18,8 +18,8 @@ Threading model
   the pass is seen as missing by the residency check afterwards, which forces
   the exact redo (see lazy.py), so a stale read can never reach the output.
 
-Predictors (each measured in ``stats()``, whether or not it drives loads)
--------------------------------------------------------------------------
+Predictors (each scored in ``stats()`` on decode steps, whether or not it drives loads)
+--------------------------------------------------------------------------------
 * ``gate+1``/``gate+2``: the router of layer l+1 (l+2) applied to layer l's
   expert input, carried over from layer l's pre-expert norm to l+1's
   (speculative gating); linear routers name 2 x top-k guesses. Drives loads in
@@ -77,6 +77,7 @@ class Prefetcher:
         self.width = width
         self.depth = depth
         self.trace_every = 4
+        self.scoring = True  # set per forward by the manager: score predictors on decode steps only
         self.load_ahead = load_ahead
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moed-prefetch")
         self.workers = workers
@@ -229,6 +230,9 @@ class Prefetcher:
         self.needed += len(needed)
         self.resident_at_need += resident
         self.inflight_at_need += inflight
+        self._current[position] = set(needed.tolist())
+        if not self.scoring:  # predictors are scored on decode steps: a prefill's union of guesses says little
+            return
         for name in ("gate+1", "gate+2", "runahead"):
             guess = self._predicted.get((name, position))
             if guess is not None:
@@ -240,7 +244,6 @@ class Prefetcher:
                 self.scores["gate+1|persistence"].add(gate | self.previous[position], needed)
         if self.prior[position]:
             self.scores["profile"].add(self.prior[position], needed)
-        self._current[position] = set(needed.tolist())
 
     def after_pass(self, seen, first) -> None:
         """After a speculative pass: score its gate+1 traces; on a miss start
