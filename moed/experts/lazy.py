@@ -14,9 +14,11 @@ that per layer costs one sync per layer per token. Instead a forward runs
 recording every layer's expert ids; one evaluation at the end reads them all
 back. All resident: done, one readback. Something missing: the KV caches are
 trimmed back by the tokens just fed, and the forward is redone in *sync* mode,
-where layers before the first miss run as before (their input is unchanged, so
-their experts are the same and resident) and each later layer reads back its
+where layers before the first miss return the speculative pass's outputs
+(same input, all experts resident) and each later layer reads back its
 choice, loads what it misses, then computes. Output is exact either way.
+Long prefill chunks and miss-heavy decoding go to sync mode directly (see
+``ExpertManager``); docs/experts.md has the whole scheme.
 """
 
 from __future__ import annotations
