@@ -154,9 +154,12 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         manager.reader.uncached = True
     load_s = time.perf_counter() - t0
     rss_loaded = process_rss_bytes()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    # quality first, from the cold cache a fresh start has (approximate mode skips most then):
+    # NLL of the exact continuation, fed one token per forward as decoding does
+    nll = [teacher_forced_nll(model, tok, text, ref) for text, ref in zip(texts, reference)] if reference else None
     runs = []
-    for prompt in prompts:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    for text in texts:
         out, last = [], None
         t = time.perf_counter()
         for r in mlx_lm.stream_generate(model, tok, text, max_tokens=tokens):
@@ -164,8 +167,8 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
             last = r
         runs.append({"tokens": out, "decode_tps": last.generation_tps, "prefill_tps": last.prompt_tps,
                      "wall_s": time.perf_counter() - t})
-        if reference is not None:  # quality: NLL of the exact continuation under this model
-            runs[-1]["nll_of_reference"] = teacher_forced_nll(model, tok, text, reference[len(runs) - 1])
+        if nll is not None:
+            runs[-1]["nll_of_reference"] = nll[len(runs) - 1]
     result = {
         "capacity": capacity,
         "load_s": load_s,

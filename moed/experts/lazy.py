@@ -356,6 +356,8 @@ class ExpertManager:
         speculative pass's choices are the best guess for the redo's) and the
         experts this pass used are kept from eviction until the forward ends.
         """
+        if self.prefetcher is not None:
+            self.prefetcher.absorb_traces()
         seen, ids = [], []
         for cache, ind in self._records:
             ids.append(np.array(ind))

@@ -245,13 +245,16 @@ class Prefetcher:
         if self.prior[position]:
             self.scores["profile"].add(self.prior[position], needed)
 
+    def absorb_traces(self) -> None:
+        """After a speculative pass's evaluation, before its needs are noted:
+        its gate+1 guesses become this forward's predictions to score."""
+        for j, guess in self._traces:
+            self._predicted[("gate+1", j)] = set(np.unique(np.array(guess)).tolist())
+        self._traces = []
+
     def after_pass(self, seen, first) -> None:
-        """After a speculative pass: score its gate+1 traces; on a miss start
-        loads for every layer's misses (runahead) before the redo."""
-        if self._traces:
-            for j, guess in self._traces:
-                self._predicted[("gate+1", j)] = set(np.unique(np.array(guess)).tolist())
-            self._traces = []
+        """On a speculative pass's miss, start loads for every layer's misses
+        (runahead) before the redo."""
         if first is None:
             return
         for position, cache, needed, missing in seen:
