@@ -155,6 +155,11 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
     load_s = time.perf_counter() - t0
     rss_loaded = process_rss_bytes()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    for text in texts:  # an id past the embedding table reads garbage: no reference, no exactness to check
+        top = max(list(text) if not isinstance(text, str) else tok.encode(text))
+        if vocab is not None and top >= vocab:
+            raise ValueError(f"{model_dir}: a prompt holds token id {top}, past the model's {vocab}-row embedding table")
     # quality first, from the cold cache a fresh start has (approximate mode skips most then):
     # NLL of the exact continuation, fed one token per forward as decoding does
     nll = [teacher_forced_nll(model, tok, text, ref) for text, ref in zip(texts, reference)] if reference else None

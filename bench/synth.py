@@ -94,24 +94,29 @@ def parse_size(text: str) -> int:
 def write_tokenizer(out: Path) -> dict:
     """A byte-level tokenizer with no merges (every byte is a token) plus chat specials.
 
-    ``<|im_end|>`` (EOS) has the highest id and the model's vocabulary stops
-    before it: a random model never ends a benchmark run early.
+    The EOS (``<|eos|>``) has the highest id and the model's vocabulary stops
+    before it: a random model never ends a benchmark run early. Every token the
+    chat template writes (``<|im_start|>``, ``<|im_end|>``) is inside the
+    vocabulary: an id past the embedding table is an out-of-bounds gather that
+    reads whatever memory lies there, so stock and lazy runs would start from
+    different garbage (NaN logits in stock, a different first token in moed).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eos|>"]
+    for special in specials:
         vocab[special] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.add_special_tokens(specials)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>", "pad_token": "<|endoftext|>",
          "chat_template": _TEMPLATE}))
-    return {"model_vocab": vocab["<|im_end|>"], "eos_token_id": vocab["<|im_end|>"]}
+    return {"model_vocab": vocab["<|eos|>"], "eos_token_id": vocab["<|eos|>"]}
 
 
 def _model(config: dict):

@@ -76,6 +76,14 @@ def test_synth_routing_knobs_and_layouts(tmpdir_short):
     assert (root / "uniform" / "model-00002-of-00003.safetensors").stat().st_ino == \
         (root / "skewed" / "model-00002-of-00003.safetensors").stat().st_ino
     uniform, skewed = stats["uniform"], stats["skewed"]
+    # Every id a chat prompt holds has an embedding row (an id past the table is an
+    # out-of-bounds gather: garbage, NaN logits in stock mlx-lm); the EOS stays out of reach.
+    import mlx.core as mx
+
+    model, tokenizer = mlx_lm.load(str(root / "skewed"))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert max(ids) < model.args.vocab_size <= min(tokenizer.eos_token_ids)
+    assert bool(mx.isfinite(model(mx.array(ids)[None])).all())
     assert uniform["mean_normalized_entropy"] > 0.9 > skewed["mean_normalized_entropy"] + 0.1
     assert skewed["mean_top25_share"] > uniform["mean_top25_share"] + 0.3
     assert uniform["mean_token_reuse"] < 0.3 < skewed["mean_token_reuse"]
