@@ -48,11 +48,12 @@ def watchdog_interval() -> float | None:
         return None
 
 
-def evict_file_cache(fd: int) -> bool:
-    """Drop a file's clean cached pages (Linux posix_fadvise DONTNEED); False where the OS has no such call."""
+def evict_file_cache(fd: int, offset: int = 0, length: int = 0) -> bool:
+    """Drop a file's clean cached pages (Linux posix_fadvise DONTNEED), all of
+    them or ``length`` bytes from ``offset``; False where the OS has no such call."""
     if not hasattr(os, "posix_fadvise"):
         return False
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     return True
 
 
