@@ -241,7 +241,7 @@ class Reader:
         if self.uncached:
             from moed.platform import evict_file_cache
 
-            evict_file_cache(fd)
+            evict_file_cache(fd, extent.offset, extent.nbytes)
         return elapsed
 
     def close(self) -> None:
