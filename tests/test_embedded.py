@@ -87,18 +87,26 @@ def test_greedy_generation_is_deterministic(loaded):
     assert generate(model, tokenizer, FIB) == first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (MODEL_CARD.md): the shipped model is undertrained for greedy decoding and "
-    "a prompt ending in a lone newline token is out of distribution for its tokenizer",
-)
+def test_newlines_are_tokens_of_their_own(loaded):
+    # A newline merged with the next line's indentation makes a prompt ending in "\n" out of
+    # distribution (greedy decoding then repeats newlines).
+    _, tokenizer = loaded
+    source = "def f(x):\n    if x:\n\n        return x\n"
+    pieces = [tokenizer.decode([t]) for t in tokenizer.encode(source)]
+    assert "".join(pieces) == source
+    assert all(p == "\n" or "\n" not in p for p in pieces), pieces
+    assert pieces.count("\n") == source.count("\n")
+
+
 def test_greedy_continuation_is_python_shaped(loaded):
     model, tokenizer = loaded
-    first = generate(model, tokenizer, FIB)
+    first = generate(model, tokenizer, FIB, tokens=48)
     # A trained model indents the body of a def; a random one almost never emits indentation first.
-    assert first.startswith(("    ", "\t")), first
+    assert first.startswith(("    ", "\t")), repr(first)
+    assert first.strip(), repr(first)  # not just blank lines
     words = set(re.findall(r"[A-Za-z_]+", first))
-    assert words & KEYWORDS, first
+    assert words & KEYWORDS, repr(first)
+    assert re.search(r"[A-Za-z_]\w*[.(]", first), repr(first)  # an attribute access or a call
 
 
 def test_sampling_is_deterministic_under_a_seed(loaded):
