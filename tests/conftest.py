@@ -108,6 +108,26 @@ def short_tmpdir(prefix: str = "moed-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_dirs():
+    """Keep every test (and every daemon it starts) away from the user's own config,
+    profiles and warm-start state: a test run must neither read nor leave them."""
+    root = Path(tempfile.mkdtemp(prefix="moed-user-"))
+    saved = {k: os.environ.get(k) for k in ("MOED_STATE_DIR", "MOED_PROFILE_DIR", "MOED_CONFIG")}
+    os.environ["MOED_STATE_DIR"] = str(root / "state")
+    os.environ["MOED_PROFILE_DIR"] = str(root / "profiles")
+    os.environ["MOED_CONFIG"] = str(root / "config.toml")
+    try:
+        yield root
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     path = short_tmpdir("moed-model-")
