@@ -29,7 +29,7 @@ log = logging.getLogger("moed.experts.profile")
 
 PROFILE_VERSION = 1
 STATE_VERSION = 1
-PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"  # shipped profiles (repo / sdist)
+PROFILES_DIR = Path(__file__).parent.parent / "profiles"  # shipped profiles: moed/profiles (a link to the repo's profiles/ in a checkout)
 
 PROMPT_MIX = [
     "Write a Python function that checks whether a string is a palindrome.",
