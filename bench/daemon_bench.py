@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from bench import emit, log
 
 CONCURRENCY = (1, 2, 4, 8)
 WORDS = ["the quick brown fox", "hello world", "a model of", "def main():", "user assistant", "once upon a time", "lazy dog", "this is moed"]
@@ -297,13 +298,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.worker, args.tokens)
         return 0
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = run(args.model, tokens=args.tokens, repeats=args.repeats, concurrency=args.concurrency, progress=log)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+    emit(result, args.out)
     return 0
 
 

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from bench import emit, log
 
 import msgpack
 
@@ -172,12 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args(argv)
-    result = run(args.model, repeats=args.repeats, tokens=args.tokens, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+    result = run(args.model, repeats=args.repeats, tokens=args.tokens, progress=log)
+    emit(result, args.out)
     return 0
 
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from bench import emit, log
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -440,15 +441,10 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(measure_one(**json.loads(args.one))))
         return 0
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
                  synthetic_layers=args.synthetic_layers, repeats=args.repeats, progress=log, checkpoint=save)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+    emit(result, args.out)
     return 0
 
 

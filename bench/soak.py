@@ -36,7 +36,6 @@ import os
 import queue
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import threading

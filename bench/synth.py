@@ -52,6 +52,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from bench import log
 
 GROUP_SIZE = 64
 BITS = 4
@@ -341,7 +342,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-measure", action="store_true", help="skip the routing statistics")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     info = generate(args.out, shape=args.shape, size=args.size, layers=args.layers, layout=args.layout,
                     routing=args.routing, embed_scale=args.embed_scale, persist=args.persist, zipf=args.zipf,
                     dtype=args.dtype, seed=args.seed, variant_of=args.variant_of, progress=log)

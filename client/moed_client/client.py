@@ -134,6 +134,18 @@ def _hello_reply(msg: dict, endpoint: str) -> dict:
     return msg
 
 
+class _StreamOutcome:
+    """What a finished request reports, shared by the blocking and the asyncio stream."""
+
+    _outcome: _Outcome
+
+    finish_reason = property(lambda self: self._outcome.finish_reason)
+    usage = property(lambda self: self._outcome.usage)
+    timings = property(lambda self: self._outcome.timings)
+    text = property(lambda self: self._outcome.text)
+    token_ids = property(lambda self: self._outcome.token_ids)
+
+
 class _Base:
     def __init__(self, socket: str | Path | None, timeout: float | None, connect_timeout: float, name: str, curve):
         self.endpoint = paths.endpoint(socket)
@@ -167,7 +179,7 @@ class _Base:
 # Blocking client
 
 
-class Stream:
+class Stream(_StreamOutcome):
     """Iterator over a request's chunks. ``finish_reason``, ``usage``, ``timings``, ``text`` after the end."""
 
     def __init__(self, client: "Client", request_id: str, timeout: float | None):
@@ -220,12 +232,6 @@ class Stream:
         for _ in self:
             pass
         return self._outcome.completion()
-
-    finish_reason = property(lambda self: self._outcome.finish_reason)
-    usage = property(lambda self: self._outcome.usage)
-    timings = property(lambda self: self._outcome.timings)
-    text = property(lambda self: self._outcome.text)
-    token_ids = property(lambda self: self._outcome.token_ids)
 
 
 class Client(_Base):
@@ -394,7 +400,7 @@ class Client(_Base):
 # asyncio client
 
 
-class AsyncStream:
+class AsyncStream(_StreamOutcome):
     """Async iterator over a request's chunks; ``aclose()`` (or ``async with``) cancels it."""
 
     def __init__(self, client: "AsyncClient", request_id: str, queue: asyncio.Queue, timeout: float | None):
@@ -470,12 +476,6 @@ class AsyncStream:
         async for _ in self:
             pass
         return self._outcome.completion()
-
-    finish_reason = property(lambda self: self._outcome.finish_reason)
-    usage = property(lambda self: self._outcome.usage)
-    timings = property(lambda self: self._outcome.timings)
-    text = property(lambda self: self._outcome.text)
-    token_ids = property(lambda self: self._outcome.token_ids)
 
 
 class AsyncClient(_Base):
