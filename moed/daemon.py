@@ -169,16 +169,16 @@ class EngineHandle:
 
 
 class Daemon:
-    def __init__(self, args, model_path: Path, runtime: RuntimeFiles):
+    def __init__(self, args, runtime: RuntimeFiles):
         self.args = args
-        self.model_path = model_path
+        self.model_path: Path | None = None  # set by resolve_model() once the socket answers
         self.runtime = runtime
         self.instance_id = uuid.uuid4().hex
         self.started = time.monotonic()
         self.ctx = zmq.asyncio.Context()
         self.state = "loading"
         self.progress = {"stage": "starting", "message": "starting the engine", "fraction": 0.0}
-        self.model: dict = {"name": model_path.name, "path": str(model_path)}
+        self.model: dict = {"name": args.model or "embedded", "path": None}
         self.engine: EngineHandle | None = None
         self.engine_stats: dict = {}
         self.requests: dict[int, Request] = {}  # seq -> request
@@ -544,6 +544,23 @@ class Daemon:
             if finish is not None:
                 self.finish(req, P.done(req.id, finish, ev["usage"], req.timings() | {"max_batch": ev.get("max_batch")}))
 
+    async def resolve_model(self) -> None:
+        """Find (or download) the model while the socket already answers, so that
+        ``status`` shows download progress however the daemon was started."""
+        from moed.models import ModelError, resolve_model
+
+        def progress(message: str, fraction: float | None) -> None:
+            self.progress = {"stage": "download", "message": message, "fraction": fraction}
+
+        self.progress = {"stage": "resolve", "message": f"finding model {self.args.model or 'embedded'}", "fraction": None}
+        try:
+            self.model_path = await asyncio.to_thread(resolve_model, self.args.model, progress)
+        except ModelError as e:
+            self.progress = {"stage": "failed", "message": str(e), "fraction": None}
+            self.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {e}")  # no request waits on a dead daemon
+            raise DaemonError(str(e)) from None
+        self.model = {"name": self.model_path.name, "path": str(self.model_path)}
+
     async def supervise(self) -> None:
         """Run engines until shutdown, restarting one that dies."""
         failures = 0
@@ -709,7 +726,7 @@ class Daemon:
         except http.GatewayError as e:
             raise DaemonError(str(e)) from None
         self.editor = await editor.open_door(self)
-        log.info("moed %s listening on %s (instance %s), model %s", VERSION, self.runtime.socket_path, self.instance_id, self.model_path)
+        log.info("moed %s listening on %s (instance %s), model %s", VERSION, self.runtime.socket_path, self.instance_id, self.args.model or "embedded")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, False)
@@ -720,6 +737,7 @@ class Daemon:
         if interval:
             tasks.append(asyncio.ensure_future(self.watchdog(interval)))
         try:
+            await self.resolve_model()
             await self.supervise()
             platform.notify("STOPPING=1")
             # Final replies (done/cancelled) are already queued; give libzmq a moment to flush them.
@@ -870,7 +888,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args) -> int:
     from moed.config import ConfigError
-    from moed.models import ModelError, resolve_model
 
     try:
         apply_config(args)
@@ -888,10 +905,8 @@ def serve(args) -> int:
         print(f"moed: {e}", file=sys.stderr)
         return 1
     try:
-        model_path = resolve_model(args.model)
-        daemon = Daemon(args, model_path, runtime)
-        return asyncio.run(daemon.run())
-    except (ModelError, DaemonError) as e:
+        return asyncio.run(Daemon(args, runtime).run())
+    except DaemonError as e:
         log.error("%s", e)
         print(f"moed: {e} (log: {logfile})", file=sys.stderr)
         return 1

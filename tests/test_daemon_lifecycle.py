@@ -226,6 +226,29 @@ def test_unloadable_model_exits_with_reason(tmp_path, test_model):
     assert "cannot load model" in proc.stderr
 
 
+def test_model_is_resolved_after_the_socket_answers(tmp_path):
+    """The daemon binds first and resolves the model after, so status can show a download;
+    a repo that cannot be had offline ends it with status 1 and a reason, and a client
+    waiting on it gets an error rather than silence."""
+    from conftest import short_tmpdir
+    from moed_client import Client
+
+    runtime = short_tmpdir()
+    env = {**os.environ, "MOED_RUNTIME_DIR": str(runtime), "MOED_LOG_DIR": str(runtime / "logs"),
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "moed.daemon", "serve", "--model", "moed-test/not-in-the-cache"],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert proc.returncode == 1
+    assert "not in the Hugging Face cache" in stderr and "offline" in stderr
+
+
 def test_lazy_experts_are_exact_and_reported(daemon, test_model):
     """--capacity passes through to moed.experts: output stays exact and status carries the manager's stats."""
     pytest.importorskip("moed.experts")
