@@ -314,7 +314,7 @@ async def test_bad_requests_get_an_error_and_the_connection_goes_on(door, messag
     assert err is None and result["text"] == "hello world"
 
 
-@pytest.mark.parametrize("message", [{"a": 1}, "hello", [9, 1, 2], [0, "x", "generate", [{}]], [0, -1, "generate", [{}]], [2, "whatever", []]])
+@pytest.mark.parametrize("message", [{"a": 1}, "hello", 5, 2.5, None, True, [9, 1, 2], [0, "x", "generate", [{}]], [0, -1, "generate", [{}]], [2, "whatever", []]])
 async def test_messages_without_a_valid_msgid_get_an_error_notification(door, message):
     server, _ = door
     c = await client(server)

@@ -137,6 +137,8 @@ def unpack(data: bytes) -> dict:
 def _depth(obj: Any) -> int:
     # Iterative, so a hostile message cannot blow the Python stack; only
     # containers are pushed, so a long flat array costs one C-speed scan.
+    if type(obj) is not dict and type(obj) is not list:
+        return 1  # a scalar: nothing nests in it
     deepest = 0
     stack = [(obj, 1)]
     while stack:
