@@ -103,6 +103,17 @@ def find_long_generation(client, seconds: float = 3.0) -> tuple[str, int, float]
     raise AssertionError(f"every prompt of {LONG_PROMPTS} ends before {max_tokens} tokens on this model")
 
 
+def wait_for(predicate, timeout=30.0, interval=0.02):
+    """Poll ``predicate`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
 def short_tmpdir(prefix: str = "moed-") -> Path:
     """A temp dir under /tmp: ipc socket paths must stay under ~100 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

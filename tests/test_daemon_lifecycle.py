@@ -9,23 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import wait_for
 
 from moed_client import Busy, EngineRestarted, ShuttingDown
 
 LONG = 30000  # more tokens than any test waits for; under the default context limit
-
-
-def wait_for(predicate, timeout=30.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_engine_killed_midstream_restarts(daemon):
@@ -163,7 +153,7 @@ def test_front_killed_engine_exits(daemon):
 def test_tcp_needs_curve_and_loopback(daemon, tmp_path):
     import zmq
 
-    from moed_client import Client, DaemonNotRunning
+    from moed_client import Client
     from moed_client import protocol as P
 
     env = {"MOED_CURVE_DIR": str(tmp_path / "curve")}
@@ -227,11 +217,9 @@ def test_unloadable_model_exits_with_reason(tmp_path, test_model):
 
 
 def test_model_is_resolved_after_the_socket_answers(tmp_path):
-    """The daemon binds first and resolves the model after, so status can show a download;
-    a repo that cannot be had offline ends it with status 1 and a reason, and a client
-    waiting on it gets an error rather than silence."""
+    """The daemon binds first and resolves the model after (so status can show a download);
+    a repo that cannot be had offline still ends it with status 1 and a reason."""
     from conftest import short_tmpdir
-    from moed_client import Client
 
     runtime = short_tmpdir()
     env = {**os.environ, "MOED_RUNTIME_DIR": str(runtime), "MOED_LOG_DIR": str(runtime / "logs"),

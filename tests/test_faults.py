@@ -20,21 +20,12 @@ from pathlib import Path
 
 import pytest
 import zmq
+from conftest import wait_for
 
 from moed_client import Client, EngineRestarted, MoedError
 from moed_client import protocol as P
 
 LONG = 30000
-
-
-def wait_for(predicate, timeout=30.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def alive(pid: int) -> bool:
