@@ -11,7 +11,8 @@ def _f(x, digits: int = 1, scale: float = 1.0) -> str:
     return f"{x * scale:.{digits}f}"
 
 
-def _get(d, *keys):
+def dig(d, *keys):
+    """d[k1][k2]... or None where a level is missing or not a map."""
     for k in keys:
         if not isinstance(d, dict):
             return None
@@ -27,7 +28,7 @@ def expert_runs(m: dict) -> list[dict]:
     for r in m.get("lazy") or []:
         runs.append(dict(r, name=f"{r.get('residency', 0):.0%}{' prefetch' if r.get('prefetch') else ''}"))
     for r in runs:
-        r.setdefault("hit_rate", _get(r, "stats", "hit_rate"))
+        r.setdefault("hit_rate", dig(r, "stats", "hit_rate"))
         r.setdefault("exact", r.get("exact_every_round"))
     return runs
 
@@ -41,23 +42,23 @@ def rows(result: dict, label: str) -> list[dict]:
                 "note": stock.get("not_measured") or (stock.get("error") or "")[:80]})
     server = peers.get("server", {})
     runs = {r["clients"]: r for r in server.get("runs", [])}
-    out.append({"name": "mlx_lm server (HTTP)", "tok_s": _get(runs, 1, "per_client_decode_tok_s"), "ttft_s": _get(runs, 1, "ttft_s"),
+    out.append({"name": "mlx_lm server (HTTP)", "tok_s": dig(runs, 1, "per_client_decode_tok_s"), "ttft_s": dig(runs, 1, "ttft_s"),
                 "clients": {n: r["aggregate_tok_s"] for n, r in runs.items()},
                 "note": server.get("not_measured") or server.get("error", "")[:80]})
     daemon = moed.get("daemon", {})
     single = daemon.get("single", {})
     out.append({"name": "moed daemon, all resident", "tok_s": single.get("daemon_decode_tok_s"), "ttft_s": single.get("daemon_ttft_s"),
-                "clients": {r["clients"]: r["aggregate_tok_s"] for r in _get(daemon, "concurrency", "runs") or []},
+                "clients": {r["clients"]: r["aggregate_tok_s"] for r in dig(daemon, "concurrency", "runs") or []},
                 "note": daemon.get("not_measured", "")})
-    for r in _get(moed, "daemon_residency", "runs") or []:
+    for r in dig(moed, "daemon_residency", "runs") or []:
         out.append({"name": f"moed daemon, {r['residency']:.0%} experts resident{', prefetch' if r['prefetch'] else ''}",
                     "tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
                     "clients": {c["clients"]: c["aggregate_tok_s"] for c in r.get("concurrency", [])},
-                    "disk_per_token": _get(r, "experts", "disk_bytes_per_token"), "hit_rate": _get(r, "experts", "hit_rate"),
+                    "disk_per_token": dig(r, "experts", "disk_bytes_per_token"), "hit_rate": dig(r, "experts", "hit_rate"),
                     "note": r.get("not_measured", "")})
     if "not_measured" in (moed.get("daemon_residency") or {}):
         out.append({"name": "moed daemon, lazy experts", "note": moed["daemon_residency"]["not_measured"]})
-    for m in _get(moed, "experts", "models") or []:
+    for m in dig(moed, "experts", "models") or []:
         stock = m.get("stock") or {}
         out.append({"name": "mlx-lm in process (experts_bench's stock, page cache dropped)", "tok_s": stock.get("decode_tps"),
                     "note": (stock.get("error") or "")[:80]})
@@ -76,7 +77,7 @@ def markdown(result: dict) -> str:
     lines = [f"### `{result['command']}` ({result['started']})", "",
              f"Machine: {m.get('platform')}, {m.get('cpus')} CPUs, {_f(m.get('memory_bytes'), 0, 1e-9)} GB RAM, "
              f"mlx {m.get('mlx')} on {m.get('device')}, mlx-lm {m.get('mlx_lm')}"
-             + (f", {_get(m, 'accelerator', 'device_name') or ''}" if m.get("accelerator") else "")
+             + (f", {dig(m, 'accelerator', 'device_name') or ''}" if m.get("accelerator") else "")
              + f". Greedy, {result['tokens']} tokens, median of {result['repeats']}.", ""]
     lim = result.get("limits", {})
     ipc, mem = lim.get("ipc", {}), lim.get("memcpy", {})
@@ -87,15 +88,15 @@ def markdown(result: dict) -> str:
               f"| zmq+msgpack stream | {_f(ipc.get('stream_us_per_msg'), 2)} us/msg |"]
     for label, disk in (lim.get("disk") or {}).items():
         rnd = {(r["size"] >> 20, r["threads"]): r.get("gb_s") for r in disk.get("random", [])}
-        lines.append(f"| disk of `{label}`: sequential, uncached | {_f(_get(disk, 'sequential', 'gb_s'), 2)} GB/s |")
+        lines.append(f"| disk of `{label}`: sequential, uncached | {_f(dig(disk, 'sequential', 'gb_s'), 2)} GB/s |")
         lines.append(f"| disk of `{label}`: random 1/2/4 MB preads, 1 thread | "
                      f"{' / '.join(_f(rnd.get((s, 1)), 2) for s in (1, 2, 4))} GB/s |")
         lines.append(f"| disk of `{label}`: random 1/2/4 MB preads, 4 threads | "
                      f"{' / '.join(_f(rnd.get((s, 4)), 2) for s in (1, 2, 4))} GB/s |")
     clients = result["concurrency"]
     for label in result["peers"]:
-        info = _get(result, "models", label, "info") or {}
-        routing = _get(result, "models", label, "routing") or {}
+        info = dig(result, "models", label, "info") or {}
+        routing = dig(result, "models", label, "routing") or {}
         lines += ["", f"#### {label}: {_f(info.get('bytes'), 2, 1e-9)} GB, {info.get('layers')} layers x "
                       f"{info.get('experts_per_layer')} experts, top-{info.get('top_k')}"]
         if routing and "mean_token_reuse" in routing:

@@ -144,15 +144,6 @@ def pack(obj) -> bytes:
 # Validation of this door's own fields
 
 
-def _optional_bool(params: dict, name: str) -> bool:
-    value = params.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _invalid(f"'{name}' must be a boolean")
-    return value
-
-
 def _callback(params: dict) -> str | None:
     name = params.get("callback")
     if name is None:
@@ -376,7 +367,7 @@ class Connection:
     # -- generation -------------------------------------------------------
 
     def start(self, msgid: int, params: dict, build: Callable[[str], tuple[dict, dict]], buffer=None):
-        stream, callback, budget = _optional_bool(params, "stream"), _callback(params), _time_budget(params)
+        stream, callback, budget = P.flag(params, "stream"), _callback(params), _time_budget(params)
         if len(self.calls) >= MAX_LIVE_PER_CONNECTION:
             raise P.ProtocolError(P.ErrorCode.BUSY, f"this connection already has {MAX_LIVE_PER_CONNECTION} requests in flight")
         rid = str(next(self.ids))

@@ -148,3 +148,12 @@ def build_dense(out: Path) -> Path:
     save_shards(out, dict(tree_flatten(model.parameters())))
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
+
+
+def assert_slots_consistent(manager) -> None:
+    """No slot left reserved by a failed load, and every filled slot is the one its expert maps to."""
+    for c in manager.caches:
+        assert not c.loading.any(), "a failed read left a slot reserved"
+        for s, e in enumerate(c.expert_in):
+            if e >= 0:
+                assert c.slot_of[e] == s

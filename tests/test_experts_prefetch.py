@@ -77,11 +77,7 @@ def test_failed_prefetch_leaves_no_slot_in_use(family_dir, reference, tmp_path):
         while pf.inflight and time.monotonic() < deadline:
             time.sleep(0.01)
             pf.install_ready()
-        for c in manager.caches:
-            assert not c.loading.any(), "a failed read left a slot reserved"
-            for s, e in enumerate(c.expert_in):
-                if e >= 0:
-                    assert c.slot_of[e] == s
+        families.assert_slots_consistent(manager)
         shard.write_bytes(good)
         assert greedy_tokens(model, tok) == reference["qwen3_moe"]
     finally:

@@ -254,7 +254,8 @@ def _number(msg: dict, name: str, default, kind, lo=None, hi=None):
     return value
 
 
-def _flag(msg: dict, name: str) -> bool:
+def flag(msg: dict, name: str) -> bool:
+    """An optional boolean field: absent or null is False; any other non-boolean is invalid."""
     value = msg.get(name, False)
     if value is None:
         return False
@@ -315,7 +316,7 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
         min_p=_number(msg, "min_p", 0.0, float, 0.0, 1.0),
         seed=seed,
         stop=list(stop),
-        ignore_eos=_flag(msg, "ignore_eos"),
+        ignore_eos=flag(msg, "ignore_eos"),
     )
     if sampling.max_tokens > max_tokens_limit:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")
