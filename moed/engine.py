@@ -7,6 +7,14 @@ messages below). The engine owns the model, mlx-lm's ``BatchGenerator``
 LRU of recent prompt caches so a prompt that extends an earlier one only
 prefills the new tokens.
 
+A request that arrives while nothing else is decoding runs *solo*: mlx-lm's
+own ``generate_step``, which builds token n+1's graph while token n computes.
+On a small model that pipelining is worth 10-20% over ``BatchGenerator``'s
+step. When a second request arrives, the solo one joins the batch with its KV
+cache (``Solo.join``), so continuous batching is unchanged: the newcomer waits
+for at most one decode step. Models whose KV cache cannot be trimmed always
+use ``BatchGenerator``.
+
 Front -> engine: ``submit`` {seq, prompt|messages|token_ids, sampling fields},
 ``cancel`` {seq}, ``stats``, ``shutdown``.
 Engine -> front: ``progress`` {stage, message, fraction}, ``ready`` {model},
@@ -173,15 +181,67 @@ class Active:
     completion_tokens: int = 0
     pending_ids: list = field(default_factory=list)
     max_batch: int = 0  # most requests decoded in one step together with this one
+    ignore_eos: bool = False
+    max_tokens: int = 0
+
+
+@dataclass
+class Solo:
+    """The one request decoded outside ``BatchGenerator``, by ``generate_step``.
+
+    ``generate_step`` feeds each token to the model before yielding it, so the
+    KV cache always holds ``tokens`` (the prompt and every token yielded).
+    """
+
+    active: Active
+    insert: dict  # BatchGenerator.insert arguments for this request, as submitted
+    cache: list
+    tokens: list
+    steps: object = None  # the generate_step generator
+
+    def start(self, model, prefill_step: int) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        (rest,) = self.insert["prompts"]
+        self.steps = generate_step(mx.array(rest), model, max_tokens=self.insert["max_tokens"][0],
+                                   sampler=self.insert["samplers"][0], prompt_cache=self.cache,
+                                   prefill_step_size=prefill_step)
+
+    def next_token(self) -> int:
+        token, _ = next(self.steps)
+        self.tokens.append(token)
+        return token
+
+    def close(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+
+    def join(self) -> dict:
+        """BatchGenerator.insert arguments that continue this request in a batch.
+
+        The last token yielded is in the cache already; trim it and feed it
+        again, so the batch's first response is the token after it.
+        """
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        self.close()
+        generated = self.active.completion_tokens
+        if not generated:  # nothing computed yet: submit as it came
+            return self.insert
+        trim_prompt_cache(self.cache, 1)
+        return dict(self.insert, prompts=[self.tokens[-1:]], caches=[self.cache], all_tokens=[self.tokens[:-1]],
+                    max_tokens=[self.insert["max_tokens"][0] - generated])
 
 
 class Engine:
     def __init__(self, model, tokenizer, manager, args):
         from mlx_lm.generate import BatchGenerator, StopSequences
-        from mlx_lm.models.cache import LRUPromptCache
+        from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache
 
         self.model, self.tokenizer, self.manager = model, tokenizer, manager
         self.max_context = args.max_context
+        self.prefill_step = args.prefill_step
         self.gen = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -190,13 +250,21 @@ class Engine:
             prefill_step_size=args.prefill_step,
         )
         self.no_stop = StopSequences()  # for ignore_eos: no stop tokens at all
+        self.eos = set(tokenizer.eos_token_ids)
         self.prompt_caches = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=args.prompt_cache_bytes)
-        self.active: dict[int, Active] = {}  # uid -> request
+        self.active: dict[int, Active] = {}  # uid -> request in the batch
         self.by_seq: dict[int, int] = {}  # seq -> uid
+        self.solo: Solo | None = None
+        # A solo request joins a batch by trimming its cache by one token (Solo.join).
+        self.solo_allowed = not args.no_solo and can_trim_prompt_cache(make_prompt_cache(model))
+        self.solo_steps = 0
         self.tokens_generated = 0
 
-    # -- requests ---------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.active) or self.solo is not None
 
+    # -- requests ---------------------------------------------------------
     def tokenize(self, req: dict) -> list[int]:
         tok = self.tokenizer
         if req.get("token_ids") is not None:
@@ -237,36 +305,68 @@ class Engine:
             else:
                 cache, rest = None, tokens
         cached = len(tokens) - len(rest)
-        (uid,) = self.gen.insert(
-            [rest],
+        insert = dict(
+            prompts=[rest],
             max_tokens=[req["max_tokens"]],
             caches=[cache] if cache is not None else None,
             all_tokens=[tokens[:cached]],
             samplers=[make_request_sampler(req)],
             stop_sequences=[self.no_stop] if req.get("ignore_eos") else None,
         )
-        self.active[uid] = Active(seq, uid, len(tokens), cached, self.tokenizer.detokenizer, StopText(req.get("stop") or []))
-        self.by_seq[seq] = uid
+        active = Active(seq, 0, len(tokens), cached, self.tokenizer.detokenizer, StopText(req.get("stop") or []),
+                        ignore_eos=bool(req.get("ignore_eos")), max_tokens=req["max_tokens"])
+        if self.solo is not None:
+            self._join_batch()
+        if self.solo_allowed and not self.active:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            cache = cache if cache is not None else make_prompt_cache(self.model)
+            self.solo = Solo(active, insert, cache, list(tokens))
+            self.solo.start(self.model, self.prefill_step)
+        else:
+            self._insert(active, insert)
         log.debug("seq %d: %d prompt tokens, %d from cache", seq, len(tokens), cached)
 
+    def _insert(self, a: Active, insert: dict) -> None:
+        (a.uid,) = self.gen.insert(**insert)
+        self.active[a.uid] = a
+        self.by_seq[a.seq] = a.uid
+
+    def _join_batch(self) -> None:
+        solo, self.solo = self.solo, None
+        self._insert(solo.active, solo.join())
+
     def cancel(self, seq: int) -> dict | None:
-        uid = self.by_seq.get(seq)
-        if uid is None:
-            return None
-        self._remove(uid, keep_cache=True)
-        a = self.active.pop(uid)
+        if self.solo is not None and self.solo.active.seq == seq:
+            a = self._end_solo()
+        else:
+            uid = self.by_seq.get(seq)
+            if uid is None:
+                return None
+            self._remove(uid, keep_cache=True)
+            a = self.active.pop(uid)
         a.pending_ids = []  # the last step's ids went out with its event already
         return self._final(a, "cancelled", "")
 
     def cancel_all(self) -> list[dict]:
-        return [e for e in (self.cancel(seq) for seq in list(self.by_seq)) if e]
+        seqs = list(self.by_seq) + ([self.solo.active.seq] if self.solo is not None else [])
+        return [e for e in (self.cancel(seq) for seq in seqs) if e]
 
     def _remove(self, uid: int, keep_cache: bool) -> None:
         caches = self.gen.remove([uid], return_prompt_caches=keep_cache)
         self.by_seq.pop(self.active[uid].seq, None)
         for cache, tokens in caches.values():
-            if cache and tokens:
-                self.prompt_caches.insert_cache(PROMPT_CACHE_MODEL_KEY, list(tokens), cache)
+            self._keep_cache(cache, tokens)
+
+    def _end_solo(self) -> Active:
+        solo, self.solo = self.solo, None
+        solo.close()
+        self._keep_cache(solo.cache, solo.tokens)
+        return solo.active
+
+    def _keep_cache(self, cache, tokens) -> None:
+        if cache and tokens:
+            self.prompt_caches.insert_cache(PROMPT_CACHE_MODEL_KEY, list(tokens), cache)
 
     def _final(self, a: Active, finish: str, text: str) -> dict:
         return {
@@ -281,44 +381,67 @@ class Engine:
     # -- one decode step ---------------------------------------------------
 
     def step(self) -> list[dict]:
-        """Run one BatchGenerator step; the events it produced."""
+        """One decode step (solo, or of the whole batch); the events it produced."""
+        if self.solo is not None:
+            return self._step_solo()
         _, responses = self.gen.next()
         events = []
         for r in responses:
             a = self.active.get(r.uid)
             if a is None:
                 continue
-            a.pending_ids = []
-            a.max_batch = max(a.max_batch, len(responses))
-            finish = r.finish_reason
-            if finish != "stop":  # an EOS token is not part of the output, as in mlx_lm.generate
-                a.completion_tokens += 1
-                a.pending_ids.append(r.token)
-                a.detokenizer.add_token(r.token)
-            if finish is not None:
-                a.detokenizer.finalize()
-            text, hit = a.stop.feed(a.detokenizer.last_segment)
-            self.tokens_generated += 1
-            if hit and finish is None:
+            event, stopped = self._on_token(a, r.token, r.finish_reason, len(responses))
+            if stopped:  # a stop string, which BatchGenerator does not know about
                 self._remove(r.uid, keep_cache=True)
-                finish = "stop"
-            if finish is not None:
-                if not hit:
-                    text += a.stop.flush()
+            if "finish" in event:
                 self.by_seq.pop(a.seq, None)
                 del self.active[r.uid]
-                if r.prompt_cache is not None and r.all_tokens:
-                    self.prompt_caches.insert_cache(PROMPT_CACHE_MODEL_KEY, list(r.all_tokens), r.prompt_cache)
-                events.append(self._final(a, finish, text))
-            else:
-                events.append({"seq": a.seq, "text": text, "token_ids": a.pending_ids})
+                if r.prompt_cache is not None:
+                    self._keep_cache(r.prompt_cache, r.all_tokens)
+            events.append(event)
         return events
+
+    def _step_solo(self) -> list[dict]:
+        a = self.solo.active
+        token = self.solo.next_token()
+        self.solo_steps += 1
+        finish = None
+        if token in self.eos and not a.ignore_eos:
+            finish = "stop"
+        elif a.completion_tokens + 1 >= a.max_tokens:
+            finish = "length"
+        event, _ = self._on_token(a, token, finish, 1)
+        if "finish" in event:
+            self._end_solo()
+        return [event]
+
+    def _on_token(self, a: Active, token: int, finish: str | None, batch: int) -> tuple[dict, bool]:
+        """The event for one new token of ``a``; whether a stop string ended it here."""
+        a.pending_ids = []
+        a.max_batch = max(a.max_batch, batch)
+        if finish != "stop":  # an EOS token is not part of the output, as in mlx_lm.generate
+            a.completion_tokens += 1
+            a.pending_ids.append(token)
+            a.detokenizer.add_token(token)
+        if finish is not None:
+            a.detokenizer.finalize()
+        text, hit = a.stop.feed(a.detokenizer.last_segment)
+        self.tokens_generated += 1
+        stopped = hit and finish is None
+        if stopped:
+            finish = "stop"
+        if finish is None:
+            return {"seq": a.seq, "text": text, "token_ids": a.pending_ids}, False
+        if not hit:
+            text += a.stop.flush()
+        return self._final(a, finish, text), stopped
 
     def stats(self) -> dict:
         import mlx.core as mx
 
         stats = {
-            "active": len(self.active),
+            "active": len(self.active) + (self.solo is not None),
+            "solo_steps": self.solo_steps,
             "tokens_generated": self.tokens_generated,
             "prompt_cache": {"entries": len(self.prompt_caches), "bytes": self.prompt_caches.nbytes},
             "mlx_active_bytes": mx.get_active_memory(),
@@ -363,7 +486,7 @@ def serve(channel: Channel, engine: Engine) -> None:
         if os.getppid() != front:  # the front died without telling us (kill -9): nobody will read our output
             log.error("front process %d is gone; exiting", front)
             return
-        timeout = 0 if engine.active else int(STATS_INTERVAL_S * 1000)
+        timeout = 0 if engine.busy else int(STATS_INTERVAL_S * 1000)
         events = []
         while (msg := channel.poll(timeout)) is not None:
             timeout = 0
@@ -387,13 +510,13 @@ def serve(channel: Channel, engine: Engine) -> None:
                 if events:
                     channel.send({"type": "events", "events": events, "t": time.monotonic()})
                 return
-        if engine.active:
+        if engine.busy:
             try:
                 events.extend(engine.step())
             except Exception as e:
                 # A failed step leaves the batch in an unknown state: fail its requests, start a fresh batch.
                 log.exception("decode step failed")
-                for a in list(engine.active.values()):
+                for a in list(engine.active.values()) + ([engine.solo.active] if engine.solo else []):
                     channel.send({"type": "failed", "seq": a.seq, "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
                 raise
         if events:
@@ -414,6 +537,7 @@ def parse_args(argv=None):
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prefill-step", type=int, default=2048)
+    p.add_argument("--no-solo", action="store_true", help="always decode through BatchGenerator, even a lone request")
     p.add_argument("--max-context", type=int, default=32768)
     p.add_argument("--prompt-cache-size", type=int, default=8)
     p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
