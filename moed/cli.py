@@ -89,7 +89,9 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # An exited process that another parent has not reaped yet (a daemon killed under a
+    # shell or test runner) still answers kill(pid, 0), but it is no longer moed.
+    return not platform.process_is_zombie(pid)
 
 
 def pidfile_pid(runtime: Runtime) -> int | None:

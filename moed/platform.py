@@ -269,6 +269,19 @@ def process_rss_bytes(pid: int | None = None) -> int | None:
     return int(out) * 1024 if out.isdigit() else None
 
 
+def process_is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but its parent has not reaped it yet: it still
+    answers ``kill(pid, 0)`` yet runs nothing and holds no sockets or locks."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.joinpath("self").exists():
+        try:
+            # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ')'
+            return stat.read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+        except (OSError, IndexError):
+            return False  # gone meanwhile: not a zombie (the caller's kill(pid, 0) tells it is gone)
+    return _run(["ps", "-o", "stat=", "-p", str(pid)]).stdout.strip().startswith("Z")
+
+
 def process_command(pid: int) -> str | None:
     """The command line of a process (to tell a stale pidfile from a live daemon), or None."""
     cmdline = Path(f"/proc/{pid}/cmdline")

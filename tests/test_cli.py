@@ -82,6 +82,34 @@ def test_stop_when_not_running_removes_stale_socket_and_pidfile(env, capsys, sle
     assert not (env / "moed.sock").exists() and not (env / "moed.pid").exists()
 
 
+def test_a_zombie_daemon_is_not_running(env, capsys):
+    """A daemon that was killed but not yet reaped by its parent (not moectl) is a zombie:
+    kill(pid, 0) still succeeds, yet it serves nothing and moectl must treat it as gone."""
+    code = ("import os, sys, time\n"
+            "child = os.fork()\n"
+            "if child == 0:\n    os.execv(sys.executable, [sys.executable, '-c', 'pass', 'moed-zombie'])\n"
+            "print(child, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        zombie = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while not platform.process_is_zombie(zombie):  # it exits at once; its parent never waits for it
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(zombie, 0)  # what pid_alive used to rely on: it succeeds for a zombie
+        assert not cli.pid_alive(zombie)
+        (env / "moed.pid").write_text(f"{zombie}\n")
+        assert cli.main(["status"]) == 3
+        assert "not running" in capsys.readouterr().out
+        assert cli.main(["stop"]) == 0
+        assert "not running" in capsys.readouterr().out
+        assert not (env / "moed.pid").exists()
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
 def test_pidfile_naming_another_program_is_never_signalled(env, capsys, sleeper):
     other = sleeper("sleep", "60")
     (env / "moed.pid").write_text(f"{other.pid}\n")

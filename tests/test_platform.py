@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -77,3 +78,16 @@ def test_process_command_names_the_program():
     with subprocess.Popen([sys.executable, "-c", "pass"]) as p:
         pass
     assert platform.process_command(p.pid) is None
+
+
+def test_process_is_zombie_only_between_exit_and_reaping():
+    assert not platform.process_is_zombie(os.getpid())
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while not platform.process_is_zombie(p.pid):  # exited, not yet waited for
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        p.wait()
+    assert not platform.process_is_zombie(p.pid)  # reaped: gone, not a zombie
