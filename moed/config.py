@@ -48,6 +48,7 @@ SETTINGS = (
     Setting("socket", str, None, "daemon socket path (default: moed.sock in the runtime dir)"),
     Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
+    Setting("max_clients", int, 64, "clients each door serves at once before answering 'busy' (see docs/limits.md)"),
     Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
     Setting("start_timeout", float, 1800.0, "seconds moectl start waits for the model to be ready"),
     Setting("stop_timeout", float, 40.0, "seconds moectl stop waits for a graceful exit (the daemon drains for 30) before signalling"),
@@ -67,6 +68,7 @@ class Config:
     socket: str | None = None
     tcp: str | None = None
     http: str | None = None
+    max_clients: int = 64
     log_dir: str | None = None
     start_timeout: float = 1800.0
     stop_timeout: float = 40.0
@@ -227,7 +229,7 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
 
 
 def _check(values: dict[str, Any]) -> None:
-    for name in ("capacity", "max_tokens"):
+    for name in ("capacity", "max_tokens", "max_clients"):
         if values[name] is not None and values[name] < 1:
             raise ConfigError(f"{name} must be at least 1, got {values[name]}")
     for name in ("start_timeout", "stop_timeout"):

@@ -48,6 +48,8 @@ TOK_RATE_WINDOW_S = 5.0
 ENGINE_FIRST_BEAT_S = 30.0
 ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a stopped one goes quiet
 SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
+# Where reading a process's RSS runs `ps` (macOS), a thread refreshes the figures status shows this often.
+RSS_REFRESH_S = 2.0
 # On exit, how long libzmq may keep delivering queued replies to a client that
 # reads slowly: its final 'done' sits behind its unread chunks.
 EXIT_FLUSH_MS = 2000
@@ -103,7 +105,13 @@ class RuntimeFiles:
         self._fd = None
 
     def acquire(self) -> None:
-        paths.ensure_private_dir(paths.runtime_dir())
+        self._lock()
+        if self.socket_path.exists() or self.socket_path.is_symlink():
+            log.info("removing stale socket %s", self.socket_path)
+            self.socket_path.unlink()
+
+    def _lock(self) -> None:
+        paths.ensure_private_dir(self.pidfile.parent)
         fd = os.open(self.pidfile, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,12 +122,31 @@ class RuntimeFiles:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
-        if self.socket_path.exists() or self.socket_path.is_symlink():
-            log.info("removing stale socket %s", self.socket_path)
-            self.socket_path.unlink()
+
+    def pidfile_held(self) -> bool:
+        """Whether the pidfile on disk is still the one this daemon locked (not deleted or replaced)."""
+        try:
+            st = os.stat(self.pidfile)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    def relock(self) -> None:
+        """Lock a new pidfile after ours was deleted: without it a second daemon would start beside
+        this one, and moectl would not find this one. DaemonError if another daemon got there first."""
+        old, self._fd = self._fd, None
+        try:
+            self._lock()
+        except BaseException:
+            self._fd = old
+            raise
+        os.close(old)
 
     def release(self) -> None:
         for path in (self.socket_path, self.pidfile):
+            if path == self.pidfile and self._fd is not None and not self.pidfile_held():
+                continue  # another daemon's now (ours was deleted under us)
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -188,6 +215,7 @@ class Daemon:
         self.engine_count = 0
         self.tok_window: collections.deque = collections.deque()
         self.engine_latency: collections.deque = collections.deque(maxlen=1024)  # seconds, engine send -> front receive
+        self.rss_seen: dict[int, int | None] = {}  # pid -> RSS, from refresh_rss() where the probe blocks
         self.stopping = asyncio.Event()
         self.drain_deadline: float | None = None
         self.exit_code = 0
@@ -226,25 +254,39 @@ class Daemon:
         os.chmod(self.runtime.socket_path, 0o600)
 
     async def watch_socket(self) -> None:
-        """Bind again when the socket file disappears (a tmp cleaner, a stray rm).
+        """Re-create the runtime files that disappear under a running daemon (a tmp
+        cleaner, a stray rm): the pidfile, the ZeroMQ socket and the editor socket.
 
-        Otherwise the daemon runs on unreachable, and its pidfile lock stops
-        any other from starting. Connected clients keep their connections: a
-        second bind on the same ROUTER leaves the first listener's sessions be.
+        Otherwise the daemon runs on unreachable (and, without its pidfile, a
+        second one could start beside it). Connected clients keep their
+        connections: a second bind on the same ROUTER, or a new editor
+        listener, leaves the first listener's connections be.
         """
         path = self.runtime.socket_path
         while True:
             await asyncio.sleep(SOCKET_CHECK_S)
-            if self.state == "stopping" or path.exists():
+            if self.state == "stopping":
                 continue
-            log.warning("socket %s disappeared; binding it again", path)
             try:
-                paths.ensure_private_dir(path.parent)
-                self.bind_ipc(self.router)
-            except (OSError, zmq.ZMQError) as e:
-                log.error("cannot bind %s again (%s); shutting down", path, e)
+                if not self.runtime.pidfile_held():
+                    log.warning("pidfile %s disappeared; writing it again", self.runtime.pidfile)
+                    self.runtime.relock()
+                if not path.exists():
+                    log.warning("socket %s disappeared; binding it again", path)
+                    paths.ensure_private_dir(path.parent)
+                    self.bind_ipc(self.router)
+            except (OSError, zmq.ZMQError, DaemonError) as e:
+                log.error("cannot restore the runtime files in %s (%s); shutting down", path.parent, e)
                 self.begin_shutdown(False)
                 return
+            if self.editor is not None and not self.editor.bound():
+                log.warning("editor socket %s disappeared; listening on it again", self.editor.path)
+                try:
+                    await self.editor.rebind()
+                except OSError as e:  # as at start: the daemon goes on without the editor door
+                    log.error("cannot open the editor socket %s again: %s", self.editor.path, e)
+                    editor, self.editor = self.editor, None
+                    await editor.close()
 
     def bind_tcp(self, address: str) -> None:
         """A second ROUTER on TCP that only CURVE clients with an authorized key can use."""
@@ -647,8 +689,8 @@ class Daemon:
         self.trim_tok_window(now)
         tokens = sum(n for _, n in self.tok_window)
         span = (now - self.tok_window[0][0]) if len(self.tok_window) > 1 else 0.0
-        front_rss = rss_of(os.getpid())
-        engine_rss = rss_of(self.engine.pid) if self.engine else None
+        front_rss = self.rss(os.getpid())
+        engine_rss = self.rss(self.engine.pid) if self.engine else None
         in_engine = sum(1 for r in self.requests.values() if r.in_engine)
         return {
             "state": self.state,
@@ -677,6 +719,20 @@ class Daemon:
             "protocol": list(P.PROTOCOL_VERSION),
             "engine_restarts": max(0, self.engine_count - 1),
         }
+
+    def rss(self, pid: int) -> int | None:
+        from moed import platform
+
+        if platform.rss_probe_blocks():
+            return self.rss_seen.get(pid)  # never a subprocess on the event loop: the last figure refresh_rss() took
+        return rss_of(pid)
+
+    async def refresh_rss(self) -> None:
+        """Where the RSS probe runs a program, take the front's and the engine's RSS in a thread, now and then."""
+        while True:
+            pids = [os.getpid()] + ([self.engine.pid] if self.engine else [])
+            self.rss_seen = await asyncio.to_thread(lambda: {pid: rss_of(pid) for pid in pids})
+            await asyncio.sleep(RSS_REFRESH_S)
 
     def notify_ready(self) -> None:
         from moed import platform
@@ -733,6 +789,8 @@ class Daemon:
         tasks = [asyncio.ensure_future(self.client_loop(self.router)), asyncio.ensure_future(self.watch_socket())]
         if self.tcp_router is not None:
             tasks.append(asyncio.ensure_future(self.client_loop(self.tcp_router, tcp=True)))
+        if platform.rss_probe_blocks():
+            tasks.append(asyncio.ensure_future(self.refresh_rss()))
         interval = platform.watchdog_interval()
         if interval:
             tasks.append(asyncio.ensure_future(self.watchdog(interval)))
@@ -843,12 +901,12 @@ def apply_config(args) -> None:
     flags = {
         "model": args.model, "memory_budget": args.memory_budget, "capacity": args.capacity,
         "approximate": True if args.approximate else None, "prefetch": False if args.no_prefetch else None,
-        "socket": args.socket, "tcp": args.tcp, "http": getattr(args, "http", None),
+        "socket": args.socket, "tcp": args.tcp, "http": getattr(args, "http", None), "max_clients": args.max_clients,
     }
     cfg = config.load(flags)
     args.model, args.memory_budget, args.capacity = cfg.model, cfg.memory_budget, cfg.capacity
     args.approximate, args.no_prefetch = cfg.approximate, not cfg.prefetch
-    args.socket, args.tcp = cfg.socket, cfg.tcp
+    args.socket, args.tcp, args.max_clients = cfg.socket, cfg.tcp, cfg.max_clients
     if hasattr(args, "http"):
         args.http = cfg.http
     if cfg.log_dir:
@@ -869,7 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefetch", action="store_true", help="disable expert prefetching")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 'busy'")
-    s.add_argument("--max-clients", type=int, default=64, help="clients with requests in flight, per door, before 'busy'")
+    s.add_argument("--max-clients", type=int, default=None,
+                   help="clients per door before 'busy': ZeroMQ clients with requests in flight, editor connections, "
+                        "HTTP requests in flight (default 64; config max_clients)")
     s.add_argument("--max-tokens", type=int, default=1 << 16, help="largest max_tokens a request may ask for")
     s.add_argument("--max-context", type=int, default=32768, help="largest prompt + max_tokens")
     s.add_argument("--prefill-step", type=int, default=2048, help="prompt tokens per prefill step (2048 as mlx_lm.generate: smaller steps let other streams decode sooner but change long-prompt numerics)")

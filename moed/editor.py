@@ -50,6 +50,7 @@ REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
 READ_SIZE = 64 * 1024
 MAX_LIVE_PER_CONNECTION = 16
+MAX_CONNECTIONS = 64  # editors connected at once (moed serve takes --max-clients / config max_clients)
 # A client that stops reading while we stream to it is dropped rather than
 # letting its unread notifications grow without bound.
 MAX_WRITE_BUFFER = 16 * 1024 * 1024
@@ -491,11 +492,14 @@ METHODS = {"generate": _generate, "infill": _infill, "cancel": _cancel, "status"
 class EditorServer:
     """The Unix socket, inside the front process's event loop."""
 
-    def __init__(self, backend: Backend, path: Path | None = None):
+    def __init__(self, backend: Backend, path: Path | None = None, max_connections: int = MAX_CONNECTIONS):
         self.backend = backend
         self.path = Path(path) if path is not None else paths.editor_socket()
+        self.max_connections = max_connections
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._retired: list[asyncio.AbstractServer] = []  # listeners replaced by rebind(); their connections go on
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we listen on
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -503,9 +507,40 @@ class EditorServer:
         _remove_stale_socket(self.path)
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=READ_SIZE)
         os.chmod(self.path, 0o600)  # the 0700 directory already keeps others out; this says so twice
+        st = self.path.lstat()
+        self._file = (st.st_dev, st.st_ino)
         log.info("editor socket on %s", self.path)
 
+    def bound(self) -> bool:
+        """Whether the socket file is still the one this server listens on (not deleted, not replaced)."""
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._file
+
+    async def rebind(self) -> None:
+        """Listen on a new socket file after ours disappeared (a tmp cleaner, a stray rm).
+
+        Connected editors keep their connections: the old listener only stops accepting.
+        """
+        old = self._server
+        await self.start()
+        if old is not None:
+            old.close()
+            self._retired.append(old)
+
     async def _accept(self, reader, writer) -> None:
+        if len(self.connections) >= self.max_connections:
+            # Told why, then dropped: each connection costs a descriptor and a task.
+            log.warning("editor socket: refusing a connection (%d open)", len(self.connections))
+            writer.write(pack([NOTIFICATION, "moed_error", [P.ErrorCode.BUSY, f"too many editor connections ({self.max_connections}); retry later"]]))
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            writer.close()
+            return
         conn = Connection(self, reader, writer)
         self.connections.add(conn)
         self._tasks.add(asyncio.current_task())
@@ -516,15 +551,18 @@ class EditorServer:
 
     async def close(self) -> None:
         if self._server is not None:
-            self._server.close()
+            listeners = [self._server, *self._retired]
+            for server in listeners:
+                server.close()
             for conn in list(self.connections):
                 conn.close()
             if self._tasks:  # let each connection's reader see its end
                 await asyncio.wait(list(self._tasks), timeout=2.0)
-            await self._server.wait_closed()
-            self._server = None
+            for server in listeners:
+                await server.wait_closed()
+            self._server, self._retired = None, []
         try:
-            if stat.S_ISSOCK(self.path.lstat().st_mode):
+            if self.bound():  # ours: a file someone else put there since is not ours to delete
                 self.path.unlink()
         except FileNotFoundError:
             pass
@@ -600,7 +638,8 @@ async def open_door(daemon) -> EditorServer | None:
     """Start the editor socket for ``daemon`` unless ``--no-editor``."""
     if getattr(daemon.args, "no_editor", False):
         return None
-    server = EditorServer(DaemonBackend(daemon), daemon.runtime.socket_path.parent / paths.editor_socket().name)
+    server = EditorServer(DaemonBackend(daemon), daemon.runtime.socket_path.parent / paths.editor_socket().name,
+                          max_connections=daemon.args.max_clients or MAX_CONNECTIONS)
     try:
         await server.start()
     except OSError as e:

@@ -41,6 +41,10 @@ log = logging.getLogger("moed.http")
 
 TOKEN_ENV = "MOED_HTTP_TOKEN"
 MAX_BODY_BYTES = P.MAX_MESSAGE_BYTES
+MAX_CLIENTS = 64  # requests served at once (moed serve takes --max-clients / config max_clients)
+# An idle connection (none of its requests in flight) is closed after this long, so idle
+# sockets cannot pile up; aiohttp's own default keeps them for an hour.
+KEEPALIVE_S = 30.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # OpenAI parameters this gateway cannot honour: refused, never silently ignored.
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities", "prediction")
@@ -172,12 +176,15 @@ def completion_prompt(body: dict) -> dict:
 
 
 class Gateway:
-    def __init__(self, host: str, port: int, *, socket: str | Path | None = None, token: str | None = None, allow_remote: bool = False):
+    def __init__(self, host: str, port: int, *, socket: str | Path | None = None, token: str | None = None, allow_remote: bool = False,
+                 max_clients: int = MAX_CLIENTS):
         if not allow_remote and not is_loopback(host):
             raise ValueError(f"{host} is not a loopback address; pass --http-allow-remote (with a token) to listen on the network")
         if allow_remote and not token:
             raise ValueError(f"--http-allow-remote needs a token (--http-token or {TOKEN_ENV})")
         self.host, self.port, self.token, self.allow_remote = host, port, token, allow_remote
+        self.max_clients = max_clients
+        self.in_flight = 0  # requests being served now: this door's clients
         self.client = AsyncClient(socket, name="moed-http")
         self.runner: web.AppRunner | None = None
         self.allowed_hosts: set[str] = set()
@@ -197,7 +204,7 @@ class Gateway:
             web.post("/v1/completions", self.completions),
         ])
         # handler_cancellation: a client that goes away cancels its handler, and so its generation.
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_S)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
         await site.start()
@@ -216,6 +223,15 @@ class Gateway:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
+        if self.in_flight >= self.max_clients:
+            return error_response(429, f"too many HTTP requests in flight ({self.max_clients}); retry later", P.ErrorCode.BUSY)
+        self.in_flight += 1
+        try:
+            return await self._checked(request, handler)
+        finally:
+            self.in_flight -= 1
+
+    async def _checked(self, request: web.Request, handler):
         if not self.allow_remote:
             host = request.headers.get("Host", "")
             if host.lower() not in self.allowed_hosts:
@@ -366,7 +382,8 @@ async def open_gateway(args, socket: str | Path | None) -> Gateway | None:
     try:
         host, port = parse_listen(args.http)
         token = args.http_token or os.environ.get(TOKEN_ENV) or None
-        gateway = Gateway(host, port, socket=socket, token=token, allow_remote=args.http_allow_remote)
+        max_clients = getattr(args, "max_clients", None) or MAX_CLIENTS
+        gateway = Gateway(host, port, socket=socket, token=token, allow_remote=args.http_allow_remote, max_clients=max_clients)
         await gateway.start()
     except (ValueError, OSError) as e:
         raise GatewayError(f"cannot serve HTTP on {args.http}: {e}") from None
@@ -379,6 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--socket", default=None, help="the daemon's socket (default: moed.sock in the runtime dir)")
     p.add_argument("--http-token", default=None)
     p.add_argument("--http-allow-remote", action="store_true")
+    p.add_argument("--max-clients", type=int, default=MAX_CLIENTS, help=f"HTTP requests served at once before 429 'busy' (default {MAX_CLIENTS})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s moed-http %(levelname)s %(message)s")
     args.http = args.listen

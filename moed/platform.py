@@ -269,6 +269,12 @@ def process_rss_bytes(pid: int | None = None) -> int | None:
     return int(out) * 1024 if out.isdigit() else None
 
 
+def rss_probe_blocks() -> bool:
+    """Whether ``process_rss_bytes`` runs a program (``ps``, where there is no /proc: macOS)
+    instead of reading a file; an event loop must then call it from a thread."""
+    return not Path("/proc/self/statm").exists()
+
+
 def process_is_zombie(pid: int) -> bool:
     """Whether ``pid`` has exited but its parent has not reaped it yet: it still
     answers ``kill(pid, 0)`` yet runs nothing and holds no sockets or locks."""

@@ -233,6 +233,64 @@ def test_socket_deleted_under_a_running_daemon_is_bound_again(daemon):
     assert d.proc.poll() is None
 
 
+def editor_call(sock, msgid: int, method: str, params: dict):
+    """One msgpack-rpc request on a connected editor socket; its response's (error, result)."""
+    import msgpack
+
+    sock.sendall(msgpack.packb([0, msgid, method, [params]]))
+    unpacker = msgpack.Unpacker(raw=False)
+    while True:
+        for msg in unpacker:
+            if msg[0] == 1 and msg[1] == msgid:
+                return msg[2], msg[3]
+        data = sock.recv(65536)
+        assert data, "the editor socket closed the connection"
+        unpacker.feed(data)
+
+
+def editor_connect(path):
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(path))
+    return s
+
+
+def test_every_runtime_file_deleted_under_a_running_daemon_is_made_again(daemon):
+    """A tmp cleaner empties the runtime dir: pidfile, ZeroMQ socket and editor socket come back,
+    connected clients of both doors go on, and a second daemon still finds this one running."""
+    d = daemon()
+    editor_path, pidfile = d.runtime_dir / "editor.sock", d.runtime_dir / "moed.pid"
+    old_editor = editor_path.stat().st_ino
+    connected = editor_connect(editor_path)
+    try:
+        assert editor_call(connected, 1, "status", {})[0] is None
+        for path in (d.socket, editor_path, pidfile):
+            os.unlink(path)
+        wait_for(lambda: d.socket.exists() and editor_path.exists() and pidfile.exists(), timeout=10)
+        assert editor_path.stat().st_ino != old_editor
+        for path in (d.socket, editor_path, pidfile):
+            assert (path.stat().st_mode & 0o777) == 0o600, path
+        assert pidfile.read_text().strip() == str(d.pid)
+        err, result = editor_call(connected, 2, "generate", {"prompt": "hello", "max_tokens": 2})  # connected: goes on
+        assert err is None and result["finish_reason"] in ("length", "stop")
+        fresh = editor_connect(editor_path)  # new editors can connect again
+        try:
+            err, result = editor_call(fresh, 1, "generate", {"prompt": "hello", "max_tokens": 2})
+            assert err is None and result["usage"]["completion_tokens"] >= 1
+        finally:
+            fresh.close()
+        with Client(d.socket, timeout=10) as c:
+            assert c.complete("hello", max_tokens=2).token_ids
+            assert c.status()["editor_socket"] == str(editor_path)
+    finally:
+        connected.close()
+    second = daemon(None, env={"MOED_RUNTIME_DIR": str(d.runtime_dir), "MOED_LOG_DIR": str(d.log_dir)}, ready=False)
+    assert second.proc.wait(timeout=60) == 1 and "already running" in second.output()
+    assert d.proc.poll() is None and pidfile.read_text().strip() == str(d.pid)  # the loser left ours be
+
+
 def test_two_daemons_started_at_once(daemon, test_model):
     from conftest import short_tmpdir
 

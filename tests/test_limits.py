@@ -3,13 +3,16 @@ when hit, gives its stable error code and leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import time
 from pathlib import Path
 
 import pytest
 import zmq
 
+from moed import config
 from moed import daemon as moed_daemon
 from moed import editor, http
 from moed_client import Busy, RequestError
@@ -43,7 +46,9 @@ def test_the_limits_table_matches_the_code():
             assert getattr(MODULES[m.group(1)], m.group(2)) == doc_number(value), limit
             checked += 1
         elif m := re.fullmatch(r"`--([a-z-]+)`", where):
-            assert defaults[m.group(1).replace("-", "_")] == doc_number(value), limit
+            name = m.group(1).replace("-", "_")
+            default = defaults[name] if defaults[name] is not None else config.BY_NAME[name].default  # set in config.py
+            assert default == doc_number(value), limit
             checked += 1
     assert checked >= 16
     for code in re.findall(r"`([a-z_]+)`", DOC.read_text()):
@@ -131,3 +136,79 @@ def test_message_size(tight):
     finally:
         raw.close()
     idle(tight)
+
+
+def test_clients_per_door_on_the_editor_socket_and_the_http_gateway(daemon):
+    """--max-clients caps editor connections and HTTP requests in flight; the one over it gets 'busy'."""
+    import msgpack
+    from conftest import wait_for
+
+    d = daemon(None, "--http", "127.0.0.1:0", "--max-clients", "1")
+    with d.client(timeout=10) as c:
+        status = c.status()
+    url, editor_path = status["http"], status["editor_socket"]
+
+    def editor_connection():
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(editor_path)
+        return s
+
+    def first_message(s):
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            for msg in unpacker:
+                return msg
+            data = s.recv(65536)
+            if not data:
+                return None
+            unpacker.feed(data)
+
+    def served_editor():
+        """A connection whose status request is answered, or None if it was turned away."""
+        s = editor_connection()
+        try:
+            s.sendall(msgpack.packb([0, 1, "status", []]))
+            reply = first_message(s)
+        except OSError:
+            reply = None
+        if reply is not None and reply[0] == 1 and reply[2] is None:
+            return s
+        s.close()
+        return None
+
+    first = served_editor()  # served, and so counted
+    assert first is not None
+    with first:
+        with editor_connection() as second:
+            told = first_message(second)
+            assert told[:2] == [2, "moed_error"] and told[2][0] == P.ErrorCode.BUSY and "editor connections" in told[2][1]
+            assert second.recv(65536) == b""  # and dropped
+    with wait_for(served_editor, timeout=10):  # the slot freed when the first editor left
+        pass
+
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 1}).encode()
+    hanging = socket.create_connection((host, int(port)), timeout=30)  # in flight until its body arrives
+    with hanging:
+        hanging.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:5])
+        refused = wait_for(lambda: (r := http_get(url, "/health"))[0] == 429 and r, timeout=10)
+        assert refused[1]["error"]["code"] == P.ErrorCode.BUSY and "in flight" in refused[1]["error"]["message"]
+        hanging.sendall(body[5:])
+        reply = b""
+        while chunk := hanging.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert http_get(url, "/health")[0] == 200
+
+
+def http_get(url: str, path: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -91,3 +91,41 @@ def test_process_is_zombie_only_between_exit_and_reaping():
     finally:
         p.wait()
     assert not platform.process_is_zombie(p.pid)  # reaped: gone, not a zombie
+
+
+async def test_where_the_rss_probe_blocks_status_never_runs_it_on_the_event_loop(monkeypatch, tmp_path):
+    """macOS has no /proc: the probe runs `ps`. The front's status must then read figures a thread took."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from moed import daemon as moed_daemon
+
+    callers = []
+
+    def probe(pid):
+        callers.append(threading.current_thread())
+        return 4096
+
+    monkeypatch.setattr(platform, "rss_probe_blocks", lambda: True)
+    monkeypatch.setattr(platform, "process_rss_bytes", probe)
+    monkeypatch.setenv("MOED_RUNTIME_DIR", str(tmp_path))
+    d = moed_daemon.Daemon(SimpleNamespace(model=None, memory_budget=None), moed_daemon.RuntimeFiles(tmp_path / "moed.sock"))
+    try:
+        assert d.status()["memory"]["front_rss_bytes"] is None and not callers  # not probed yet: unknown, not blocking
+        refresher = asyncio.ensure_future(d.refresh_rss())
+        for _ in range(200):
+            if d.status()["memory"]["front_rss_bytes"] == 4096:
+                break
+            await asyncio.sleep(0.01)
+        refresher.cancel()
+        assert d.status()["memory"]["front_rss_bytes"] == 4096
+        assert callers and threading.main_thread() not in callers
+    finally:
+        d.ctx.term()
+
+
+def test_on_linux_the_rss_probe_reads_proc():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux only")
+    assert platform.rss_probe_blocks() is False
