@@ -25,6 +25,12 @@ Reported (JSON): completed / cancelled / disconnected / errored (by code) /
 killed / lost, violations of the contract, client-side time to first token
 p50/p99, and the front's and the engine's RSS and open file descriptors before
 the run (after one request through each door), after warm-up and at the end.
+Warm-up is the first ``--warmup`` requests (default a tenth): the driver then
+waits until the daemon is idle before it samples and goes on, and it samples
+the end the same way, so both figures are taken with nothing in flight. The
+``series`` (every 2 s: requests finished, front RSS and descriptors, engine
+RSS) and the least-squares slope of the front's RSS after warm-up show whether
+memory levels off or keeps growing.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pathlib import Path
 
 WORDS = "the quick brown fox jumps over lazy dog hello world this is moed serving a model def main return".split()
 FINAL_TIMEOUT_S = 120.0  # no message for a live request in this long: it is lost
+SERIES_EVERY_S = 2.0  # how often the driver records the daemon's memory and descriptors
 
 
 # --------------------------------------------------------------------------
@@ -369,14 +376,13 @@ class Soak:
         self.final_timeout = final_timeout
         self.clients = clients
         self.todo: queue.Queue = queue.Queue()
-        for spec in plan:
-            self.todo.put(spec)
+        self.plan = plan
         self.total = len(plan)
-        self.warmup = warmup
+        self.warmup = min(warmup, len(plan))
         self.status_client = status_client
         self.results: list[dict] = []
         self.lock = threading.Lock()
-        self.warm_sample: dict | None = None
+        self.series: list[dict] = []  # (requests finished, memory and descriptors) every SERIES_EVERY_S
         self.worker_deaths = 0
         self.workers_started = 0
 
@@ -389,8 +395,6 @@ class Soak:
     def record(self, result: dict) -> None:
         with self.lock:
             self.results.append(result)
-            if len(self.results) == self.warmup and self.warm_sample is None:
-                self.warm_sample = self.sample()
 
     def spawn(self, door: str) -> subprocess.Popen:
         with self.lock:
@@ -434,24 +438,51 @@ class Soak:
                     proc.wait()
 
     def run(self, progress) -> dict:
+        """Warm-up (the first ``warmup`` requests), a pause until the daemon is idle, the rest.
+
+        The after-warm-up and end samples are both taken that way, with no request
+        in flight, so the growth between them compares like with like (a sample
+        taken under load would count transient per-request buffers as a baseline).
+        """
         start_sample = self.sample()
         t0 = time.monotonic()
+        self.phase(self.plan[:self.warmup], progress, t0)
+        warm_sample = self.settled()
+        self.phase(self.plan[self.warmup:], progress, t0)
+        wall = time.monotonic() - t0
+        end_sample = self.settled()
+        return self.report(start_sample, warm_sample, end_sample, wall)
+
+    def phase(self, specs: list[dict], progress, t0: float) -> None:
+        for spec in specs:
+            self.todo.put(spec)
         threads = [threading.Thread(target=self.slot, args=(door,), daemon=True) for door in self.slot_doors]
         for t in threads:
             t.start()
+        last = 0.0
         while any(t.is_alive() for t in threads):
-            time.sleep(1.0)
-            progress(len(self.results), self.total)
-        wall = time.monotonic() - t0
-        # The daemon notices closed connections and finishes cancels asynchronously: let it settle.
+            time.sleep(0.25)
+            now = time.monotonic()
+            if now - last >= SERIES_EVERY_S:
+                last = now
+                self.series.append(self.point(now - t0))
+                progress(len(self.results), self.total)
+
+    def point(self, t: float) -> dict:
+        sample = self.sample()
+        front = sample["front"] or {}
+        return {"t_s": round(t, 2), "finished": len(self.results), "front_rss_bytes": front.get("rss_bytes"),
+                "front_fds": front.get("open_fds"), "engine_rss_bytes": (sample["engine"] or {}).get("rss_bytes")}
+
+    def settled(self) -> dict:
+        """A sample once the daemon has finished what cancels and closed connections left (10 s at most)."""
         deadline = time.monotonic() + 10.0
         while True:
-            end_sample = self.sample()
-            busy = end_sample["requests"] and (end_sample["requests"].get("active") or end_sample["requests"].get("queued"))
-            if not (busy or end_sample["clients"]) or time.monotonic() > deadline:
-                break
+            sample = self.sample()
+            busy = sample["requests"] and (sample["requests"].get("active") or sample["requests"].get("queued"))
+            if not (busy or sample["clients"]) or time.monotonic() > deadline:
+                return sample
             time.sleep(0.2)
-        return self.report(start_sample, self.warm_sample or start_sample, end_sample, wall)
 
     def report(self, start: dict, warm: dict, end: dict, wall: float) -> dict:
         res = sorted(self.results, key=lambda r: r["n"])
@@ -473,6 +504,8 @@ class Soak:
         def growth(which, key):
             a, b = (warm.get(which) or {}).get(key), (end.get(which) or {}).get(key)
             return (b - a) / a if a and b is not None else None
+
+        after = [p for p in self.series if p["finished"] >= self.warmup and p["front_rss_bytes"]]
 
         return {
             "requests": self.total,
@@ -497,12 +530,25 @@ class Soak:
             "ttft_p99_s": pct(0.99),
             "wall_s": wall,
             "requests_per_s": len(res) / wall if wall else None,
-            "daemon": {"before": start, "after_warmup": warm, "end": end,
-                       "front_rss_growth": growth("front", "rss_bytes"), "engine_rss_growth": growth("engine", "rss_bytes")},
+            "daemon": {"before": start, "after_warmup": warm, "end": end, "warmup_requests": self.warmup,
+                       "front_rss_growth": growth("front", "rss_bytes"), "engine_rss_growth": growth("engine", "rss_bytes"),
+                       # least-squares slope of the front's RSS over requests after warm-up: a leak shows as a steady slope
+                       "front_rss_bytes_per_1k_requests": slope([(p["finished"], p["front_rss_bytes"]) for p in after], 1000)},
+            "series": self.series,
             "fd_leak": {which: ((end.get(which) or {}).get("open_fds") or 0) - ((start.get(which) or {}).get("open_fds") or 0)
                         for which in ("front", "engine")},
             "workers_started": self.workers_started,
         }
+
+
+def slope(points: list[tuple[float, float]], per: float = 1.0) -> float | None:
+    """Least-squares slope of y over x, times ``per``; None with fewer than 3 points."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx * per if sxx else None
 
 
 def warm_doors(doors: dict[str, str]) -> None:
@@ -566,6 +612,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the JSON report here (default: stdout)")
     p.add_argument("--final-timeout", type=float, default=FINAL_TIMEOUT_S, help="seconds without a message before a request counts as lost")
     p.add_argument("--doors", default="zmq,http,editor", help="doors to soak through, of those the daemon has open")
+    p.add_argument("--warmup", type=int, default=None, help="requests before the after-warm-up sample (default: a tenth, at least --clients)")
     p.add_argument("--worker", choices=("zmq", "http", "editor"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -582,7 +629,7 @@ def main(argv=None) -> int:
         else:
             started, socket = start_daemon(args.model)
         report = run_soak(socket, requests=args.requests, clients=args.clients, seed=args.seed, max_prompt=args.max_prompt,
-                          max_tokens=args.max_tokens, kill_every=args.kill_every,
+                          max_tokens=args.max_tokens, kill_every=args.kill_every, warmup=args.warmup,
                           final_timeout=args.final_timeout, doors=tuple(args.doors.split(",")), progress=progress)
     finally:
         print(file=sys.stderr)
