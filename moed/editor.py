@@ -112,6 +112,9 @@ class RpcDecoder:
             unicode_errors="replace",
             strict_map_key=False,
             max_buffer_size=max_bytes,
+            # msgpack would allocate min(max_buffer_size, 1 MiB) per connection up front; the
+            # buffer grows when a message needs it (up to max_bytes) and one read fits this.
+            read_size=READ_SIZE,
             list_hook=self._budget,
             object_hook=self._budget,
             **P.UNPACK_LIMITS,
