@@ -141,7 +141,7 @@ def test_slow_disk_loads_overlap_forwards_exactly(family_dir, reference, monkeyp
 def test_speculative_passes_score_gate_guesses(family_dir, reference):
     model, tok, manager = load_model(family_dir["qwen3_moe"], capacity=12, decode_mode="speculative", profile=None)
     try:
-        manager.prefetcher.trace_every = 1
+        manager.prefetcher.sample_every = 1
         assert greedy_tokens(model, tok) == reference["qwen3_moe"]
         gate = manager.stats()["prefetch"]["predictors"]["gate+1"]
         assert gate["needed"] > 0 and gate["recall"] is not None

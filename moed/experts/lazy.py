@@ -144,6 +144,7 @@ class ExpertManager:
     """
 
     EXPLORE_EVERY = 16
+    STEP_PARTS = ("prefetch", "build", "eval", "check", "sync")
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
                  memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto"):
@@ -168,6 +169,11 @@ class ExpertManager:
         self.decode_time = 0.0
         self.decode_wait = 0.0
         self.skipped = 0
+        # where decode steps' time goes (seconds, summed): prefetcher hooks, building the
+        # speculative pass's graph, waiting for its evaluation (the readback), the residency
+        # check and bookkeeping, sync passes (redos and sync-mode steps, loads included)
+        self.step_seconds = dict.fromkeys(self.STEP_PARTS, 0.0)
+        self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
         self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
         self.mode_steps = {"speculative": 0, "sync": 0}
         self.redo_rate = 0.0  # EWMA share of speculative decode steps that needed a redo
@@ -184,7 +190,7 @@ class ExpertManager:
     # -- per-layer routing (called from inside the model's forward) ---------
     def route(self, cache: LayerCache, inner, x, indices):
         mode = self._mode
-        if mode == "direct" or cache.complete:
+        if mode == "direct" or (cache.complete and not self.always_check):
             if self.collect:
                 self._collected.append((cache, indices))
             return inner(x, indices)
@@ -208,7 +214,8 @@ class ExpertManager:
 
     def _route_sync(self, cache: LayerCache, inner, x, indices, order: int):
         self._top_k = indices.shape[-1]
-        ahead = self.prefetcher.predict(order, x, indices) if self.prefetcher is not None else []
+        pf = self.prefetcher
+        ahead = pf.predict(order, x, indices) if pf is not None and pf.wants_ahead() else []
         mx.eval(indices, *[guess for _, guess, _ in ahead])
         self.readbacks += 1
         self._step_readbacks += 1
@@ -283,11 +290,13 @@ class ExpertManager:
         t0 = time.perf_counter()
         wait0 = self.wait_time
         used = None
+        parts = dict.fromkeys(self.STEP_PARTS, 0.0)
         if self.prefetcher is not None:
-            self.prefetcher.install_ready()
-            self.prefetcher.scoring = decode
+            self.prefetcher.begin_forward(decode)
+        t = time.perf_counter()
+        parts["prefetch"] = t - t0
         try:
-            if all(c.complete for c in self.caches):
+            if all(c.complete for c in self.caches) and not self.always_check:
                 self._mode = "direct"
                 out = call()
                 if self.collect:
@@ -295,6 +304,7 @@ class ExpertManager:
                     for c, ind in self._collected:
                         c.count(np.array(ind))
                     self._collected = []
+                parts["build"] = time.perf_counter() - t
                 return out
             if self.approximate:
                 return self._approximate(call)
@@ -310,13 +320,17 @@ class ExpertManager:
                 self._mode, self._records, self._outputs = "speculative", [], {}
                 out = call()
                 traces = self.prefetcher.pending_traces() if self.prefetcher is not None else []
+                parts["build"] = (t1 := time.perf_counter()) - t
                 mx.eval(out, [i for _, i in self._records], traces)
+                parts["eval"] = (t := time.perf_counter()) - t1
                 self._count_readback()
                 first = self._first_miss()
+                parts["check"] = time.perf_counter() - t
                 if decode:
                     self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
                 if first is None:
                     return out
+                t = time.perf_counter()
                 for order in [o for o in self._outputs if o >= first]:
                     del self._outputs[order]
                 self.redos += 1
@@ -327,19 +341,23 @@ class ExpertManager:
             self._mode, self._records = "sync", []
             out = call()
             mx.eval(out)
+            parts["sync"] = time.perf_counter() - t
             self._count_readback()
             return out
         finally:
             self._mode, self._records, self._outputs = "direct", [], {}
             for c in self.caches:
                 c.in_use.clear()
+            dt = time.perf_counter() - t0
             if self.prefetcher is not None:
-                self.prefetcher.end_forward()
+                self.prefetcher.end_forward(decode, used, dt)
             if decode:
-                dt = time.perf_counter() - t0
                 self.decode_readbacks += self._step_readbacks
                 self.decode_time += dt
                 self.decode_wait += self.wait_time - wait0
+                parts["prefetch"] += time.perf_counter() - t0 - dt
+                for k, v in parts.items():
+                    self.step_seconds[k] += v
                 if used is not None:
                     old = self.mode_cost[used]
                     self.mode_cost[used] = dt if old is None else 0.8 * old + 0.2 * dt
@@ -430,6 +448,8 @@ class ExpertManager:
             "decode_mode": self.decode_mode,
             "mode_steps": dict(self.mode_steps),
             "expert_wait_s": round(self.wait_time, 6),
+            "decode_step_ms": {k: v / self.decode_steps * 1e3 for k, v in self.step_seconds.items()}
+            if self.decode_steps else None,
             "expert_wait_share": (self.decode_wait / self.decode_time) if self.decode_time else None,
             "disk_bytes_per_token": (sum(c.bytes_read for c in self.caches) / self.decode_steps) if self.decode_steps else None,
             "memory": {

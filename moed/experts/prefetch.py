@@ -18,12 +18,12 @@ Threading model
   the pass is seen as missing by the residency check afterwards, which forces
   the exact redo (see lazy.py), so a stale read can never reach the output.
 
-Predictors (each scored in ``stats()`` on decode steps, whether or not it drives loads)
---------------------------------------------------------------------------------
+Predictors (each scored in ``stats()`` on a sample of decode steps, whether or not it drives loads)
+--------------------------------------------------------------------------------------------------
 * ``gate+1``/``gate+2``: the router of layer l+1 (l+2) applied to layer l's
   expert input, carried over from layer l's pre-expert norm to l+1's
   (speculative gating); linear routers name 2 x top-k guesses. Drives loads in
-  sync mode.
+  sync mode while they pay (``Payoff``: below).
 * ``runahead``: a speculative pass's own choices for the layers after its first
   miss. Drives loads for the redo.
 * ``persistence``: the previous forward's experts at the same layer.
@@ -31,13 +31,26 @@ Predictors (each scored in ``stats()`` on decode steps, whether or not it drives
   works from (gate+1 names what to load, persistence what to keep).
 * ``profile``: the most active experts of a saved profile (see profile.py);
   drives pinning and the initial fill.
+
+Cost control
+------------
+What the prefetcher does on every forward is kept to a few array operations:
+the predictors are scored (and the speculative pass's gate+1 guesses traced)
+on one decode step in ``sample_every`` only. The one piece of work that can
+cost more than it saves, loading the gate guesses ahead in sync mode (guesses
+evict experts, reads compete with compute for the cores), runs under a
+``Payoff`` meter: the median cost of recent sync decode steps with and without
+it decides, and the losing arm is tried again every ``explore_every``-th step.
+Runahead loads are always on: they are the loads the redo needs anyway.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
@@ -68,23 +81,55 @@ class _Score:
                 "needed": self.needed, "predicted": self.predicted}
 
 
+class Payoff:
+    """Is optional work worth its cost? Keeps the last ``window`` step costs
+    with it on and with it off; runs the arm with the lower median, and tries
+    the other every ``explore_every``-th step, so a change of regime is seen."""
+
+    def __init__(self, explore_every: int = 16, window: int = 8, warmup: int = 3):
+        self.costs = {True: deque(maxlen=window), False: deque(maxlen=window)}
+        self.steps = {True: 0, False: 0}
+        self.explore_every = explore_every
+        self.warmup = warmup
+
+    def choose(self) -> bool:
+        for arm in (True, False):  # measure each arm a few times first, on first
+            if len(self.costs[arm]) < self.warmup:
+                return arm
+        best = statistics.median(self.costs[True]) <= statistics.median(self.costs[False])
+        explore = (self.steps[True] + self.steps[False]) % self.explore_every == 0
+        return (not best) if explore else best
+
+    def record(self, arm: bool, seconds: float) -> None:
+        self.costs[arm].append(seconds)
+        self.steps[arm] += 1
+
+    def stats(self) -> dict:
+        med = {arm: statistics.median(c) * 1e3 if c else None for arm, c in self.costs.items()}
+        return {"steps_on": self.steps[True], "steps_off": self.steps[False],
+                "median_ms_on": med[True], "median_ms_off": med[False]}
+
+
 class Prefetcher:
-    def __init__(self, manager, *, workers: int = 4, depth: int = 2, width: int = 2, load_ahead: bool = True):
+    def __init__(self, manager, *, workers: int = 4, depth: int = 2, width: int = 2, load_ahead: bool = True,
+                 sample_every: int = 8):
         self.manager = manager
         self.caches: list[LayerCache] = manager.caches
         self.routers = [find_router(s.block, s.num_experts) for s in manager.sites]
         self.norms = [find_pre_expert_norm(s) for s in manager.sites]
         self.width = width
         self.depth = depth
-        self.trace_every = 4
-        self.scoring = True  # set per forward by the manager: score predictors on decode steps only
-        self.load_ahead = load_ahead
+        self.sample_every = sample_every
+        self.sampled = False  # this forward scores the predictors (a decode step, one in sample_every)
+        self.load_ahead = load_ahead  # False: gate guesses are scored, never loaded
+        self.ahead = Payoff()
+        self._ahead_on = load_ahead  # this forward's arm
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moed-prefetch")
         self.workers = workers
         self.inflight: dict[tuple[int, int], tuple[int, Future]] = {}  # (layer position, expert) -> (slot, load)
         self.prior: list[set] = [set() for _ in self.caches]  # profile predictor
-        self.previous: list[set] = [set() for _ in self.caches]  # persistence predictor
-        self._current: list[set] = [set() for _ in self.caches]
+        self.previous: list = [None for _ in self.caches]  # persistence predictor: last forward's experts
+        self._current: list = [None for _ in self.caches]
         self._predicted: dict[tuple[str, int], set] = {}  # (predictor, layer position) -> experts, this forward
         self._traces: list[tuple[int, mx.array]] = []
         self.scores = {name: _Score() for name in PREDICTORS}
@@ -134,9 +179,9 @@ class Prefetcher:
 
     def trace(self, position: int, x, indices) -> None:
         """In a speculative pass: the gate+1 guess for the next layer, for the
-        stats only, so on a sample of forwards (every ``trace_every``-th) to keep
-        the extra router work off most tokens."""
-        if self.manager.forwards % self.trace_every:
+        stats only, so on sampled steps only, to keep the extra router work off
+        most tokens."""
+        if not self.sampled:
             return
         j = position + 1
         if j < len(self.caches) and self.routers[j] is not None:
@@ -145,11 +190,18 @@ class Prefetcher:
     def pending_traces(self) -> list:
         return [g for _, g in self._traces]
 
+    def wants_ahead(self) -> bool:
+        """Whether sync mode should compute gate guesses this forward: to load
+        them, or to score them on a sampled step."""
+        return self._ahead_on or self.sampled
+
     def request_ahead(self, ahead) -> None:
         for j, guess, step in ahead:
             experts = np.unique(np.array(guess))
-            self._predicted[(f"gate+{step}", j)] = set(experts.tolist()) | self._predicted.get((f"gate+{step}", j), set())
-            if self.load_ahead:
+            if self.sampled:
+                key = (f"gate+{step}", j)
+                self._predicted[key] = set(experts.tolist()) | self._predicted.get(key, set())
+            if self._ahead_on:
                 self.request(j, experts)
 
     # -- loads -------------------------------------------------------------
@@ -213,7 +265,18 @@ class Prefetcher:
     def wait_or_load(self, position: int, cache: LayerCache, missing, protect) -> None:
         """Block until every expert in ``missing`` is resident (the exact path)."""
         self.install_ready()
-        self.request(position, missing, protect)
+        todo = [e for e in cache.missing(missing).tolist() if (position, e) not in self.inflight]
+        # The engine thread reads one of them itself while the pool reads the rest: it
+        # would only wait otherwise, and a pool round trip costs more than a small read.
+        mine = cache.reserve(protect) if todo else None
+        self.request(position, todo[1:] if mine is not None else todo, protect)
+        if mine is not None:
+            try:
+                cache.fill(mine, todo[0])
+            except BaseException:
+                cache.release(mine)
+                raise
+            cache.install(mine, todo[0])
         for e in missing.tolist():
             if (position, e) in self.inflight:
                 self._settle((position, e), wait=True)
@@ -226,22 +289,24 @@ class Prefetcher:
     # -- bookkeeping from the manager ----------------------------------------
     def note_need(self, position: int, cache: LayerCache, needed: np.ndarray) -> None:
         resident = int((cache.slot_of[needed] >= 0).sum())
-        inflight = sum(1 for e in needed.tolist() if cache.slot_of[e] < 0 and (position, e) in self.inflight)
         self.needed += len(needed)
         self.resident_at_need += resident
-        self.inflight_at_need += inflight
-        self._current[position] = set(needed.tolist())
-        if not self.scoring:  # predictors are scored on decode steps: a prefill's union of guesses says little
+        if resident < len(needed):
+            self.inflight_at_need += sum(1 for e in needed.tolist()
+                                         if cache.slot_of[e] < 0 and (position, e) in self.inflight)
+        previous, self._current[position] = self.previous[position], needed
+        if not self.sampled:  # predictors are scored on a sample of decode steps
             return
         for name in ("gate+1", "gate+2", "runahead"):
             guess = self._predicted.get((name, position))
             if guess is not None:
                 self.scores[name].add(guess, needed)
-        if self.previous[position]:
-            self.scores["persistence"].add(self.previous[position], needed)
+        if previous is not None:
+            previous = set(previous.tolist())
+            self.scores["persistence"].add(previous, needed)
             gate = self._predicted.get(("gate+1", position))
             if gate is not None:  # what to load (gate) plus what to keep (persistence)
-                self.scores["gate+1|persistence"].add(gate | self.previous[position], needed)
+                self.scores["gate+1|persistence"].add(gate | previous, needed)
         if self.prior[position]:
             self.scores["profile"].add(self.prior[position], needed)
 
@@ -263,13 +328,24 @@ class Prefetcher:
                 if len(missing):
                     self.request(position, missing, protect=needed)
 
-    def end_forward(self) -> None:
+    def begin_forward(self, decode: bool) -> None:
+        """Engine thread, before a forward: install finished loads, pick this
+        forward's arm of the gate-ahead loads, decide whether it is sampled."""
+        self.install_ready()
+        self.sampled = decode and self.manager.decode_steps % self.sample_every == 0
+        self._ahead_on = self.load_ahead and (self.ahead.choose() if decode else True)
+
+    def end_forward(self, decode: bool = False, mode: str | None = None, seconds: float = 0.0) -> None:
+        """After a forward: persistence moves on; a sync decode step's cost
+        goes to the gate-ahead meter (other steps' costs say nothing about it)."""
         self._traces = []
         self._predicted.clear()
         for i, cur in enumerate(self._current):
-            if cur:
+            if cur is not None:
                 self.previous[i] = cur
-        self._current = [set() for _ in self.caches]
+                self._current[i] = None
+        if decode and mode == "sync" and self.load_ahead:
+            self.ahead.record(self._ahead_on, seconds)
 
     # -- reporting / shutdown -----------------------------------------------
     def stats(self) -> dict:
@@ -294,6 +370,8 @@ class Prefetcher:
             "stream_gb_s": self.streamed_bytes / self.busy_time / 1e9 if self.busy_time else None,
             "errors": self.errors,
             "predictors": {name: s.as_dict() for name, s in self.scores.items()},
+            "sample_every": self.sample_every,
+            "gate_ahead_loads": self.ahead.stats() if self.load_ahead else None,
         }
 
     def close(self, timeout: float = 1.0) -> None:
