@@ -50,6 +50,8 @@ ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a s
 SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
 # Where reading a process's RSS runs `ps` (macOS), a thread refreshes the figures status shows this often.
 RSS_REFRESH_S = 2.0
+# Once no request has been in flight for this long, freed heap pages go back to the OS (platform.release_free_memory).
+IDLE_TRIM_S = 2.0
 # On exit, how long libzmq may keep delivering queued replies to a client that
 # reads slowly: its final 'done' sits behind its unread chunks.
 EXIT_FLUSH_MS = 2000
@@ -216,6 +218,7 @@ class Daemon:
         self.tok_window: collections.deque = collections.deque()
         self.engine_latency: collections.deque = collections.deque(maxlen=1024)  # seconds, engine send -> front receive
         self.rss_seen: dict[int, int | None] = {}  # pid -> RSS, from refresh_rss() where the probe blocks
+        self.idle_trim: asyncio.TimerHandle | None = None
         self.stopping = asyncio.Event()
         self.drain_deadline: float | None = None
         self.exit_code = 0
@@ -446,6 +449,7 @@ class Daemon:
             else:
                 self.queue.remove(seq)
         self.pump()  # the dropped requests' batch slots are free now
+        self.when_idle()
 
     def finish(self, req: Request, final: dict | None) -> None:
         self.requests.pop(req.seq, None)
@@ -457,6 +461,21 @@ class Daemon:
         if final is not None:
             self.send(req.client, final)
         self.pump()
+        self.when_idle()
+
+    def when_idle(self) -> None:
+        """After a burst, once nothing has been in flight for IDLE_TRIM_S, give freed heap pages back."""
+        if self.requests or self.idle_trim is not None:
+            return
+
+        def trim() -> None:
+            from moed import platform
+
+            self.idle_trim = None
+            if not self.requests:  # busy again: the next idle moment does it
+                platform.release_free_memory()
+
+        self.idle_trim = asyncio.get_running_loop().call_later(IDLE_TRIM_S, trim)
 
     # -- engine ------------------------------------------------------------
 

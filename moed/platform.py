@@ -4,6 +4,7 @@ service managers (launchd vs systemd), readiness notification, memory probing.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -286,6 +287,35 @@ def process_is_zombie(pid: int) -> bool:
         except (OSError, IndexError):
             return False  # gone meanwhile: not a zombie (the caller's kill(pid, 0) tells it is gone)
     return _run(["ps", "-o", "stat=", "-p", str(pid)]).stdout.strip().startswith("Z")
+
+
+def release_free_memory() -> bool:
+    """Hand the pages of heap memory that was freed back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps what a burst of requests freed inside its arenas, resident, for
+    later reuse; a long-running service that then sits idle should give it
+    back. Returns False, doing nothing, where there is no such call (macOS,
+    whose allocator returns free pages by itself; musl).
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def process_command(pid: int) -> str | None:
