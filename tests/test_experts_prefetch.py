@@ -24,6 +24,15 @@ from moed.experts import StoreError, load_model  # noqa: E402
 from test_experts import family_dir, greedy_tokens, num_experts, private_state, reference  # noqa: E402,F401
 
 
+def drain(pf, timeout: float = 5.0) -> None:
+    """Settle every load still in flight (installed, or released on failure)."""
+    pf.install_ready()
+    deadline = time.monotonic() + timeout
+    while pf.inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pf.install_ready()
+
+
 @pytest.mark.parametrize("mode", ["auto", "speculative", "sync"])
 @pytest.mark.parametrize("share", [0.5, 0.25])
 @pytest.mark.parametrize("family", families.FAMILIES)
@@ -71,12 +80,7 @@ def test_failed_prefetch_leaves_no_slot_in_use(family_dir, reference, tmp_path):
         os.truncate(shard, 4096)
         with pytest.raises(StoreError, match="truncated"):
             greedy_tokens(model, tok)
-        pf = manager.prefetcher
-        pf.install_ready()
-        deadline = time.monotonic() + 5
-        while pf.inflight and time.monotonic() < deadline:
-            time.sleep(0.01)
-            pf.install_ready()
+        drain(manager.prefetcher)
         families.assert_slots_consistent(manager)
         shard.write_bytes(good)
         assert greedy_tokens(model, tok) == reference["qwen3_moe"]
@@ -145,5 +149,76 @@ def test_speculative_passes_score_gate_guesses(family_dir, reference):
         assert greedy_tokens(model, tok) == reference["qwen3_moe"]
         gate = manager.stats()["prefetch"]["predictors"]["gate+1"]
         assert gate["needed"] > 0 and gate["recall"] is not None
+    finally:
+        manager.close()
+
+
+def test_payoff_runs_the_cheaper_arm_and_explores():
+    from moed.experts.prefetch import Payoff
+
+    meter = Payoff(explore_every=4, window=4, warmup=2)
+    cost = {True: 0.009, False: 0.003}  # the work costs more than it saves
+    arms = []
+    for _ in range(40):
+        arm = meter.choose()
+        arms.append(arm)
+        meter.record(arm, cost[arm])
+    assert arms[:4] == [True, True, False, False]  # each arm measured first
+    later = arms[4:]
+    assert later.count(False) > later.count(True) > 0  # mostly off, still retried
+    cost = {True: 0.001, False: 0.003}  # the regime changes: the work now pays
+    arms = []
+    for _ in range(40):
+        arm = meter.choose()
+        arms.append(arm)
+        meter.record(arm, cost[arm])
+    assert arms[-20:].count(True) > arms[-20:].count(False)
+    assert meter.stats()["steps_on"] + meter.stats()["steps_off"] == 80
+
+
+def test_random_arms_and_jittered_reads_stay_exact(family_dir, reference, monkeypatch):
+    """Reads take 0-4 ms at random and the gate-ahead arm flips at random, so
+    installs, evictions for guesses and forwards interleave in many orders:
+    every generation exact, maps consistent."""
+    import random
+
+    from moed.experts.prefetch import Payoff
+    from moed.experts.store import Reader
+
+    rng = random.Random(6)
+    real = Reader.read_into
+
+    def jittered(self, extent, buf):
+        time.sleep(rng.random() * 0.004)
+        return real(self, extent, buf)
+
+    monkeypatch.setattr(Reader, "read_into", jittered)
+    monkeypatch.setattr(Payoff, "choose", lambda self: rng.random() < 0.5)
+    model, tok, manager = load_model(family_dir["qwen3_moe"], capacity=3, profile=None)
+    try:
+        manager.prefetcher.sample_every = 2
+        for mode in ("auto", "sync", "speculative"):
+            manager.decode_mode = mode
+            assert greedy_tokens(model, tok) == reference["qwen3_moe"]
+            drain(manager.prefetcher)
+            families.assert_slots_consistent(manager)
+        assert manager.stats()["prefetch"]["completed"] > 0
+    finally:
+        manager.close()
+
+
+def test_decode_step_breakdown_and_checked_full_residency(family_dir, reference):
+    """All experts resident with the check forced on (the benchmark's
+    checked-100): same tokens, one readback per token, time split reported."""
+    path = family_dir["qwen3_moe"]
+    model, tok, manager = load_model(path, capacity=num_experts(path), profile=None)
+    try:
+        manager.always_check = True
+        assert greedy_tokens(model, tok) == reference["qwen3_moe"]
+        stats = manager.stats()
+        assert stats["readbacks_per_token"] == 1.0 and stats["redos"] == 0
+        parts = stats["decode_step_ms"]
+        assert set(parts) == {"prefetch", "build", "eval", "check", "sync"}
+        assert parts["eval"] > 0 and parts["build"] > 0
     finally:
         manager.close()
