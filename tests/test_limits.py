@@ -212,3 +212,22 @@ def http_get(url: str, path: str) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_max_clients_comes_from_the_config_file_the_environment_or_the_flag(monkeypatch, tmp_path):
+    def served(*flags) -> int:
+        args = moed_daemon.build_parser().parse_args(["serve", *flags])
+        moed_daemon.apply_config(args)
+        return args.max_clients
+
+    monkeypatch.setenv("MOED_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("MOED_MAX_CLIENTS", raising=False)
+    assert served() == 64
+    (tmp_path / "config.toml").write_text("max_clients = 5\n")
+    assert served() == 5
+    monkeypatch.setenv("MOED_MAX_CLIENTS", "7")
+    assert served() == 7
+    assert served("--max-clients", "9") == 9
+    monkeypatch.setenv("MOED_MAX_CLIENTS", "0")
+    with pytest.raises(config.ConfigError, match="max_clients"):
+        served()
