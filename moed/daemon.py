@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,8 +328,7 @@ class Daemon:
         # With NOBLOCK, pyzmq's asyncio socket sends at once and returns a finished future
         # (failed with EHOSTUNREACH or EAGAIN). Sending through pyzmq's own socket, not a
         # sync shadow, matters: it re-arms the edge-triggered ZMQ_FD for waiting receivers.
-        sent = router.send_multipart(frames, flags=zmq.NOBLOCK)
-        error = sent.exception() if sent.done() else None
+        error = send_error(router.send_multipart(frames, flags=zmq.NOBLOCK))
         if error is None:
             return True
         if not isinstance(error, zmq.ZMQError):
@@ -832,6 +832,20 @@ class Daemon:
                 self.tcp_router.close(linger=EXIT_FLUSH_MS)
                 self.authenticator.stop()
             self.ctx.term()
+
+
+def send_error(sent) -> BaseException | None:
+    """The error of a NOBLOCK send's finished future (None if it went out), let go of its traceback.
+
+    pyzmq's frames in that traceback hold the future, which holds the traceback, and they lead
+    (f_back) to the caller's frame: ~30 objects per dead client that only a full garbage
+    collection would free.
+    """
+    error = sent.exception() if sent.done() else None
+    if error is not None and error.__traceback__ is not None:
+        traceback.clear_frames(error.__traceback__)
+        error.__traceback__ = None
+    return error
 
 
 def drain_beats(engine: EngineHandle) -> bool:

@@ -329,3 +329,29 @@ def test_moectl_stop_during_a_long_generation(daemon):
     assert d.proc.wait(timeout=30) == 0
     wait_for(lambda: not alive(engine), timeout=10)
     assert {p.name for p in d.runtime_dir.iterdir()} <= {"logs"}
+
+
+async def test_a_send_to_a_dead_client_leaves_no_garbage_cycle(monkeypatch, tmp_path):
+    """A killed client's failed send used to leave pyzmq's frames, the future and its traceback in a
+    reference cycle that waited for a full garbage collection; the front frees them at once."""
+    import gc
+    from types import SimpleNamespace
+
+    from moed import daemon as moed_daemon
+
+    monkeypatch.setenv("MOED_RUNTIME_DIR", str(tmp_path))
+    d = moed_daemon.Daemon(SimpleNamespace(model=None, memory_budget=None), moed_daemon.RuntimeFiles(tmp_path / "moed.sock"))
+    d.router = d.router_socket()
+    d.router.bind("inproc://dead-client")
+    gc.collect()
+    gc.disable()
+    try:
+        frames = lambda: sum(1 for o in gc.get_objects() if type(o).__name__ in ("frame", "traceback"))  # noqa: E731
+        before = frames()
+        for i in range(20):
+            assert d.send(b"gone-%d" % i, P.chunk("r", "x", [1])) is False  # EHOSTUNREACH: dropped
+        assert frames() - before < 5
+    finally:
+        gc.enable()
+        d.router.close(linger=0)
+        d.ctx.term()
