@@ -27,7 +27,9 @@ p50/p99, and the front's and the engine's RSS and open file descriptors before
 the run (after one request through each door), after warm-up and at the end.
 Warm-up is the first ``--warmup`` requests (default a tenth): the driver then
 waits until the daemon is idle before it samples and goes on, and it samples
-the end the same way, so both figures are taken with nothing in flight. The
+the end the same way, so both figures are taken with nothing in flight; each
+is sampled again 4 s later (``*_rested``: the daemon at rest, after it handed
+freed heap pages back to the OS) and both growths are reported. The
 ``series`` (every 2 s: requests finished, front RSS and descriptors, engine
 RSS) and the least-squares slope of the front's RSS after warm-up show whether
 memory levels off or keeps growing.
@@ -51,6 +53,9 @@ from pathlib import Path
 WORDS = "the quick brown fox jumps over lazy dog hello world this is moed serving a model def main return".split()
 FINAL_TIMEOUT_S = 120.0  # no message for a live request in this long: it is lost
 SERIES_EVERY_S = 2.0  # how often the driver records the daemon's memory and descriptors
+# After the idle sample, another this much later: the daemon at rest (it returns freed heap pages
+# to the OS once idle for 2 s, moed.daemon.IDLE_TRIM_S). Both are reported.
+REST_S = 4.0
 
 
 # --------------------------------------------------------------------------
@@ -383,6 +388,8 @@ class Soak:
         self.results: list[dict] = []
         self.lock = threading.Lock()
         self.series: list[dict] = []  # (requests finished, memory and descriptors) every SERIES_EVERY_S
+        self.warm_rested: dict | None = None
+        self.end_rested: dict | None = None
         self.worker_deaths = 0
         self.workers_started = 0
 
@@ -448,9 +455,13 @@ class Soak:
         t0 = time.monotonic()
         self.phase(self.plan[:self.warmup], progress, t0)
         warm_sample = self.settled()
+        time.sleep(REST_S)
+        self.warm_rested = self.sample()
         self.phase(self.plan[self.warmup:], progress, t0)
         wall = time.monotonic() - t0
         end_sample = self.settled()
+        time.sleep(REST_S)
+        self.end_rested = self.sample()
         return self.report(start_sample, warm_sample, end_sample, wall)
 
     def phase(self, specs: list[dict], progress, t0: float) -> None:
@@ -501,7 +512,7 @@ class Soak:
         def pct(q):
             return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
 
-        def growth(which, key):
+        def growth(which, key, warm=warm, end=end):
             a, b = (warm.get(which) or {}).get(key), (end.get(which) or {}).get(key)
             return (b - a) / a if a and b is not None else None
 
@@ -532,6 +543,8 @@ class Soak:
             "requests_per_s": len(res) / wall if wall else None,
             "daemon": {"before": start, "after_warmup": warm, "end": end, "warmup_requests": self.warmup,
                        "front_rss_growth": growth("front", "rss_bytes"), "engine_rss_growth": growth("engine", "rss_bytes"),
+                       "rested_s": REST_S, "after_warmup_rested": self.warm_rested, "end_rested": self.end_rested,
+                       "front_rss_growth_rested": growth("front", "rss_bytes", self.warm_rested, self.end_rested),
                        # least-squares slope of the front's RSS over requests after warm-up: a leak shows as a steady slope
                        "front_rss_bytes_per_1k_requests": slope([(p["finished"], p["front_rss_bytes"]) for p in after], 1000)},
             "series": self.series,
