@@ -325,7 +325,7 @@ class Engine:
             self.solo.start(self.model, self.prefill_step)
         else:
             self._insert(active, insert)
-        log.debug("seq %d: %d prompt tokens, %d from cache", seq, len(tokens), cached)
+        log.debug("seq %d: %d prompt tokens, %d from cache, %s", seq, len(tokens), cached, "solo" if self.solo else "batch")
 
     def _insert(self, a: Active, insert: dict) -> None:
         (a.uid,) = self.gen.insert(**insert)
@@ -479,14 +479,57 @@ class Channel:
         self.ctx.term()
 
 
-def serve(channel: Channel, engine: Engine) -> None:
+class Outbox:
+    """Token events on their way to the front.
+
+    A request's first token and its final event go at once; later tokens wait
+    up to ``interval`` seconds and go merged (text joined, ids appended). At
+    hundreds of tokens/s that turns one message per token through the front
+    and the client into one per few tokens, which on a small machine is CPU
+    the engine gets back; a token is never held longer than ``interval``.
+    """
+
+    def __init__(self, channel: Channel, interval: float):
+        self.channel, self.interval = channel, interval
+        self.pending: dict[int, dict] = {}
+        self.streaming: set[int] = set()  # requests whose first token went out
+        self.urgent = False
+        self.last_flush = 0.0
+
+    def add(self, events: list[dict]) -> None:
+        for ev in events:
+            seq = ev["seq"]
+            held = self.pending.get(seq)
+            if held is None:
+                self.pending[seq] = dict(ev, token_ids=list(ev["token_ids"]))
+            else:
+                final = {k: v for k, v in ev.items() if k not in ("text", "token_ids")}
+                held.update(final, text=held["text"] + ev["text"], token_ids=held["token_ids"] + ev["token_ids"])
+            if "finish" in ev or seq not in self.streaming:
+                self.urgent = True
+
+    def flush(self, now: float, force: bool = False) -> None:
+        if not self.pending or not (force or self.urgent or now - self.last_flush >= self.interval):
+            return
+        events = list(self.pending.values())
+        for ev in events:
+            if "finish" in ev:
+                self.streaming.discard(ev["seq"])
+            elif ev["token_ids"]:
+                self.streaming.add(ev["seq"])
+        self.channel.send({"type": "events", "events": events, "t": time.monotonic()})
+        self.pending, self.urgent, self.last_flush = {}, False, now
+
+
+def serve(channel: Channel, engine: Engine, stream_interval: float = 0.0) -> None:
     last_stats = 0.0
     front = os.getppid()
+    outbox = Outbox(channel, stream_interval)
     while True:
         if os.getppid() != front:  # the front died without telling us (kill -9): nobody will read our output
             log.error("front process %d is gone; exiting", front)
             return
-        timeout = 0 if engine.busy else int(STATS_INTERVAL_S * 1000)
+        timeout = 0 if engine.busy else int(STATS_INTERVAL_S * 1000)  # an idle engine has flushed everything
         events = []
         while (msg := channel.poll(timeout)) is not None:
             timeout = 0
@@ -506,9 +549,8 @@ def serve(channel: Channel, engine: Engine) -> None:
             elif kind == "stats":
                 last_stats = 0.0
             elif kind == "shutdown":
-                events.extend(engine.cancel_all())
-                if events:
-                    channel.send({"type": "events", "events": events, "t": time.monotonic()})
+                outbox.add(events + engine.cancel_all())
+                outbox.flush(time.monotonic(), force=True)
                 return
         if engine.busy:
             try:
@@ -516,12 +558,13 @@ def serve(channel: Channel, engine: Engine) -> None:
             except Exception as e:
                 # A failed step leaves the batch in an unknown state: fail its requests, start a fresh batch.
                 log.exception("decode step failed")
+                outbox.flush(time.monotonic(), force=True)
                 for a in list(engine.active.values()) + ([engine.solo.active] if engine.solo else []):
                     channel.send({"type": "failed", "seq": a.seq, "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
                 raise
-        if events:
-            channel.send({"type": "events", "events": events, "t": time.monotonic()})
+        outbox.add(events)
         now = time.monotonic()
+        outbox.flush(now, force=not engine.busy)
         if now - last_stats >= STATS_INTERVAL_S:
             channel.send({"type": "stats", **engine.stats()})
             last_stats = now
@@ -538,6 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--no-solo", action="store_true", help="always decode through BatchGenerator, even a lone request")
+    p.add_argument("--stream-interval", type=float, default=0.005,
+                   help="seconds a token may wait to go out merged with the next ones (0: one message per token)")
     p.add_argument("--max-context", type=int, default=32768)
     p.add_argument("--prompt-cache-size", type=int, default=8)
     p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30)
@@ -587,7 +632,7 @@ def main(argv=None) -> int:
         log.info("model %s loaded in %.1f s (pid %d)", info["name"], time.monotonic() - t0, os.getpid())
         channel.send({"type": "ready", "model": info, "pid": os.getpid()})
         try:
-            serve(channel, engine)
+            serve(channel, engine, args.stream_interval)
         finally:
             if manager is not None and hasattr(manager, "close"):
                 manager.close()  # stops prefetching, saves the warm-start set
