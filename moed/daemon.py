@@ -603,7 +603,7 @@ class Daemon:
                 if not self.send(req.client, P.chunk(req.id, ev["text"], ev["token_ids"])):
                     continue
             if finish is not None:
-                self.finish(req, P.done(req.id, finish, ev["usage"], req.timings() | {"max_batch": ev.get("max_batch")}))
+                self.finish(req, P.done(req.id, finish, ev["usage"], req.timings() | {"max_batch": ev.get("max_batch"), "engine_decode_tok_s": ev.get("engine_decode_tok_s")}))
 
     async def resolve_model(self) -> None:
         """Find (or download) the model while the socket already answers, so that

@@ -183,6 +183,8 @@ class Active:
     max_batch: int = 0  # most requests decoded in one step together with this one
     ignore_eos: bool = False
     max_tokens: int = 0
+    first_token_at: float = 0.0  # engine clock (perf_counter) of the first and the latest token
+    last_token_at: float = 0.0
 
 
 @dataclass
@@ -376,6 +378,9 @@ class Engine:
             "finish": finish,
             "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cached_tokens": a.cached_tokens},
             "max_batch": a.max_batch,
+            # decode rate on the engine's clock, apart from transport: what the model ran at
+            "engine_decode_tok_s": (a.completion_tokens - 1) / (a.last_token_at - a.first_token_at)
+            if a.completion_tokens > 1 and a.last_token_at > a.first_token_at else None,
         }
 
     # -- one decode step ---------------------------------------------------
@@ -419,6 +424,8 @@ class Engine:
         """The event for one new token of ``a``; whether a stop string ended it here."""
         a.pending_ids = []
         a.max_batch = max(a.max_batch, batch)
+        a.last_token_at = time.perf_counter()
+        a.first_token_at = a.first_token_at or a.last_token_at
         if finish != "stop":  # an EOS token is not part of the output, as in mlx_lm.generate
             a.completion_tokens += 1
             a.pending_ids.append(token)

@@ -65,6 +65,7 @@ def test_greedy_stream_equals_mlx_lm(shared_daemon, reference):
     assert stream.usage["completion_tokens"] == sum(len(ch.token_ids) for ch in chunks)
     assert stream.timings["max_batch"] == 1
     assert stream.timings["ttft_s"] > 0
+    assert stream.timings["engine_decode_tok_s"] > 0
 
 
 def test_four_concurrent_clients_equal_mlx_lm(shared_daemon, reference):

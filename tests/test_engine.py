@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from moed.engine import Engine
+from moed.engine import Engine, Outbox
 
 PROMPTS = ("def main():", "hello world", "the quick brown fox")
 
@@ -75,6 +75,7 @@ def test_lone_request_runs_solo_and_equals_mlx_lm(loaded, reference):
     assert_cache_holds(engine, tokenizer.encode(PROMPTS[0]) + out[1]["ids"])
     assert out[1]["final"]["finish"] == "length"
     assert out[1]["final"]["max_batch"] == 1
+    assert out[1]["final"]["engine_decode_tok_s"] > 0
     assert engine.solo_steps == 20 and not engine.gen._generation_batch.uids
 
 
@@ -156,3 +157,46 @@ def test_solo_stops_at_eos_and_at_stop_strings(loaded, reference):
     engine.submit(dict(request(2, PROMPTS[1], 30), ignore_eos=False))
     out = run(engine, {2})
     assert out[2]["final"]["finish"] == "stop" and out[2]["ids"] == expected[:first]
+
+
+class FakeChannel:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg["events"])
+
+
+def token(seq, text, ids):
+    return {"seq": seq, "text": text, "token_ids": ids}
+
+
+def test_outbox_sends_first_tokens_at_once_and_merges_the_rest():
+    ch = FakeChannel()
+    box = Outbox(ch, interval=10.0)
+    box.add([token(1, "a", [1])])
+    box.flush(now=100.0)
+    assert ch.sent == [[token(1, "a", [1])]]  # a first token does not wait
+    box.add([token(1, "b", [2])])
+    box.flush(now=100.001)
+    box.add([token(1, "c", [3]), token(2, "x", [9])])  # request 2's first token: everything goes now
+    box.flush(now=100.002)
+    assert ch.sent[1] == [token(1, "bc", [2, 3]), token(2, "x", [9])]
+    box.add([token(2, "y", [10])])
+    box.flush(now=105.0)
+    assert len(ch.sent) == 2  # held: under the interval
+    box.flush(now=110.1)
+    assert ch.sent[2] == [token(2, "y", [10])]  # the interval passed
+
+
+def test_outbox_final_event_carries_held_tokens_and_goes_at_once():
+    ch = FakeChannel()
+    box = Outbox(ch, interval=10.0)
+    box.add([token(1, "a", [1])])
+    box.flush(now=0.0)
+    box.add([token(1, "b", [2])])
+    box.flush(now=0.001)
+    box.add([dict(token(1, "c", [3]), finish="length", usage={"completion_tokens": 3})])
+    box.flush(now=0.002)
+    assert ch.sent[-1] == [{"seq": 1, "text": "bc", "token_ids": [2, 3], "finish": "length", "usage": {"completion_tokens": 3}}]
+    assert not box.pending and not box.streaming
