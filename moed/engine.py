@@ -588,7 +588,7 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--no-solo", action="store_true", help="always decode through BatchGenerator, even a lone request")
-    p.add_argument("--stream-interval", type=float, default=0.005,
+    p.add_argument("--stream-interval", type=float, default=0.02,
                    help="seconds a token may wait to go out merged with the next ones (0: one message per token)")
     p.add_argument("--max-context", type=int, default=32768)
     p.add_argument("--prompt-cache-size", type=int, default=8)
