@@ -109,8 +109,7 @@ def default_model() -> tuple[Path, str]:
     if (embedded / "config.json").is_file():
         return embedded, "embedded"
     # Before the embedded model exists: the test suite's tiny random model, said so in the JSON.
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import make_tiny_model
+    from bench.launch import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="moed-bench-", dir="/tmp"))
     return make_tiny_model(root / "tiny"), "tiny random (embedded model missing)"
@@ -164,8 +163,7 @@ def daemon_residency(model: Path, experts: int, *, tokens: int, repeats: int, co
     db = optional("bench.daemon_bench")
     if db is None:
         return {"not_measured": "bench.daemon_bench missing"}
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import DaemonProcess
+    from bench.launch import DaemonProcess
 
     runs = []
     offset = 5000

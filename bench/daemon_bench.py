@@ -201,8 +201,7 @@ def median(values):
 
 def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concurrency=CONCURRENCY, progress=print) -> dict:
     """The whole benchmark as a JSON-safe dict."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.conftest import DaemonProcess, make_tiny_model, short_tmpdir
+    from bench.launch import DaemonProcess, make_tiny_model, short_tmpdir
 
     from moed.models import embedded_model_path
 

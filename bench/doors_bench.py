@@ -111,8 +111,7 @@ def rate(n: int, first, last):
 
 
 def run(model: Path | None = None, *, repeats: int = 50, tokens: int = 128, progress=print) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.conftest import DaemonProcess, make_tiny_model, short_tmpdir
+    from bench.launch import DaemonProcess, make_tiny_model, short_tmpdir
 
     from moed.models import embedded_model_path
 

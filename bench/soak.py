@@ -657,9 +657,8 @@ def main(argv=None) -> int:
 
 
 def start_daemon(model: str | None):
-    """A daemon on a private runtime dir, launched by the test suite's launcher (tests/conftest.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.conftest import DaemonProcess, make_tiny_model, short_tmpdir
+    """A daemon on a private runtime dir, launched as the test suite launches its own (bench/launch.py)."""
+    from bench.launch import DaemonProcess, make_tiny_model, short_tmpdir
 
     from moed.models import embedded_model_path
 

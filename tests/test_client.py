@@ -92,6 +92,36 @@ async def test_async_client_streams_and_cancels(shared_daemon):
         assert await c.ping() < 5
 
 
+def test_closing_a_finished_but_unread_stream_leaves_nothing_behind(shared_daemon):
+    with shared_daemon.client() as c:
+        short = c.generate("hello world", max_tokens=2)
+        assert "".join(ch.text for ch in c.generate("the quick brown fox", max_tokens=24))  # reads short's messages too
+        assert any(m.get("type") == P.DONE for m in c._inbox[short.id])  # over, not yet read
+        short.close()
+        running = c.generate("hello world", max_tokens=30000, ignore_eos=True)
+        next(iter(running))
+        running.close()
+        assert c._abandoned == {running.id}  # only the request that was still running was cancelled
+        assert c.ping() < 5
+
+
+async def test_async_closing_a_finished_but_unread_stream_leaves_nothing_behind(shared_daemon):
+    async with shared_daemon.async_client() as c:
+        short = await c.generate("hello world", max_tokens=2)
+        await c.complete("the quick brown fox", max_tokens=24)  # short's messages arrive meanwhile
+        assert short.id not in c._streams  # its final message is queued: the request is over
+        short.close()
+        running = await c.generate("hello world", max_tokens=30000, ignore_eos=True)
+        await running.__anext__()
+        running.close()
+        assert c._abandoned == {running.id}
+        for _ in range(200):  # its late messages end with done/error, which clears it
+            if not c._abandoned:
+                break
+            await asyncio.sleep(0.02)
+        assert not c._abandoned
+
+
 async def test_async_client_concurrent_tasks(shared_daemon):
     prompts = ["hello world", "the quick brown fox", "def main():"]
     with shared_daemon.client() as sync:

@@ -387,7 +387,9 @@ class Client(_Base):
 
     def _abandon(self, rid: str) -> None:
         """Cancel a request nobody will read; its late messages are dropped."""
-        self._inbox.pop(rid, None)
+        inbox = self._inbox.pop(rid, None)
+        if inbox is not None and any(m.get("type") in (P.DONE, P.ERROR) for m in inbox):
+            return  # it is over already: nothing to cancel, nothing more will come
         if self._sock is not None:
             self._abandoned.add(rid)
             try:
@@ -590,7 +592,10 @@ class AsyncClient(_Base):
                     self._abandoned.discard(rid)
                 continue
             if isinstance(rid, str) and rid in self._streams:
-                self._streams[rid].put_nowait(msg)
+                # A final message ends the request here: the stream keeps its queue, and a
+                # stream closed before reading it has nothing left to cancel (see _abandon).
+                queue = self._streams.pop(rid) if msg.get("type") in (P.DONE, P.ERROR) else self._streams[rid]
+                queue.put_nowait(msg)
                 continue
             # A reply without a request id answers the oldest waiter (the daemon answers in order).
             while self._waiters:
@@ -600,7 +605,8 @@ class AsyncClient(_Base):
                     break
 
     def _abandon(self, rid: str) -> None:
-        self._streams.pop(rid, None)
+        if self._streams.pop(rid, None) is None:
+            return  # over already (its final message is queued or read): nothing to cancel
         if self._sock is not None:
             self._abandoned.add(rid)
             data = P.pack({"type": P.CANCEL, "id": rid})
