@@ -155,10 +155,12 @@ def synth_routing(path: Path, max_bytes: int) -> dict:
 # -- moed through the daemon with lazy experts -------------------------------------
 
 def daemon_residency(model: Path, experts: int, *, tokens: int, repeats: int, concurrency, residencies,
-                     prefetch_modes=(False, True)) -> dict:
+                     prefetch_modes=(False, True), reference: list | None = None) -> dict:
     """moed serve --capacity at each residency, prefetch off/on: one stream and n clients.
 
-    Uses daemon_bench's own client-side measurement functions (same definitions as its all-resident run).
+    Uses daemon_bench's own client-side measurement functions (same definitions as its all-resident run)
+    and its prompts, so each configuration's greedy tokens are checked against stock's (``reference``,
+    daemon_bench's in-process tokens) when that section ran.
     """
     db = optional("bench.daemon_bench")
     if db is None:
@@ -182,10 +184,9 @@ def daemon_residency(model: Path, experts: int, *, tokens: int, repeats: int, co
                 d.wait_ready(1800)
                 with d.client() as c:
                     c.complete("warm up", max_tokens=4)
-                    single = []
-                    for i in range(repeats):
-                        single.append(db.through_daemon(c, db.prompt(offset + i), tokens))
-                    offset += repeats
+                    single = [db.through_daemon(c, db.prompt(i), tokens) for i in range(repeats)]
+                    if reference:
+                        entry["exact"] = all(r["tokens"] == ref for r, ref in zip(single, reference))
                     from bench.peers import MIN_RATE_TOKENS
 
                     entry["completion_tokens"] = [len(r["tokens"]) for r in single]
@@ -267,7 +268,7 @@ def ratios(limits: dict, disk: dict, peers: dict, moed: dict) -> dict:
                 "expert bytes read per token x tok/s / uncached sequential disk bandwidth (above 1: served from the page cache)", "GB/s")
     for m in dig(moed, "experts", "models") or []:
         for r in expert_runs(m):
-            tag = f"{r.get('residency', 0):.0%}{'_prefetch' if r['prefetch'] else ''}"
+            tag = r["tag"]
             out[f"lazy_{tag}_vs_stock"] = _ratio(r.get("decode_tps"), dig(m, "stock", "decode_tps"),
                                                  f"in-process lazy experts at {tag} / stock, same run (experts_bench)", "tok/s")
             out[f"lazy_{tag}_load_vs_random_pread"] = _ratio(r.get("load_gb_s"), random_best,
@@ -340,7 +341,8 @@ def bench_model(path: Path, label: str, args, limits_common: dict, save=lambda r
     else:
         m["daemon_residency"] = guarded("daemon residency sweep", daemon_residency, path, experts, tokens=tokens,
                                         repeats=repeats, concurrency=conc, residencies=args.residency,
-                                        prefetch_modes=args.prefetch_modes)
+                                        prefetch_modes=args.prefetch_modes,
+                                        reference=dig(m, "daemon", "single", "reference_tokens"))
     save(result)
     if "experts" in skip:
         m["experts"] = {"not_measured": "skipped"}

@@ -256,6 +256,8 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
         base_ttft, daemon_ttft = median(r["ttft_s"] for r in base), median(r["ttft_s"] for r in served)
         result["single"] = {
             "greedy_tokens_identical": same,
+            # stock's greedy tokens for prompt(0..repeats-1): the daemon's lazy-expert runs are checked against them
+            "reference_tokens": [r["tokens"] for r in base],
             "completion_tokens": [len(r["tokens"]) for r in served],
             "in_process_stream_generate_tok_s": stream_rate,
             "in_process_generate_step_tok_s": step_rate,

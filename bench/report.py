@@ -30,6 +30,9 @@ def expert_runs(m: dict) -> list[dict]:
     for r in runs:
         r.setdefault("hit_rate", dig(r, "stats", "hit_rate"))
         r.setdefault("exact", r.get("exact_every_round"))
+        # checked-N: all resident with the exactness check on (the ceiling of partial residency)
+        r["checked"] = r["name"].startswith("checked")
+        r["tag"] = f"{'checked_' if r['checked'] else ''}{r.get('residency', 0):.0%}{'_prefetch' if r['prefetch'] else ''}"
     return runs
 
 
@@ -48,6 +51,7 @@ def rows(result: dict, label: str) -> list[dict]:
     daemon = moed.get("daemon", {})
     single = daemon.get("single", {})
     out.append({"name": "moed daemon, all resident", "tok_s": single.get("daemon_decode_tok_s"), "ttft_s": single.get("daemon_ttft_s"),
+                "exact": single.get("greedy_tokens_identical"),
                 "clients": {r["clients"]: r["aggregate_tok_s"] for r in dig(daemon, "concurrency", "runs") or []},
                 "note": daemon.get("not_measured", "")})
     for r in dig(moed, "daemon_residency", "runs") or []:
@@ -55,7 +59,7 @@ def rows(result: dict, label: str) -> list[dict]:
                     "tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
                     "clients": {c["clients"]: c["aggregate_tok_s"] for c in r.get("concurrency", [])},
                     "disk_per_token": dig(r, "experts", "disk_bytes_per_token"), "hit_rate": dig(r, "experts", "hit_rate"),
-                    "note": r.get("not_measured", "")})
+                    "exact": r.get("exact"), "note": r.get("not_measured", "")})
     if "not_measured" in (moed.get("daemon_residency") or {}):
         out.append({"name": "moed daemon, lazy experts", "note": moed["daemon_residency"]["not_measured"]})
     for m in dig(moed, "experts", "models") or []:
@@ -63,7 +67,8 @@ def rows(result: dict, label: str) -> list[dict]:
         out.append({"name": "mlx-lm in process (experts_bench's stock, page cache dropped)", "tok_s": stock.get("decode_tps"),
                     "note": (stock.get("error") or "")[:80]})
         for r in expert_runs(m):
-            out.append({"name": f"moed in process, {r.get('residency', 0):.0%} resident{', prefetch' if r['prefetch'] else ''}",
+            out.append({"name": f"moed in process, {r.get('residency', 0):.0%} resident{', prefetch' if r['prefetch'] else ''}"
+                                f"{', check on' if r['checked'] else ''}",
                         "tok_s": r.get("decode_tps"), "disk_per_token": r.get("disk_bytes_per_token"),
                         "hit_rate": r.get("hit_rate"), "load_gb_s": r.get("load_gb_s"),
                         "exact": r.get("exact"), "note": (r.get("error") or "")[:80]})

@@ -48,6 +48,9 @@ def test_bench_smoke_end_to_end(tmpdir_short):
     assert [r["clients"] for r in moed["daemon"]["concurrency"]["runs"]] == [1, 2]
     assert [(r["residency"], r["prefetch"]) for r in moed["daemon_residency"]["runs"]] == [(0.5, True)]
     assert all("not_measured" not in r for r in moed["daemon_residency"]["runs"])
+    # through the daemon too, lazy experts give stock's greedy tokens (checked against daemon_bench's in-process run)
+    assert moed["daemon"]["single"]["greedy_tokens_identical"]
+    assert all(r["exact"] is True for r in moed["daemon_residency"]["runs"])
     from bench.report import expert_runs
 
     runs = expert_runs(moed["experts"]["models"][0])
