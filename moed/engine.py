@@ -244,13 +244,14 @@ class Engine:
         self.model, self.tokenizer, self.manager = model, tokenizer, manager
         self.max_context = args.max_context
         self.prefill_step = args.prefill_step
-        self.gen = BatchGenerator(
+        self.new_batch = lambda: BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=args.max_batch,
             prefill_batch_size=min(args.max_batch, 8),
             prefill_step_size=args.prefill_step,
         )
+        self.gen = self.new_batch()
         self.no_stop = StopSequences()  # for ignore_eos: no stop tokens at all
         self.eos = set(tokenizer.eos_token_ids)
         self.prompt_caches = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=args.prompt_cache_bytes)
@@ -265,6 +266,18 @@ class Engine:
     @property
     def busy(self) -> bool:
         return bool(self.active) or self.solo is not None
+
+    def drop_all(self) -> list[int]:
+        """Forget every request after a failed step (its KV caches are half-updated) and start
+        a fresh batch; the seqs that were in flight."""
+        seqs = [a.seq for a in self.active.values()]
+        if self.solo is not None:
+            seqs.append(self.solo.active.seq)
+            self.solo.close()
+        self.solo, self.active, self.by_seq = None, {}, {}
+        self.gen.close()
+        self.gen = self.new_batch()
+        return seqs
 
     # -- requests ---------------------------------------------------------
     def tokenize(self, req: dict) -> list[int]:
@@ -486,6 +499,14 @@ class Channel:
         self.ctx.term()
 
 
+def expert_read_failed(e: BaseException) -> bool:
+    try:
+        from moed.experts.store import StoreError
+    except ImportError:
+        return False
+    return isinstance(e, StoreError)
+
+
 class Outbox:
     """Token events on their way to the front.
 
@@ -563,12 +584,16 @@ def serve(channel: Channel, engine: Engine, stream_interval: float = 0.0) -> Non
             try:
                 events.extend(engine.step())
             except Exception as e:
-                # A failed step leaves the batch in an unknown state: fail its requests, start a fresh batch.
+                # A failed step leaves its requests' caches half-updated: they fail, the batch starts
+                # afresh. An expert that could not be read leaves the model and the expert slots sound
+                # (a failed read frees its slot), so the engine goes on; anything else may not have:
+                # exit, and the front starts a new engine.
                 log.exception("decode step failed")
                 outbox.flush(time.monotonic(), force=True)
-                for a in list(engine.active.values()) + ([engine.solo.active] if engine.solo else []):
-                    channel.send({"type": "failed", "seq": a.seq, "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
-                raise
+                for seq in engine.drop_all():
+                    channel.send({"type": "failed", "seq": seq, "code": P.ErrorCode.ENGINE_ERROR, "message": f"{type(e).__name__}: {e}"})
+                if not expert_read_failed(e):
+                    raise
         outbox.add(events)
         now = time.monotonic()
         outbox.flush(now, force=not engine.busy)
