@@ -227,14 +227,17 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
         result["model_info"] = status["model"]
         with d.client() as c:
             c.complete("warm up", max_tokens=8)
-            # In-process and daemon runs alternate, so both see the same load on a shared machine.
+            # In-process and daemon runs alternate, so both see the same load on a shared machine, and
+            # which of the pair goes first alternates too, so neither always runs right after the other.
             progress(f"in-process mlx-lm and one client, alternating: {repeats} x {tokens} tokens")
-            # The pair's order alternates (ABBA...), so neither side always runs right after the other.
             base, served = [], []
             for i, p in enumerate(prompts):
-                pair = [lambda: base.append(local.run(p)), lambda: served.append(through_daemon(c, p, tokens))]
-                for run_one in pair[:: 1 if i % 2 == 0 else -1]:
-                    run_one()
+                if i % 2 == 0:
+                    base.append(local.run(p))
+                    served.append(through_daemon(c, p, tokens))
+                else:
+                    served.append(through_daemon(c, p, tokens))
+                    base.append(local.run(p))
                 base[-1].update(local.run(p, extras=True))
             pings = []
             for _ in range(200):
@@ -250,8 +253,7 @@ def run(model: Path | None = None, *, tokens: int = 128, repeats: int = 5, concu
         # which is biased against moed (the larger of two noisy medians), as a floor.
         base_rate = stream_rate
         daemon_rate = median(r["decode_tok_s"] for r in served)
-        paired = [b["decode_tok_s"] and a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(served, base)
-                  if a["decode_tok_s"]]
+        paired = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(served, base) if a["decode_tok_s"] and b["decode_tok_s"]]
         best_loop = max(r for r in (stream_rate, step_rate) if r) if (stream_rate or step_rate) else None
         base_ttft, daemon_ttft = median(r["ttft_s"] for r in base), median(r["ttft_s"] for r in served)
         result["single"] = {

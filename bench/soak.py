@@ -44,6 +44,7 @@ import os
 import queue
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -555,13 +556,14 @@ class Soak:
 
 
 def slope(points: list[tuple[float, float]], per: float = 1.0) -> float | None:
-    """Least-squares slope of y over x, times ``per``; None with fewer than 3 points."""
+    """Least-squares slope of y over x, times ``per``; None with fewer than 3 points or one x."""
     if len(points) < 3:
         return None
-    n = len(points)
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sxx * per if sxx else None
+    xs, ys = zip(*points)
+    try:
+        return statistics.linear_regression(xs, ys).slope * per
+    except statistics.StatisticsError:  # every x the same
+        return None
 
 
 def warm_doors(doors: dict[str, str]) -> None:

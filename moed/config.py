@@ -38,6 +38,7 @@ class Setting:
 
 
 SIZE = "size"
+MAX_CLIENTS = 64  # per door (ZeroMQ, editor socket, HTTP), before 'busy'; docs/limits.md
 
 SETTINGS = (
     Setting("model", str, None, "local model directory or Hugging Face repo id (default: the embedded model)"),
@@ -48,7 +49,7 @@ SETTINGS = (
     Setting("socket", str, None, "daemon socket path (default: moed.sock in the runtime dir)"),
     Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
-    Setting("max_clients", int, 64, "clients each door serves at once before answering 'busy' (see docs/limits.md)"),
+    Setting("max_clients", int, MAX_CLIENTS, "clients each door serves at once before answering 'busy' (see docs/limits.md)"),
     Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
     Setting("start_timeout", float, 1800.0, "seconds moectl start waits for the model to be ready"),
     Setting("stop_timeout", float, 40.0, "seconds moectl stop waits for a graceful exit (the daemon drains for 30) before signalling"),
@@ -68,7 +69,7 @@ class Config:
     socket: str | None = None
     tcp: str | None = None
     http: str | None = None
-    max_clients: int = 64
+    max_clients: int = MAX_CLIENTS
     log_dir: str | None = None
     start_timeout: float = 1800.0
     stop_timeout: float = 40.0

@@ -48,9 +48,6 @@ CLIENT_SNDHWM = 100_000
 TOK_RATE_WINDOW_S = 5.0
 ENGINE_FIRST_BEAT_S = 30.0
 ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a stopped one goes quiet
-# One message per token costs a few wakeups across three processes; at hundreds of tokens/s on a
-# small machine that is ~8% of decode (bench.daemon_bench). Slower streams are never held.
-STREAM_INTERVAL_S = 0.02
 SOCKET_CHECK_S = 1.0  # how often the front checks that its socket file is still there
 # Where reading a process's RSS runs `ps` (macOS), a thread refreshes the figures status shows this often.
 RSS_REFRESH_S = 2.0
@@ -951,6 +948,8 @@ def apply_config(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moed import engine  # the engine's own defaults (it imports no MLX until it loads a model)
+
     p = argparse.ArgumentParser(prog="moed", description="moed: one warm Mixture-of-Experts model, shared by many clients")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -970,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=1 << 16, help="largest max_tokens a request may ask for")
     s.add_argument("--max-context", type=int, default=32768, help="largest prompt + max_tokens")
     s.add_argument("--prefill-step", type=int, default=2048, help="prompt tokens per prefill step (2048 as mlx_lm.generate: smaller steps let other streams decode sooner but change long-prompt numerics)")
-    s.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL_S,
+    s.add_argument("--stream-interval", type=float, default=engine.STREAM_INTERVAL_S,
                    help="seconds a token may be held to go out with the next ones when tokens come faster than that "
                         "(a request's first token and its end never wait; 0: one message per token)")
     s.add_argument("--prompt-cache-size", type=int, default=8, help="recent prompt caches kept for prefix reuse")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol
 import msgpack
 
 from moed import fim
+from moed.config import MAX_CLIENTS  # editor connections at once, like every door (moed serve: --max-clients)
 from moed_client import paths
 from moed_client import protocol as P
 
@@ -50,7 +51,6 @@ REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 MAX_MSGID = 2**32 - 1
 READ_SIZE = 64 * 1024
 MAX_LIVE_PER_CONNECTION = 16
-MAX_CONNECTIONS = 64  # editors connected at once (moed serve takes --max-clients / config max_clients)
 # A client that stops reading while we stream to it is dropped rather than
 # letting its unread notifications grow without bound.
 MAX_WRITE_BUFFER = 16 * 1024 * 1024
@@ -495,7 +495,7 @@ METHODS = {"generate": _generate, "infill": _infill, "cancel": _cancel, "status"
 class EditorServer:
     """The Unix socket, inside the front process's event loop."""
 
-    def __init__(self, backend: Backend, path: Path | None = None, max_connections: int = MAX_CONNECTIONS):
+    def __init__(self, backend: Backend, path: Path | None = None, max_connections: int = MAX_CLIENTS):
         self.backend = backend
         self.path = Path(path) if path is not None else paths.editor_socket()
         self.max_connections = max_connections
@@ -642,7 +642,7 @@ async def open_door(daemon) -> EditorServer | None:
     if getattr(daemon.args, "no_editor", False):
         return None
     server = EditorServer(DaemonBackend(daemon), daemon.runtime.socket_path.parent / paths.editor_socket().name,
-                          max_connections=daemon.args.max_clients or MAX_CONNECTIONS)
+                          max_connections=daemon.args.max_clients or MAX_CLIENTS)
     try:
         await server.start()
     except OSError as e:

@@ -42,6 +42,9 @@ log = logging.getLogger("moed.engine")
 
 STATS_INTERVAL_S = 1.0
 HEARTBEAT_S = 0.5
+# One message per token costs a few wakeups across three processes; at hundreds of tokens/s on a
+# small machine that is ~8% of decode (bench.daemon_bench). Slower streams are never held (Outbox).
+STREAM_INTERVAL_S = 0.02
 PROMPT_CACHE_MODEL_KEY = "model"
 
 
@@ -259,7 +262,8 @@ class Engine:
         self.by_seq: dict[int, int] = {}  # seq -> uid
         self.solo: Solo | None = None
         # A solo request joins a batch by trimming its cache by one token (Solo.join).
-        self.solo_allowed = not args.no_solo and can_trim_prompt_cache(make_prompt_cache(model))
+        self.new_cache = lambda: make_prompt_cache(model)
+        self.solo_allowed = not args.no_solo and can_trim_prompt_cache(self.new_cache())
         self.solo_steps = 0
         self.tokens_generated = 0
 
@@ -333,9 +337,7 @@ class Engine:
         if self.solo is not None:
             self._join_batch()
         if self.solo_allowed and not self.active:
-            from mlx_lm.models.cache import make_prompt_cache
-
-            cache = cache if cache is not None else make_prompt_cache(self.model)
+            cache = cache if cache is not None else self.new_cache()
             self.solo = Solo(active, insert, cache, list(tokens))
             self.solo.start(self.model, self.prefill_step)
         else:
@@ -549,7 +551,7 @@ class Outbox:
         self.pending, self.urgent, self.last_flush = {}, False, now
 
 
-def serve(channel: Channel, engine: Engine, stream_interval: float = 0.0) -> None:
+def serve(channel: Channel, engine: Engine, stream_interval: float) -> None:
     last_stats = 0.0
     front = os.getppid()
     outbox = Outbox(channel, stream_interval)
@@ -613,7 +615,7 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--prefill-step", type=int, default=2048)
     p.add_argument("--no-solo", action="store_true", help="always decode through BatchGenerator, even a lone request")
-    p.add_argument("--stream-interval", type=float, default=0.02,
+    p.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL_S,
                    help="seconds a token may wait to go out merged with the next ones (0: one message per token)")
     p.add_argument("--max-context", type=int, default=32768)
     p.add_argument("--prompt-cache-size", type=int, default=8)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from moed.config import MAX_CLIENTS  # requests served at once (moed serve: --max-clients / config max_clients)
 from moed.daemon import is_loopback
 from moed_client import AsyncClient, paths
 from moed_client import errors as E
@@ -41,7 +42,6 @@ log = logging.getLogger("moed.http")
 
 TOKEN_ENV = "MOED_HTTP_TOKEN"
 MAX_BODY_BYTES = P.MAX_MESSAGE_BYTES
-MAX_CLIENTS = 64  # requests served at once (moed serve takes --max-clients / config max_clients)
 # An idle connection (none of its requests in flight) is closed after this long, so idle
 # sockets cannot pile up; aiohttp's own default keeps them for an hour.
 KEEPALIVE_S = 30.0
