@@ -10,6 +10,14 @@ page cache before each run and after each expert read (``--cached`` keeps
 them), so expert loads really come from the disk; raw bandwidth is measured
 the same way, on the same shards, in the same run, with preads of the very
 expert extents the loader reads.
+
+Prefetch against on-demand loading is also measured paired (``--paired-rounds``,
+embedded or given model only): in one process, every config loaded fresh each
+round in a new random order, so the per-prompt ratios compare runs made under
+the same machine load. ``targets_issue6`` takes its speed-up and "never slower
+on any prompt" from there, and reports the oracle bound beside them: all
+experts resident (with the check on) against on-demand at 50%, the most any
+prefetcher could give.
 """
 
 from __future__ import annotations
@@ -259,6 +267,73 @@ APPROXIMATE = {
 }
 
 
+# -- prefetch against on-demand, paired in one process --------------------------
+
+PAIRED = ("checked-100", "on-demand-50", "prefetch-50", "on-demand-25", "prefetch-25")
+
+
+def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int, prompts: list[str],
+                      uncached: bool, seed: int = 0) -> dict:
+    """Each round loads every config fresh (a cold start, as a new daemon has)
+    and decodes every prompt, configs in a new random order each round, all in
+    this one process: the configs share the machine's state of the moment, so
+    per-prompt ratios between them are paired, round by round."""
+    import random
+
+    import mlx_lm
+
+    from moed.experts.lazy import find_moe_sites
+
+    model, _ = mlx_lm.load(model_dir, lazy=True)
+    num_experts = find_moe_sites(model)[0].num_experts
+    del model
+    rng = random.Random(seed)
+    tps = {name: [] for name in names}  # name -> per round, per prompt decode tok/s
+    stats = {}
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        for name in order:
+            share, opts = CONFIGS[name]
+            r = measure_one(model_dir, max(1, round(num_experts * share)), tokens, prompts, uncached, **opts)
+            tps[name].append([x["decode_tps"] for x in r["runs"]])
+            stats[name] = {k: r["stats"].get(k) for k in ("hit_rate", "redos", "readbacks_per_token",
+                                                          "expert_wait_share", "mode_steps")}
+            stats[name]["payoff"] = (r["stats"].get("prefetch") or {}).get("payoff")
+    return {"rounds": rounds, "tps": tps, "last_round_stats": stats}
+
+
+def paired_ratios(tps: dict, a: str, b: str) -> dict | None:
+    """Per prompt: the median over rounds of a's tok/s / b's tok/s in the same
+    round, and the share of rounds where a was at least as fast."""
+    if a not in tps or b not in tps:
+        return None
+    per_prompt = [[x / y for x, y in zip(ra_p, rb_p)]
+                  for ra_p, rb_p in zip(zip(*tps[a]), zip(*tps[b]))]  # prompt -> rounds
+    return {"median": [statistics.median(r) for r in per_prompt],
+            "rounds_not_slower": [sum(x >= 1.0 for x in r) / len(r) for r in per_prompt],
+            "all_prompts_median": statistics.median(x for r in per_prompt for x in r)}
+
+
+def bench_paired(model_dir: Path, *, rounds: int, tokens: int, prompts: list[str], uncached: bool,
+                 names=PAIRED) -> dict:
+    spec = json.dumps({"model_dir": str(model_dir), "names": list(names), "rounds": rounds, "tokens": tokens,
+                       "prompts": prompts, "uncached": uncached})
+    proc = subprocess.run([sys.executable, "-m", "bench.experts_bench", "--paired", spec], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    tps = out["tps"]
+    out["median_tps"] = {name: statistics.median(x for r in rounds_ for x in r) for name, rounds_ in tps.items()}
+    out["prefetch_vs_on_demand"] = {str(share): paired_ratios(tps, f"prefetch-{share}", f"on-demand-{share}")
+                                    for share in (50, 25)}
+    # all resident with the check on, against on-demand: the most any prefetcher could give at that residency
+    out["oracle_vs_on_demand"] = {str(share): paired_ratios(tps, "checked-100", f"on-demand-{share}")
+                                  for share in (50, 25)}
+    return out
+
+
 def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
     s = r["stats"]
     pf = s.get("prefetch") or {}
@@ -280,7 +355,7 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "precision": pf.get("precision"),
         "predictors": {k: v["recall"] for k, v in pf.get("predictors", {}).items()},
         "decode_step_ms": s.get("decode_step_ms"),
-        "gate_ahead_loads": pf.get("gate_ahead_loads"),
+        "payoff": pf.get("payoff"),
         "load_gb_s": load_gb_s,
         "load_vs_raw_pread": load_gb_s / raw_gb_s if load_gb_s and raw_gb_s else None,
         "prefetch_stream_gb_s": pf.get("stream_gb_s"),
@@ -308,7 +383,8 @@ def _ratio(configs: dict, a: str, b: str):
 
 
 def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: bool, repeats: int = 1,
-                configs: dict = CONFIGS, approximate_too: bool = False, progress=print) -> dict:
+                configs: dict = CONFIGS, approximate_too: bool = False, paired_rounds: int = 0,
+                progress=print) -> dict:
     """Stock and every config, ``repeats`` interleaved rounds; per config the
     fastest round is kept (the least disturbed by other load on the machine),
     and every round must be exact."""
@@ -406,14 +482,23 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         "prefetch_never_slower_per_prompt": {share: all(r >= 1.0 for r in ratios)
                                              for share, ratios in per_prompt.items() if ratios},
     }
+    if paired_rounds:
+        progress(f"{model_dir.name}: prefetch against on-demand, paired in one process ({paired_rounds} rounds)")
+        out["paired"] = bench_paired(model_dir, rounds=paired_rounds, tokens=tokens, prompts=prompts,
+                                     uncached=uncached)
     m, t = out["median_paired_ratios"], out["targets"]
     never = t["prefetch_never_slower_per_prompt"]
+    speedup_50 = m["prefetch_50_vs_on_demand_50"]
+    pv = (out.get("paired") or {}).get("prefetch_vs_on_demand")
+    if pv and pv.get("50") and pv.get("25"):  # the paired, same-process figures are the finer measurement
+        speedup_50 = pv["50"]["all_prompts_median"]
+        never = {share: all(x >= 1.0 for x in pv[share]["median"]) for share in ("50", "25")}
     out["targets_issue6"] = {  # issue 6 item 6: each figure (ratios: medians of paired rounds) against its bar
         "exact_everywhere": _bar(t["exact_everywhere"], True),
         "recall_50": _bar(t["prefetch_50_recall"], 0.80),
         "gate1_recall_50": _bar(t["prefetch_50_gate1_recall"], 0.80),
         "prefetch_50_vs_all_resident": _bar(m["prefetch_50_vs_all_resident"], 0.60),
-        "prefetch_50_vs_on_demand_50": _bar(m["prefetch_50_vs_on_demand_50"], 1.3),
+        "prefetch_50_vs_on_demand_50": _bar(speedup_50, 1.3),
         "expert_wait_share_50": _bar(t["prefetch_50_expert_wait_share"], 0.10, at_most=True),
         "prefetch_never_slower_per_prompt": _bar(bool(never) and all(never.values()), True),
         "prefetch_25_vs_all_resident": _bar(m["prefetch_25_vs_all_resident"], 0.40),
@@ -421,13 +506,18 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         "stream_vs_raw_pread_best": _bar(t["prefetch_stream_vs_raw_pread_best"], 0.70),
         # not a target: all resident with the check on bounds every partial residency
         "ceiling_checked_100_vs_all_resident": m["checked_100_vs_all_resident"],
+        # not a target: every expert resident (checked-100) against on-demand at 50%, the most any
+        # prefetcher could give there; when it is under 1.3 that bar cannot be met on this model
+        "oracle_50_vs_on_demand_50": ((out.get("paired") or {}).get("oracle_vs_on_demand") or {}).get(
+            "50", {}).get("all_prompts_median"),
+        "measured_by": "paired, one process" if pv else "separate processes",
     }
     return out
 
 
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
-        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, progress=print,
-        checkpoint=None) -> dict:
+        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, paired_rounds: int = 8,
+        progress=print, checkpoint=None) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
 
     The embedded (or given) model: every config, ``repeats`` rounds, plus the
@@ -449,7 +539,8 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
         try:
             if (model / "config.json").is_file():
                 result["models"].append(bench_model(model, tokens=tokens, prompts=PROMPTS, uncached=uncached,
-                                                    repeats=repeats, approximate_too=True, progress=progress))
+                                                    repeats=repeats, approximate_too=True,
+                                                    paired_rounds=paired_rounds, progress=progress))
                 if checkpoint:  # a partial result survives a run cut short
                     checkpoint(result)
             else:
@@ -478,14 +569,21 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds on the embedded model (best kept)")
     ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
+    ap.add_argument("--paired-rounds", type=int, default=8,
+                    help="rounds of the in-process paired prefetch/on-demand comparison (0: skip)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--paired", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(**json.loads(args.one))))
         return 0
+    if args.paired:
+        print(json.dumps(paired_in_process(**json.loads(args.paired))))
+        return 0
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
-                 synthetic_layers=args.synthetic_layers, repeats=args.repeats, progress=log, checkpoint=save)
+                 synthetic_layers=args.synthetic_layers, repeats=args.repeats, paired_rounds=args.paired_rounds,
+                 progress=log, checkpoint=save)
     emit(result, args.out)
     return 0
 

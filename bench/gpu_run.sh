@@ -6,6 +6,7 @@
 #   bench/gpu_run.sh synth SIZE       generate qwen3-next-shaped checkpoints (uniform, and skewed sharing its experts)
 #   bench/gpu_run.sh bench NAME ARGS  python -m bench ARGS --out $OUT/NAME.json, in the foreground (nothing of
 #                                     ours runs between calls, when the GPU may be someone else's)
+#   bench/gpu_run.sh module NAME MOD ARGS  python -m MOD ARGS --out $OUT/NAME.json (one bench module alone)
 #
 # Every Python process (the daemon's engine, mlx_lm server, bench subprocesses) caps MLX's memory at
 # MOED_MLX_MEMORY_LIMIT bytes through sitecustomize.py: MLX's CUDA backend uses managed memory, and
@@ -89,6 +90,11 @@ bench)
     set -o pipefail
     python3 -m bench --memory-limit "$MOED_MLX_MEMORY_LIMIT" --out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^|" | tail -60
     ;;
+module)
+    name=$2; mod=$3; shift 3
+    mkdir -p "$OUT"
+    python3 -m "$mod" --out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | tail -40
+    ;;
 *)
-    sed -n 2,15p "$0"; exit 2 ;;
+    sed -n 2,16p "$0"; exit 2 ;;
 esac

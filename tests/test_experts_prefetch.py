@@ -173,11 +173,54 @@ def test_payoff_runs_the_cheaper_arm_and_explores():
         arms.append(arm)
         meter.record(arm, cost[arm])
     assert arms[-20:].count(True) > arms[-20:].count(False)
-    assert meter.stats()["steps_on"] + meter.stats()["steps_off"] == 80
+    stats = meter.stats()
+    assert stats["arms"]["True"]["steps"] + stats["arms"]["False"]["steps"] == 80 and stats["best"] == "True"
+
+
+def test_payoff_with_three_arms_explores_each_loser_in_turn():
+    from moed.experts.prefetch import ARMS, Payoff
+
+    meter = Payoff(ARMS, explore_every=4, window=4, warmup=1)
+    cost = {"off": 0.004, "runahead": 0.002, "ahead": 0.006}
+    arms = []
+    for _ in range(60):
+        arm = meter.choose()
+        arms.append(arm)
+        meter.record(arm, cost[arm])
+    assert arms[:3] == list(ARMS)
+    later = arms[3:]
+    assert later.count("runahead") > 40 and later.count("off") >= 5 and later.count("ahead") >= 5
+    assert meter.stats()["best"] == "runahead"
+
+
+def test_meter_turns_prefetch_off_where_it_costs_more_than_it_saves(family_dir, reference, monkeypatch):
+    """Every prefetch request made slow on purpose: the steps that miss cost
+    more under the loading arms, and the meter settles on "off", which loads
+    as on-demand does; tokens stay exact throughout."""
+    from moed.experts.prefetch import Prefetcher
+
+    real = Prefetcher.request
+
+    def slow_request(self, *args, **kwargs):
+        time.sleep(0.01)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Prefetcher, "request", slow_request)
+    model, tok, manager = load_model(family_dir["qwen3_moe"], capacity=3, decode_mode="sync", profile=None)
+    try:
+        pf = manager.prefetcher
+        pf.sample_every = 10**6  # no sampled steps: every step counts
+        for _ in range(3):
+            assert greedy_tokens(model, tok) == reference["qwen3_moe"]
+        payoff = manager.stats()["prefetch"]["payoff"]
+        assert payoff["best"] == "off", payoff
+        assert payoff["arms"]["off"]["steps"] > payoff["arms"]["ahead"]["steps"]
+    finally:
+        manager.close()
 
 
 def test_random_arms_and_jittered_reads_stay_exact(family_dir, reference, monkeypatch):
-    """Reads take 0-4 ms at random and the gate-ahead arm flips at random, so
+    """Reads take 0-4 ms at random and the prefetcher's arm is drawn at random, so
     installs, evictions for guesses and forwards interleave in many orders:
     every generation exact, maps consistent."""
     import random
@@ -193,7 +236,7 @@ def test_random_arms_and_jittered_reads_stay_exact(family_dir, reference, monkey
         return real(self, extent, buf)
 
     monkeypatch.setattr(Reader, "read_into", jittered)
-    monkeypatch.setattr(Payoff, "choose", lambda self: rng.random() < 0.5)
+    monkeypatch.setattr(Payoff, "choose", lambda self: rng.choice(self.arms))
     model, tok, manager = load_model(family_dir["qwen3_moe"], capacity=3, profile=None)
     try:
         manager.prefetcher.sample_every = 2

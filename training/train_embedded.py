@@ -321,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--fim-rate", type=float, default=0.4)
+    ap.add_argument("--load-balance", type=float, default=LOAD_BALANCE_COEF,
+                    help="weight of the Switch-Transformer load-balancing loss")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=64)
     a = ap.parse_args(argv)
@@ -358,7 +360,7 @@ def main(argv=None) -> int:
 
     def objective(model, x, y):
         ce, aux = losses(model, x, y, top_k)
-        return ce + LOAD_BALANCE_COEF * aux, (ce, aux)
+        return ce + a.load_balance * aux, (ce, aux)
 
     grad_fn = nn.value_and_grad(model, objective)
     state = [model.state, optimizer.state]
@@ -411,7 +413,7 @@ def main(argv=None) -> int:
         "context": a.context,
         "tokens_seen": a.steps * a.batch * a.context,
         "learning_rate": a.lr,
-        "load_balance_coef": LOAD_BALANCE_COEF,
+        "load_balance_coef": a.load_balance,
         "fim_rate": a.fim_rate,
         "corpus": {
             "description": "*.py files of the Python standard library of the training interpreter",

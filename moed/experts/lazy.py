@@ -176,7 +176,10 @@ class ExpertManager:
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
         self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
         self.mode_steps = {"speculative": 0, "sync": 0}
-        self.redo_rate = 0.0  # EWMA share of speculative decode steps that needed a redo
+        # EWMA share of decode steps that found an expert missing: a redo in a speculative
+        # step, a load at some layer in a sync step (the redo a speculative pass would have needed)
+        self.redo_rate = 0.0
+        self._step_missed = False
         self._top_k = 1  # experts per token, as last seen
         self.prefetcher = None
         self.collect = False  # count activations even when every expert is resident (profiling)
@@ -254,6 +257,7 @@ class ExpertManager:
         missing = cache.missing(experts)
         if not len(missing):
             return
+        self._step_missed = True
         t0 = time.perf_counter()
         try:
             if self.prefetcher is not None:
@@ -287,9 +291,11 @@ class ExpertManager:
         self.forwards += 1
         self.decode_steps += decode
         self._step_readbacks = 0
+        self._step_missed = False
         t0 = time.perf_counter()
         wait0 = self.wait_time
         used = None
+        missed = False  # a redo, or a sync-mode step: the steps where how experts are found matters
         parts = dict.fromkeys(self.STEP_PARTS, 0.0)
         if self.prefetcher is not None:
             self.prefetcher.begin_forward(decode)
@@ -338,9 +344,12 @@ class ExpertManager:
                     for c in cache:
                         c.trim(ntok)
                 self._sync_from = first
+            missed = True
             self._mode, self._records = "sync", []
             out = call()
             mx.eval(out)
+            if decode and used == "sync":  # a sync step that loaded nothing: speculative would have done
+                self.redo_rate = 0.9 * self.redo_rate + 0.1 * self._step_missed
             parts["sync"] = time.perf_counter() - t
             self._count_readback()
             return out
@@ -350,7 +359,7 @@ class ExpertManager:
                 c.in_use.clear()
             dt = time.perf_counter() - t0
             if self.prefetcher is not None:
-                self.prefetcher.end_forward(decode, used, dt)
+                self.prefetcher.end_forward(decode, missed, dt)
             if decode:
                 self.decode_readbacks += self._step_readbacks
                 self.decode_time += dt

@@ -82,32 +82,52 @@ class _Score:
 
 
 class Payoff:
-    """Is optional work worth its cost? Keeps the last ``window`` step costs
-    with it on and with it off; runs the arm with the lower median, and tries
-    the other every ``explore_every``-th step, so a change of regime is seen."""
+    """Which way of working costs least per step, measured rather than guessed.
 
-    def __init__(self, explore_every: int = 16, window: int = 8, warmup: int = 3):
-        self.costs = {True: deque(maxlen=window), False: deque(maxlen=window)}
-        self.steps = {True: 0, False: 0}
+    Keeps the last ``window`` step costs of each arm, runs the arm with the
+    lowest median, and every ``explore_every``-th step runs one of the others
+    (in turn), so a change of regime (a slower disk, a larger model, another
+    backend) is seen. Each arm is measured ``warmup`` times first, in order."""
+
+    def __init__(self, arms=(True, False), explore_every: int = 16, window: int = 8, warmup: int = 3):
+        self.arms = tuple(arms)
+        self.costs = {arm: deque(maxlen=window) for arm in self.arms}
+        self.steps = dict.fromkeys(self.arms, 0)
         self.explore_every = explore_every
         self.warmup = warmup
+        self._turn = 0
 
-    def choose(self) -> bool:
-        for arm in (True, False):  # measure each arm a few times first, on first
+    def best(self):
+        return min(self.arms, key=lambda arm: statistics.median(self.costs[arm]))
+
+    def choose(self):
+        for arm in self.arms:
             if len(self.costs[arm]) < self.warmup:
                 return arm
-        best = statistics.median(self.costs[True]) <= statistics.median(self.costs[False])
-        explore = (self.steps[True] + self.steps[False]) % self.explore_every == 0
-        return (not best) if explore else best
+        best = self.best()
+        if sum(self.steps.values()) % self.explore_every:
+            return best
+        others = [arm for arm in self.arms if arm != best]
+        self._turn += 1
+        return others[self._turn % len(others)]
 
-    def record(self, arm: bool, seconds: float) -> None:
+    def record(self, arm, seconds: float) -> None:
         self.costs[arm].append(seconds)
         self.steps[arm] += 1
 
     def stats(self) -> dict:
-        med = {arm: statistics.median(c) * 1e3 if c else None for arm, c in self.costs.items()}
-        return {"steps_on": self.steps[True], "steps_off": self.steps[False],
-                "median_ms_on": med[True], "median_ms_off": med[False]}
+        measured = all(self.costs[arm] for arm in self.arms)
+        return {"arms": {str(arm): {"steps": self.steps[arm],
+                                    "median_ms": statistics.median(self.costs[arm]) * 1e3 if self.costs[arm] else None}
+                         for arm in self.arms},
+                "best": str(self.best()) if measured else None}
+
+
+# How the prefetcher works on a decode step, from least to most: "off" does what
+# on-demand loading does (misses are read when needed, one after another);
+# "runahead" reads a speculative pass's misses in parallel before the redo;
+# "ahead" also loads the gate guesses for the next layers in sync mode.
+ARMS = ("off", "runahead", "ahead")
 
 
 class Prefetcher:
@@ -121,9 +141,9 @@ class Prefetcher:
         self.depth = depth
         self.sample_every = sample_every
         self.sampled = False  # this forward scores the predictors (a decode step, one in sample_every)
-        self.load_ahead = load_ahead  # False: gate guesses are scored, never loaded
-        self.ahead = Payoff()
-        self._ahead_on = load_ahead  # this forward's arm
+        # False: gate guesses are scored, never loaded
+        self.meter = Payoff(ARMS if load_ahead else ARMS[:2])
+        self.arm = self.meter.arms[-1]  # this forward's arm
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moed-prefetch")
         self.workers = workers
         self.inflight: dict[tuple[int, int], tuple[int, Future]] = {}  # (layer position, expert) -> (slot, load)
@@ -193,7 +213,7 @@ class Prefetcher:
     def wants_ahead(self) -> bool:
         """Whether sync mode should compute gate guesses this forward: to load
         them, or to score them on a sampled step."""
-        return self._ahead_on or self.sampled
+        return self.arm == "ahead" or self.sampled
 
     def request_ahead(self, ahead) -> None:
         for j, guess, step in ahead:
@@ -201,7 +221,7 @@ class Prefetcher:
             if self.sampled:
                 key = (f"gate+{step}", j)
                 self._predicted[key] = set(experts.tolist()) | self._predicted.get(key, set())
-            if self._ahead_on:
+            if self.arm == "ahead":
                 self.request(j, experts)
 
     # -- loads -------------------------------------------------------------
@@ -265,6 +285,11 @@ class Prefetcher:
     def wait_or_load(self, position: int, cache: LayerCache, missing, protect) -> None:
         """Block until every expert in ``missing`` is resident (the exact path)."""
         self.install_ready()
+        if self.arm == "off":  # as on-demand loading does, once this layer's earlier loads are in
+            for key in [k for k in self.inflight if k[0] == position]:
+                self._settle(key, wait=True)
+            cache.ensure(cache.missing(missing), protect=protect)
+            return
         todo = [e for e in cache.missing(missing).tolist() if (position, e) not in self.inflight]
         # The engine thread reads one of them itself while the pool reads the rest: it
         # would only wait otherwise, and a pool round trip costs more than a small read.
@@ -325,27 +350,29 @@ class Prefetcher:
         for position, cache, needed, missing in seen:
             if position >= first:
                 self._predicted[("runahead", position)] = set(needed.tolist())
-                if len(missing):
+                if len(missing) and self.arm != "off":
                     self.request(position, missing, protect=needed)
 
     def begin_forward(self, decode: bool) -> None:
         """Engine thread, before a forward: install finished loads, pick this
-        forward's arm of the gate-ahead loads, decide whether it is sampled."""
+        forward's arm, decide whether it is sampled. Prefill runs the fullest arm."""
         self.install_ready()
         self.sampled = decode and self.manager.decode_steps % self.sample_every == 0
-        self._ahead_on = self.load_ahead and (self.ahead.choose() if decode else True)
+        self.arm = self.meter.choose() if decode else self.meter.arms[-1]
 
-    def end_forward(self, decode: bool = False, mode: str | None = None, seconds: float = 0.0) -> None:
-        """After a forward: persistence moves on; a sync decode step's cost
-        goes to the gate-ahead meter (other steps' costs say nothing about it)."""
+    def end_forward(self, decode: bool = False, missed: bool = False, seconds: float = 0.0) -> None:
+        """After a forward: persistence moves on. The cost of a decode step
+        that missed (a redo or a sync-mode step) goes to the meter: steps where
+        every expert was resident cost the same under every arm and would only
+        hide the difference. Sampled steps carry the predictors' scoring: left out."""
         self._traces = []
         self._predicted.clear()
         for i, cur in enumerate(self._current):
             if cur is not None:
                 self.previous[i] = cur
                 self._current[i] = None
-        if decode and mode == "sync" and self.load_ahead:
-            self.ahead.record(self._ahead_on, seconds)
+        if decode and missed and not self.sampled:
+            self.meter.record(self.arm, seconds)
 
     # -- reporting / shutdown -----------------------------------------------
     def stats(self) -> dict:
@@ -371,7 +398,8 @@ class Prefetcher:
             "errors": self.errors,
             "predictors": {name: s.as_dict() for name, s in self.scores.items()},
             "sample_every": self.sample_every,
-            "gate_ahead_loads": self.ahead.stats() if self.load_ahead else None,
+            "arm": self.arm,
+            "payoff": self.meter.stats(),
         }
 
     def close(self, timeout: float = 1.0) -> None:
