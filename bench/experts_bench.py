@@ -571,6 +571,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
     ap.add_argument("--paired-rounds", type=int, default=8,
                     help="rounds of the in-process paired prefetch/on-demand comparison (0: skip)")
+    ap.add_argument("--paired-only", action="store_true", help="only the paired comparison, on the embedded or given model")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--paired", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -579,6 +580,16 @@ def main(argv=None) -> int:
         return 0
     if args.paired:
         print(json.dumps(paired_in_process(**json.loads(args.paired))))
+        return 0
+    if args.paired_only:
+        from moed.models import embedded_model_path
+
+        model = args.model or embedded_model_path()
+        result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": str(model),
+                  "tokens": args.tokens, "prompts": PROMPTS, "page_cache_dropped": not args.cached,
+                  "paired": bench_paired(model, rounds=args.paired_rounds, tokens=args.tokens, prompts=PROMPTS,
+                                         uncached=not args.cached)}
+        emit(result, args.out)
         return 0
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
