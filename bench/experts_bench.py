@@ -310,7 +310,8 @@ def paired_ratios(tps: dict, a: str, b: str) -> dict | None:
         return None
     per_prompt = [[x / y for x, y in zip(ra_p, rb_p)]
                   for ra_p, rb_p in zip(zip(*tps[a]), zip(*tps[b]))]  # prompt -> rounds
-    return {"median": [statistics.median(r) for r in per_prompt],
+    return {"per_round": per_prompt,
+            "median": [statistics.median(r) for r in per_prompt],
             "rounds_not_slower": [sum(x >= 1.0 for x in r) / len(r) for r in per_prompt],
             "all_prompts_median": statistics.median(x for r in per_prompt for x in r)}
 

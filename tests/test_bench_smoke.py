@@ -99,3 +99,32 @@ def test_synth_routing_knobs_and_layouts(tmpdir_short):
     assert len(mlx_lm.generate(model, tokenizer, "hello", max_tokens=4)) > 0
     with pytest.raises(ValueError, match="per-expert layout"):
         generate(root / "bad", shape="tiny", layers=1, layout="per-expert")
+
+
+def test_paired_ratios_are_per_prompt_and_per_round():
+    from bench.experts_bench import paired_ratios
+
+    tps = {  # config -> per round, per prompt tok/s
+        "prefetch-50": [[110, 90, 200], [120, 100, 200], [100, 95, 210]],
+        "on-demand-50": [[100, 100, 200], [100, 100, 100], [100, 100, 200]],
+    }
+    r = paired_ratios(tps, "prefetch-50", "on-demand-50")
+    assert r["per_round"][0] == [1.1, 1.2, 1.0]  # prompt 1, rounds 1-3
+    assert r["median"] == [1.1, 0.95, 1.05]
+    assert r["rounds_not_slower"] == [1.0, 1 / 3, 1.0]
+    assert r["all_prompts_median"] == 1.0  # over all nine ratios
+    assert paired_ratios(tps, "prefetch-25", "on-demand-25") is None
+
+
+def test_paired_section_runs_and_reports_the_oracle(tmp_path):
+    """The paired comparison end to end on the embedded model, one short round."""
+    from bench.experts_bench import PROMPTS, bench_paired
+    from moed.models import embedded_model_path
+
+    out = bench_paired(embedded_model_path(), rounds=1, tokens=4, prompts=PROMPTS[:2], uncached=False,
+                       names=("checked-100", "on-demand-50", "prefetch-50"))
+    assert "error" not in out, out.get("error")
+    assert set(out["median_tps"]) == {"checked-100", "on-demand-50", "prefetch-50"}
+    for key in ("prefetch_vs_on_demand", "oracle_vs_on_demand"):
+        assert len(out[key]["50"]["median"]) == 2 and out[key]["25"] is None
+    assert out["last_round_stats"]["prefetch-50"]["payoff"]["arms"].keys() == {"off", "runahead", "ahead"}

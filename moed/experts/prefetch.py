@@ -23,9 +23,9 @@ Predictors (each scored in ``stats()`` on a sample of decode steps, whether or n
 * ``gate+1``/``gate+2``: the router of layer l+1 (l+2) applied to layer l's
   expert input, carried over from layer l's pre-expert norm to l+1's
   (speculative gating); linear routers name 2 x top-k guesses. Drives loads in
-  sync mode while they pay (``Payoff``: below).
+  sync mode in the "ahead" arm (below).
 * ``runahead``: a speculative pass's own choices for the layers after its first
-  miss. Drives loads for the redo.
+  miss. Drives loads for the redo (all arms but "off").
 * ``persistence``: the previous forward's experts at the same layer.
 * ``gate+1|persistence``: both together, the set the prefetcher actually
   works from (gate+1 names what to load, persistence what to keep).
@@ -36,12 +36,12 @@ Cost control
 ------------
 What the prefetcher does on every forward is kept to a few array operations:
 the predictors are scored (and the speculative pass's gate+1 guesses traced)
-on one decode step in ``sample_every`` only. The one piece of work that can
-cost more than it saves, loading the gate guesses ahead in sync mode (guesses
-evict experts, reads compete with compute for the cores), runs under a
-``Payoff`` meter: the median cost of recent sync decode steps with and without
-it decides, and the losing arm is tried again every ``explore_every``-th step.
-Runahead loads are always on: they are the loads the redo needs anyway.
+on one decode step in ``sample_every`` only. Loading is what can cost more
+than it saves (guesses evict experts, the pool's reads compete with compute,
+and on an H100 loads from the pool measured slower than the engine thread's
+own), so each decode step runs one of three arms (``ARMS``: off, runahead,
+ahead) picked by a ``Payoff`` meter from the measured cost of recent steps
+that missed, the losing arms retried in turn every ``explore_every``-th step.
 """
 
 from __future__ import annotations
