@@ -122,9 +122,10 @@ def test_paired_section_runs_and_reports_the_oracle(tmp_path):
     from moed.models import embedded_model_path
 
     out = bench_paired(embedded_model_path(), rounds=1, tokens=4, prompts=PROMPTS[:2], uncached=False,
-                       names=("checked-100", "on-demand-50", "prefetch-50"))
+                       names=("checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50"))
     assert "error" not in out, out.get("error")
-    assert set(out["median_tps"]) == {"checked-100", "on-demand-50", "prefetch-50"}
+    assert set(out["median_tps"]) == {"checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50"}
+    assert len(out["same_config_twice"]["50"]["median"]) == 2
     for key in ("prefetch_vs_on_demand", "oracle_vs_on_demand"):
         assert len(out[key]["50"]["median"]) == 2 and out[key]["25"] is None
     assert out["last_round_stats"]["prefetch-50"]["payoff"]["arms"].keys() == {"off", "runahead", "ahead"}
