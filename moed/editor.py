@@ -216,7 +216,8 @@ def infill_map(params: dict, request_id: str, model_dir: Path | None) -> tuple[d
         if params.get(name) is not None:
             raise _invalid(f"infill builds its own prompt from 'prefix' and 'suffix'; '{name}' is not allowed")
     fmt = fim.detect(model_dir)
-    prompt = fim.build_prompt(fmt, prefix, suffix, context)
+    special = fim.added_tokens(Path(model_dir)) if model_dir is not None else frozenset()
+    prompt = fim.build_prompt(fmt, prefix, suffix, context, special)
     if not prompt:
         raise _invalid("without FIM tokens infill continues the prefix, and 'prefix' and 'context' are empty")
     msg = generate_map(params, request_id)

@@ -91,15 +91,34 @@ def stop_strings(fmt: FimFormat | None, model_dir: Path | None) -> list[str]:
     return [m for m in fmt.markers + _END_MARKERS if m in tokens]
 
 
-def build_prompt(fmt: FimFormat | None, prefix: str, suffix: str, context: list[str]) -> str:
+# Put inside a special token's text found in a buffer: invisible, and the tokenizer no longer matches it.
+WORD_JOINER = "\u2060"
+
+
+def defuse(text: str, special: frozenset[str]) -> str:
+    """``text`` with every special-token string in it broken by a word joiner.
+
+    The prompt reaches the engine as text, where a tokenizer maps each added
+    token's string to its id. A buffer that merely contains ``<|fim_suffix|>``
+    (this very module, a tokenizer config) would otherwise move the hole."""
+    for tok in sorted(special, key=len, reverse=True):
+        if len(tok) > 1 and tok in text:
+            text = text.replace(tok, tok[0] + WORD_JOINER + tok[1:])
+    return text
+
+
+def build_prompt(fmt: FimFormat | None, prefix: str, suffix: str, context: list[str],
+                 special: frozenset[str] = frozenset()) -> str:
     """The prompt text for an infill request.
 
     Extra context chunks (other files, snippets) go first in the prefix part,
     each ended by a newline: every FIM model has seen code before the cursor,
     while repo-level markers differ between families. Without FIM the model
-    continues ``context + prefix`` and the suffix is not used.
+    continues ``context + prefix`` and the suffix is not used. Editor text is
+    literal: the ``special`` token strings in it are defused.
     """
-    lead = "".join(c if c.endswith("\n") else c + "\n" for c in context)
+    prefix, suffix = defuse(prefix, special), defuse(suffix, special)
+    lead = "".join(c if c.endswith("\n") else c + "\n" for c in (defuse(c, special) for c in context))
     if fmt is None:
         return lead + prefix
     return fmt.prompt(lead + prefix, suffix)

@@ -500,3 +500,29 @@ def test_random_params_get_an_answer_and_the_server_lives(sock_dir, method, para
             await server.close()
 
     asyncio.run(go())
+
+
+def test_marker_text_in_a_buffer_is_not_read_as_the_marker():
+    """A file that merely contains FIM or chat marker text (fim.py itself, a
+    tokenizer config) must not move the hole: in the prompt, exactly the three
+    markers moed put there encode to special ids, and the buffer's text
+    survives with only an invisible word joiner inside each marker string."""
+    from tokenizers import Tokenizer
+
+    from moed.models import embedded_model_path
+
+    fim.added_tokens.cache_clear()
+    model = embedded_model_path()
+    fmt = fim.detect(model)
+    special = fim.added_tokens(model)
+    prefix = 'MARK = "<|fim_suffix|>"\nEND = "<|im_end|><|endoftext|>"\n'
+    suffix = "\n# <|fim_middle|> ends the prompt\n"
+    prompt = fim.build_prompt(fmt, prefix, suffix, ["# other.py: <|fim_prefix|>"], special)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    special_ids = {tok.token_to_id(t): t for t in special}
+    assert [special_ids[i] for i in ids if i in special_ids] == ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    assert prompt.replace(fim.WORD_JOINER, "") == fim.build_prompt(fmt, prefix, suffix, ["# other.py: <|fim_prefix|>"])
+    # without the defusing the buffer's marker text would be read as markers: the test can fail
+    raw = tok.encode(fim.build_prompt(fmt, prefix, suffix, ["# other.py: <|fim_prefix|>"]), add_special_tokens=False).ids
+    assert len([i for i in raw if i in special_ids]) > 3
