@@ -95,7 +95,6 @@ class Payoff:
         self.steps = dict.fromkeys(self.arms, 0)
         self.explore_every = explore_every
         self.warmup = warmup
-        self._turn = 0
 
     def best(self):
         return min(self.arms, key=lambda arm: statistics.median(self.costs[arm]))
@@ -105,11 +104,11 @@ class Payoff:
             if len(self.costs[arm]) < self.warmup:
                 return arm
         best = self.best()
-        if sum(self.steps.values()) % self.explore_every:
+        done = sum(self.steps.values())
+        if done % self.explore_every:
             return best
         others = [arm for arm in self.arms if arm != best]
-        self._turn += 1
-        return others[self._turn % len(others)]
+        return others[(done // self.explore_every) % len(others)]
 
     def record(self, arm, seconds: float) -> None:
         self.costs[arm].append(seconds)
@@ -141,7 +140,7 @@ class Prefetcher:
         self.depth = depth
         self.sample_every = sample_every
         self.sampled = False  # this forward scores the predictors (a decode step, one in sample_every)
-        # False: gate guesses are scored, never loaded
+        # load_ahead=False: no "ahead" arm, gate guesses are scored but never loaded
         self.meter = Payoff(ARMS if load_ahead else ARMS[:2])
         self.arm = self.meter.arms[-1]  # this forward's arm
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="moed-prefetch")
