@@ -201,14 +201,29 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
     return result
 
 
-def _subprocess(model_dir: Path, capacity, tokens, prompts, uncached, **kw) -> dict:
-    spec = json.dumps({"model_dir": str(model_dir), "capacity": capacity, "tokens": tokens, "prompts": prompts,
-                       "uncached": uncached, **kw})
-    proc = subprocess.run([sys.executable, "-m", "bench.experts_bench", "--one", spec], capture_output=True,
+def _child(flag: str, spec: dict) -> dict:
+    """``python -m bench.experts_bench FLAG SPEC`` in a fresh process: its JSON, or its error."""
+    proc = subprocess.run([sys.executable, "-m", "bench.experts_bench", flag, json.dumps(spec)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
-        return {"capacity": capacity, "error": proc.stderr[-2000:]}
+        return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _subprocess(model_dir: Path, capacity, tokens, prompts, uncached, **kw) -> dict:
+    out = _child("--one", {"model_dir": str(model_dir), "capacity": capacity, "tokens": tokens, "prompts": prompts,
+                           "uncached": uncached, **kw})
+    return {"capacity": capacity, **out} if "error" in out else out
+
+
+def experts_per_layer(model_dir) -> int:
+    """Experts per MoE layer, from the model's structure (nothing is read)."""
+    import mlx_lm
+
+    from moed.experts.lazy import find_moe_sites
+
+    model, _ = mlx_lm.load(str(model_dir), lazy=True)
+    return find_moe_sites(model)[0].num_experts
 
 
 # -- raw disk, same extents ------------------------------------------------------
@@ -282,13 +297,7 @@ def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int
     per-prompt ratios between them are paired, round by round."""
     import random
 
-    import mlx_lm
-
-    from moed.experts.lazy import find_moe_sites
-
-    model, _ = mlx_lm.load(model_dir, lazy=True)
-    num_experts = find_moe_sites(model)[0].num_experts
-    del model
+    num_experts = experts_per_layer(model_dir)
     rng = random.Random(seed)
     tps = {name: [] for name in names}  # name -> per round, per prompt decode tok/s
     stats = {}
@@ -320,19 +329,16 @@ def paired_ratios(tps: dict, a: str, b: str) -> dict | None:
 
 def bench_paired(model_dir: Path, *, rounds: int, tokens: int, prompts: list[str], uncached: bool,
                  names=PAIRED) -> dict:
-    spec = json.dumps({"model_dir": str(model_dir), "names": list(names), "rounds": rounds, "tokens": tokens,
-                       "prompts": prompts, "uncached": uncached})
-    proc = subprocess.run([sys.executable, "-m", "bench.experts_bench", "--paired", spec], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:]}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _child("--paired", {"model_dir": str(model_dir), "names": list(names), "rounds": rounds, "tokens": tokens,
+                              "prompts": prompts, "uncached": uncached})
+    if "error" in out:
+        return out
     tps = out["tps"]
     out["median_tps"] = {name: statistics.median(x for r in rounds_ for x in r) for name, rounds_ in tps.items()}
     out["prefetch_vs_on_demand"] = {str(share): paired_ratios(tps, f"prefetch-{share}", f"on-demand-{share}")
                                     for share in (50, 25)}
-    # all resident with the check on, against on-demand: the most any prefetcher could give at that residency
     out["same_config_twice"] = {"50": paired_ratios(tps, "on-demand-50#2", "on-demand-50")}
+    # all resident with the check on, against on-demand: the most any prefetcher could give at that residency
     out["oracle_vs_on_demand"] = {str(share): paired_ratios(tps, "checked-100", f"on-demand-{share}")
                                   for share in (50, 25)}
     return out
@@ -392,13 +398,7 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
     """Stock and every config, ``repeats`` interleaved rounds; per config the
     fastest round is kept (the least disturbed by other load on the machine),
     and every round must be exact."""
-    import mlx_lm
-
-    from moed.experts.lazy import find_moe_sites
-
-    model, _ = mlx_lm.load(str(model_dir), lazy=True)
-    num_experts = find_moe_sites(model)[0].num_experts
-    del model
+    num_experts = experts_per_layer(model_dir)
     progress(f"{model_dir.name}: raw expert preads")
     raw = raw_expert_preads(model_dir)
     out = {"model": str(model_dir), "num_experts": num_experts, "repeats": repeats, "raw_pread": raw, "configs": {}}
@@ -493,7 +493,8 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
     m, t = out["median_paired_ratios"], out["targets"]
     never = t["prefetch_never_slower_per_prompt"]
     speedup_50 = m["prefetch_50_vs_on_demand_50"]
-    pv = (out.get("paired") or {}).get("prefetch_vs_on_demand")
+    paired = out.get("paired") or {}
+    pv = paired.get("prefetch_vs_on_demand")
     if pv and pv.get("50") and pv.get("25"):  # the paired, same-process figures are the finer measurement
         speedup_50 = pv["50"]["all_prompts_median"]
         never = {share: all(x >= 1.0 for x in pv[share]["median"]) for share in ("50", "25")}
@@ -512,11 +513,10 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
         "ceiling_checked_100_vs_all_resident": m["checked_100_vs_all_resident"],
         # not a target: every expert resident (checked-100) against on-demand at 50%, the most any
         # prefetcher could give there; when it is under 1.3 that bar cannot be met on this model
-        "oracle_50_vs_on_demand_50": ((out.get("paired") or {}).get("oracle_vs_on_demand") or {}).get(
-            "50", {}).get("all_prompts_median"),
+        "oracle_50_vs_on_demand_50": ((paired.get("oracle_vs_on_demand") or {}).get("50") or {}).get(
+            "all_prompts_median"),
         # not a target: on-demand at 50% against itself, per prompt: the spread two identical configs show
-        "same_config_twice_50": (((out.get("paired") or {}).get("same_config_twice") or {}).get("50") or {}).get(
-            "median"),
+        "same_config_twice_50": ((paired.get("same_config_twice") or {}).get("50") or {}).get("median"),
         "measured_by": "paired, one process" if pv else "separate processes",
     }
     return out
