@@ -8,7 +8,8 @@ LRU of recent prompt caches so a prompt that extends an earlier one only
 prefills the new tokens.
 
 A request that arrives while nothing else is decoding runs *solo*: mlx-lm's
-own ``generate_step``, which builds token n+1's graph while token n computes.
+own ``generate_step``, which builds token n+1's graph while token n computes
+(through moed.experts.decode, which keeps that overlap with lazy experts).
 On a small model that pipelining is worth 10-20% over ``BatchGenerator``'s
 step. When a second request arrives, the solo one joins the batch with its KV
 cache (``Solo.join``), so continuous batching is unchanged: the newcomer waits
@@ -123,6 +124,7 @@ def make_request_sampler(sampling: dict):
         key[0], draw = mx.random.split(key[0])
         return mx.random.categorical(logprobs * (1.0 / temp), key=draw)
 
+    sampler.key = key  # moed.experts.decode puts it back when it rolls a token back
     return sampler
 
 
@@ -204,14 +206,15 @@ class Solo:
     tokens: list
     steps: object = None  # the generate_step generator
 
-    def start(self, model, prefill_step: int) -> None:
+    def start(self, model, manager, prefill_step: int) -> None:
         import mlx.core as mx
-        from mlx_lm.generate import generate_step
+
+        from moed.experts.decode import generate
 
         (rest,) = self.insert["prompts"]
-        self.steps = generate_step(mx.array(rest), model, max_tokens=self.insert["max_tokens"][0],
-                                   sampler=self.insert["samplers"][0], prompt_cache=self.cache,
-                                   prefill_step_size=prefill_step)
+        self.steps = generate(mx.array(rest), model, manager, max_tokens=self.insert["max_tokens"][0],
+                              sampler=self.insert["samplers"][0], prompt_cache=self.cache,
+                              prefill_step_size=prefill_step)
 
     def next_token(self) -> int:
         token, _ = next(self.steps)
@@ -339,7 +342,7 @@ class Engine:
         if self.solo_allowed and not self.active:
             cache = cache if cache is not None else self.new_cache()
             self.solo = Solo(active, insert, cache, list(tokens))
-            self.solo.start(self.model, self.prefill_step)
+            self.solo.start(self.model, self.manager, self.prefill_step)
         else:
             self._insert(active, insert)
         log.debug("seq %d: %d prompt tokens, %d from cache, %s", seq, len(tokens), cached, "solo" if self.solo else "batch")

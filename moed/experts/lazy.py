@@ -19,6 +19,15 @@ where layers before the first miss return the speculative pass's outputs
 choice, loads what it misses, then computes. Output is exact either way.
 Long prefill chunks and miss-heavy decoding go to sync mode directly (see
 ``ExpertManager``); docs/experts.md has the whole scheme.
+
+Deferred check: waiting for that readback inside the forward also waits for
+the token's whole compute, so the next token's graph cannot be built while
+this one computes (the overlap mlx-lm's ``generate_step`` is built around).
+When a decode loop sets ``manager.defer``, a speculative decode pass returns
+unchecked; it is checked at the end of the next forward's graph building, or
+by ``verify_through`` before its token is handed out. A miss raises
+``Rollback`` with the KV caches trimmed back and the redo armed; decode.py
+restarts generation from the last good token.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -54,6 +64,31 @@ class MoESite:
     block: nn.Module  # the MoE block (router + experts)
     num_experts: int
     layer_module: nn.Module | None = None  # the decoder layer holding the block
+
+
+class Rollback(Exception):
+    """A deferred pass read an expert that was not resident: the token it made
+    must not go out. The KV caches are trimmed back to before that pass, and
+    the next forward redoes it exactly; feed ``inputs`` again to get it."""
+
+    def __init__(self, pass_id: int, inputs):
+        super().__init__(f"forward {pass_id} missed an expert")
+        self.pass_id = pass_id
+        self.inputs = inputs
+
+
+@dataclass
+class Pass:
+    """A speculative forward waiting for its residency check."""
+
+    id: int
+    out: mx.array
+    records: list  # (layer cache, routed ids, slot map at build, evictions at build), in layer order
+    outputs: dict = field(default_factory=dict)  # expert outputs by layer position, for the redo
+    kv: list | None = None  # the KV caches it appended to
+    ntok: int = 1
+    inputs: object = None
+    call: Callable | None = None  # runs this forward again (same inputs, same KV caches)
 
 
 def _projections(module) -> dict[str, nn.Module]:
@@ -160,7 +195,7 @@ class ExpertManager:
         self._order = {id(c): i for i, c in enumerate(caches)}
         self._mode = "direct"
         self._sync_from = 0
-        self._records: list[tuple[LayerCache, mx.array]] = []
+        self._records: list[tuple] = []  # this pass's (cache, routed ids, slot map, evictions), see route()
         self._outputs: dict[int, mx.array] = {}  # speculative expert outputs, by layer position
         self._lock = threading.RLock()
         self.forwards = self.decode_steps = self.readbacks = self.decode_readbacks = self.redos = 0
@@ -174,6 +209,13 @@ class ExpertManager:
         # check and bookkeeping, sync passes (redos and sync-mode steps, loads included)
         self.step_seconds = dict.fromkeys(self.STEP_PARTS, 0.0)
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
+        # set by a decode loop that checks each token's pass late (decode.py); see the module doc
+        self.defer = False
+        self.defer_checks = True  # whether decode.py may set it (off: every check inside its forward)
+        self._pending: Pass | None = None
+        self._redo: tuple[int, dict] | None = None
+        self.forward_id = 0
+        self.deferred = self.rollbacks = 0
         self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
         self.mode_steps = {"speculative": 0, "sync": 0}
         # EWMA share of decode steps that found an expert missing: a redo in a speculative
@@ -200,7 +242,9 @@ class ExpertManager:
         order = self._order[id(cache)]
         if mode == "speculative":
             y = inner(x, cache.lut()[indices])
-            self._records.append((cache, indices))
+            # the slot map as this pass reads it: the check must judge the pass by it, since loads
+            # may be installed (or slots evicted) before a deferred pass is checked
+            self._records.append((cache, indices, cache.slot_of.copy(), cache.evictions))
             self._outputs[order] = y
             if self.prefetcher is not None:
                 self.prefetcher.trace(order, x, indices)
@@ -209,7 +253,7 @@ class ExpertManager:
             # same input as in the speculative pass, all experts were there: reuse
             return self._outputs[order]
         if mode == "approximate":
-            self._records.append((cache, indices))
+            self._records.append((cache, indices, None, None))
             y = inner(x, cache.lut()[indices])
             keep = cache.present_lut()[indices]
             return y * keep[..., None].astype(y.dtype)
@@ -288,8 +332,10 @@ class ExpertManager:
         cache = kwargs["cache"] if "cache" in kwargs else (args[1] if len(args) > 1 else None)
         ntok = inputs.shape[-1] if inputs is not None and inputs.ndim >= 1 else 0
         decode = ntok == 1
+        redo, self._redo = self._redo, None  # armed by a rollback: this forward redoes a deferred pass
         self.forwards += 1
-        self.decode_steps += decode
+        self.forward_id += 1
+        self.decode_steps += decode and redo is None
         self._step_readbacks = 0
         self._step_missed = False
         t0 = time.perf_counter()
@@ -302,7 +348,10 @@ class ExpertManager:
         t = time.perf_counter()
         parts["prefetch"] = t - t0
         try:
-            if all(c.complete for c in self.caches) and not self.always_check:
+            if redo is not None:
+                used, (self._sync_from, self._outputs) = "speculative", redo
+            elif all(c.complete for c in self.caches) and not self.always_check:
+                self._settle()
                 self._mode = "direct"
                 out = call()
                 if self.collect:
@@ -312,38 +361,53 @@ class ExpertManager:
                     self._collected = []
                 parts["build"] = time.perf_counter() - t
                 return out
-            if self.approximate:
+            elif self.approximate:
                 return self._approximate(call)
-            trimmable = cache is None or all(c.is_trimmable() for c in cache)
-            if decode and trimmable:
-                used = self._pick_decode_mode()
-            elif trimmable and ntok * self._top_k <= min(c.capacity for c in self.caches):
-                used = "speculative"
-            else:  # a long prefill chunk: some layer is bound to miss, skip the pass that would be thrown away
-                used = "sync"
-            self._sync_from = 0
-            if used == "speculative":
-                self._mode, self._records, self._outputs = "speculative", [], {}
-                out = call()
-                traces = self.prefetcher.pending_traces() if self.prefetcher is not None else []
-                parts["build"] = (t1 := time.perf_counter()) - t
-                mx.eval(out, [i for _, i in self._records], traces)
-                parts["eval"] = (t := time.perf_counter()) - t1
-                self._count_readback()
-                first = self._first_miss()
-                parts["check"] = time.perf_counter() - t
-                if decode:
-                    self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
-                if first is None:
-                    return out
-                t = time.perf_counter()
-                for order in [o for o in self._outputs if o >= first]:
-                    del self._outputs[order]
-                self.redos += 1
-                if cache is not None:
-                    for c in cache:
-                        c.trim(ntok)
-                self._sync_from = first
+            else:
+                trimmable = cache is None or all(c.is_trimmable() for c in cache)
+                if decode and trimmable:
+                    used = self._pick_decode_mode()
+                elif trimmable and ntok * self._top_k <= min(c.capacity for c in self.caches):
+                    used = "speculative"
+                else:  # a long prefill chunk: some layer is bound to miss, skip the pass that would be thrown away
+                    used = "sync"
+                sampled = self.prefetcher is not None and self.prefetcher.sampled
+                defer = self.defer and decode and trimmable and used == "speculative" and not sampled
+                if not defer:
+                    self._settle()  # this forward's input came from the deferred pass: check it first
+                self._sync_from = 0
+                if used == "speculative":
+                    self._mode, self._records, self._outputs = "speculative", [], {}
+                    out = call()
+                    if defer:
+                        this = Pass(self.forward_id, out, self._records, self._outputs, cache, ntok, inputs,
+                                    lambda: self.forward(call, args, kwargs))
+                        mx.async_eval(out)  # computes while the previous token's pass is checked
+                        parts["build"] = (t1 := time.perf_counter()) - t
+                        self._settle(after=this)
+                        parts["check"] = time.perf_counter() - t1
+                        self._pending = this
+                        self.deferred += 1
+                        return out
+                    traces = self.prefetcher.pending_traces() if self.prefetcher is not None else []
+                    parts["build"] = (t1 := time.perf_counter()) - t
+                    mx.eval(out, [r[1] for r in self._records], traces)
+                    parts["eval"] = (t := time.perf_counter()) - t1
+                    self._count_readback()
+                    seen, first = self._misses(self._records)
+                    self._note_pass(seen, first)
+                    parts["check"] = time.perf_counter() - t
+                    if decode:
+                        self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
+                    if first is None:
+                        return out
+                    t = time.perf_counter()
+                    self._outputs = {o: y for o, y in self._outputs.items() if o < first}
+                    self.redos += 1
+                    if cache is not None:
+                        for c in cache:
+                            c.trim(ntok)
+                    self._sync_from = first
             missed = True
             self._mode, self._records = "sync", []
             out = call()
@@ -376,24 +440,72 @@ class ExpertManager:
         self.readbacks += 1
         self._step_readbacks += 1
 
-    def _first_miss(self) -> int | None:
-        """Record this forward's use; the position of the first layer that missed.
+    # -- the deferred check --------------------------------------------------
+    def _settle(self, after: Pass | None = None) -> None:
+        """Check the deferred pass, if any. ``after``: the pass just built on its
+        token. On a miss both are undone (KV caches trimmed), the redo is armed
+        and ``Rollback`` raised."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        mx.eval(p.out)  # all of it: a load may overwrite a slot once the check has passed
+        self._count_readback()
+        seen, first = self._misses(p.records)
+        self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
+        if first is not None and after is not None:
+            mx.eval(after.out)  # it reads slots the redo's loads will write; its result is thrown away
+        self._note_pass(seen, first)
+        if first is None:
+            return
+        self.redos += 1
+        self.rollbacks += 1
+        if p.kv is not None:
+            for c in p.kv:
+                c.trim(p.ntok + (after.ntok if after is not None else 0))
+        self._redo = (first, {o: y for o, y in p.outputs.items() if o < first})
+        raise Rollback(p.id, p.inputs)
 
-        When something missed, loads for every layer's misses start now (the
-        speculative pass's choices are the best guess for the redo's) and the
-        experts this pass used are kept from eviction until the forward ends.
-        """
+    def verify_through(self, pass_id: int) -> None:
+        """Check the deferred pass if it is ``pass_id`` or older (raises ``Rollback`` on a miss)."""
+        with self._lock:
+            if self._pending is not None and self._pending.id <= pass_id:
+                self._settle()
+
+    def finish(self) -> None:
+        """End of a deferred decode: check the last pass; on a miss redo it, so the
+        KV caches hold exactly what a checked decode would have left."""
+        with self._lock:
+            self._redo = None
+            pending = self._pending
+            try:
+                self._settle()
+            except Rollback:
+                mx.eval(pending.call())
+
+    def _misses(self, records) -> tuple[list, int | None]:
+        """Read a speculative pass's routing back: per layer (position, cache,
+        experts needed, experts that were not resident when the pass read its
+        slots), and the position of the first layer that missed. A layer that
+        evicted anything since is counted as missed: its slots may have changed."""
+        seen = []
+        for cache, ind, slot_of, evictions in records:
+            ids = np.array(ind)
+            self._top_k = ids.shape[-1]
+            needed = np.unique(ids)
+            missing = needed[slot_of[needed] < 0]
+            if cache.evictions != evictions and not len(missing):
+                missing = needed
+            seen.append((self._order[id(cache)], cache, needed, missing, ids))
+        misses = [order for order, _, _, miss, _ in seen if len(miss)]
+        return seen, (min(misses) if misses else None)
+
+    def _note_pass(self, seen, first) -> None:
+        """Record a checked pass's use. When something missed, loads for every
+        layer's misses start now (the pass's choices are the best guess for the
+        redo's) and the experts it used are kept from eviction until the forward ends."""
         if self.prefetcher is not None:
             self.prefetcher.absorb_traces()
-        seen, ids = [], []
-        for cache, ind in self._records:
-            ids.append(np.array(ind))
-            self._top_k = ids[-1].shape[-1]
-            needed = np.unique(ids[-1])
-            seen.append((self._order[id(cache)], cache, needed, cache.missing(needed)))
-        misses = [order for order, _, _, miss in seen if len(miss)]
-        first = min(misses) if misses else None
-        for (order, cache, needed, miss), routed in zip(seen, ids):
+        for order, cache, needed, _, routed in seen:
             # layers from the first miss on are redone and record themselves then
             if first is None or order < first:
                 cache.record(needed)
@@ -402,15 +514,14 @@ class ExpertManager:
                     self.prefetcher.note_need(order, cache, needed)
             cache.in_use.update(needed.tolist())
         if self.prefetcher is not None:
-            self.prefetcher.after_pass(seen, first)
-        return first
+            self.prefetcher.after_pass([s[:4] for s in seen], first)
 
     def _approximate(self, call):
         self._mode, self._records = "approximate", []
         out = call()
-        mx.eval(out, [i for _, i in self._records])
+        mx.eval(out, [r[1] for r in self._records])
         self._count_readback()
-        for cache, ind in self._records:
+        for cache, ind, _, _ in self._records:
             needed = np.unique(np.array(ind))
             cache.record(needed)
             missing = cache.missing(needed)
@@ -453,6 +564,8 @@ class ExpertManager:
             "readbacks": self.readbacks,
             "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
             "redos": self.redos,
+            "deferred_checks": self.deferred,
+            "rollbacks": self.rollbacks,
             "seeded": self.seeded,
             "decode_mode": self.decode_mode,
             "mode_steps": dict(self.mode_steps),

@@ -1,0 +1,82 @@
+"""Decoding with each token's residency check one token late, exactly.
+
+A speculative pass (lazy.py) must read its routing back before its token can
+be trusted. Inside the forward that readback waits for the token's whole
+compute, so the next token's graph is built only afterwards, while mlx-lm's
+``generate_step`` is built around building token n+1's graph while token n
+computes. ``generate`` keeps that overlap: the manager checks token n's pass
+after token n+1's graph is built and queued, and a token is handed out only
+once the pass that made it has been checked.
+
+When a check finds a miss, the manager trims the KV caches back to before
+that pass, arms the exact redo and raises ``Rollback``. Generation then
+restarts from the last good token with mlx-lm's ``generate_step``, unchanged:
+the first forward of the restart is the redo. The sampler's key is put back to
+what it was before the rolled-back token was drawn, so a request with a seed
+gets the tokens it would get with every expert resident. (A sampler that draws
+from MLX's global random state cannot be put back: after a rollback its draws
+differ from an uninterrupted run's, from the same distribution.)
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .lazy import Rollback
+
+
+def greedy(logprobs):
+    return mx.argmax(logprobs, axis=-1)
+
+
+def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sampler=None, prompt_cache=None,
+             prefill_step_size: int = 2048):
+    """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
+    residency checks of ``manager``'s lazy experts deferred by one token.
+
+    A sampler that owns its random key keeps it in ``sampler.key``, a
+    one-element list (see moed.engine.make_request_sampler), so a rollback can
+    restore it."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size)
+    if manager is None or manager.approximate or not manager.defer_checks or not can_trim_prompt_cache(prompt_cache):
+        yield from generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, **kw)
+        return
+
+    sampler = sampler or greedy
+    key = getattr(sampler, "key", None)
+    made_by, key_before = [], []  # per token: the forward that sampled it, the sampler's key before
+
+    def sample(logprobs):
+        made_by.append(manager.forward_id)
+        key_before.append(key[0] if key else None)
+        return sampler(logprobs)
+
+    done, feed, steps = 0, prompt, None
+    manager.defer = True
+    try:
+        while done < max_tokens:
+            steps = generate_step(feed, model, max_tokens=max_tokens - done, sampler=sample, **kw)
+            try:
+                for token, logprobs in steps:
+                    manager.verify_through(made_by[done])
+                    yield token, logprobs
+                    done += 1
+                return
+            except Rollback as rollback:
+                steps.close()
+                # tokens go out in order, each after its pass was checked: the first unchecked one is next
+                if made_by.index(rollback.pass_id) != done:
+                    raise RuntimeError("a rolled-back token had been handed out") from rollback
+                if key:
+                    key[0] = key_before[done]
+                del made_by[done:], key_before[done:]
+                feed = rollback.inputs.reshape(-1)
+    finally:
+        if steps is not None:
+            steps.close()
+        manager.defer = False
+        manager.finish()
