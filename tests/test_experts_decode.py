@@ -1,0 +1,175 @@
+"""The deferred residency check (moed.experts.decode): token n's pass is checked
+after token n+1's graph is built; a miss rolls both back. Output stays stock
+mlx-lm's, greedy and seeded, whatever the cache holds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import families  # noqa: E402
+
+mx = pytest.importorskip("mlx.core")
+import mlx_lm  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache  # noqa: E402
+
+from moed.engine import make_request_sampler  # noqa: E402
+from moed.experts import load_model  # noqa: E402
+from moed.experts.decode import generate  # noqa: E402
+from moed.experts.lazy import Rollback  # noqa: E402
+from test_experts import PROMPT, family_dir, num_experts, private_state  # noqa: E402,F401
+
+TOKENS = 40
+
+
+def seeded(seed=11):
+    return make_request_sampler(dict(temperature=0.8, top_p=1.0, min_p=0.0, top_k=0, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def stock(family_dir):
+    """Stock mlx-lm's tokens per family: greedy and with a seeded sampler."""
+    out = {}
+    for fam, path in family_dir.items():
+        model, tok = mlx_lm.load(str(path))
+        ids = mx.array(tok.encode(PROMPT))
+        out[fam] = {"greedy": [t for t, _ in generate_step(ids, model, max_tokens=TOKENS)],
+                    "seeded": [t for t, _ in generate_step(ids, model, max_tokens=TOKENS, sampler=seeded())]}
+    return out
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25])
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_deferred_decode_equals_stock(family, share, family_dir, stock):
+    path = family_dir[family]
+    model, tok, manager = load_model(path, capacity=max(1, int(num_experts(path) * share)), profile=None,
+                                     warm_start=False, decode_mode="speculative")
+    try:
+        ids = mx.array(tok.encode(PROMPT))
+        cache = make_prompt_cache(model)
+        assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, prompt_cache=cache)] == stock[family]["greedy"]
+        assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, sampler=seeded())] == stock[family]["seeded"]
+        stats = manager.stats()
+        if can_trim_prompt_cache(cache):  # trimmable to the end (a sliding window that filled up is not)
+            # the deferred path ran, and so did its rollbacks: the test can tell a wrong redo
+            assert stats["deferred_checks"] > 0 and stats["rollbacks"] > 0
+        assert not manager.defer and manager._pending is None and manager._redo is None
+    finally:
+        manager.close()
+
+
+def test_a_pass_whose_experts_arrived_before_its_check_is_still_rolled_back(family_dir):
+    """The check judges a pass by the slots it read: experts that were missing then
+    (their ids read slot 0) and are resident by the time of the check must still
+    roll the pass back."""
+    path = family_dir["qwen3_moe"]
+    model, tok, manager = load_model(path, capacity=6, profile=None, warm_start=False, prefetch=False,
+                                     decode_mode="speculative")
+    try:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([tok.encode(PROMPT)]), cache=cache))
+        # decode forwards until one misses somewhere, each checked late
+        manager.defer = True
+        token = mx.array([[tok.encode(PROMPT)[-1]]])
+        for _ in range(20):
+            model(token, cache=cache)
+            p = manager._pending
+            mx.eval(p.out)
+            seen, first = manager._misses(p.records)
+            if first is not None:
+                break
+        assert first is not None, "no forward missed: the test cannot tell"
+        for _, layer_cache, needed, missing, _ in seen:
+            layer_cache.ensure(missing, protect=needed)  # installed after the pass read its slots
+            assert not len(layer_cache.missing(needed))
+        offset = cache[0].offset
+        with pytest.raises(Rollback):
+            manager.verify_through(p.id)
+        assert cache[0].offset == offset - 1  # its token trimmed back
+        assert manager._redo is not None
+    finally:
+        manager.defer = False
+        manager._redo = None
+        manager.close()
+
+
+def test_closing_mid_stream_leaves_the_kv_cache_exact(family_dir):
+    """A stream closed while its last pass is unchecked (the engine does that on
+    cancel and when a request joins a batch) checks it, and redoes it if it missed:
+    the KV cache ends as stock mlx-lm's for the same tokens."""
+    path = family_dir["qwen3_moe"]
+    stock_model, tok = mlx_lm.load(str(path))
+    model, _, manager = load_model(path, capacity=2, profile=None, warm_start=False, decode_mode="speculative")
+    ids = mx.array(tok.encode(PROMPT))
+    redone = 0
+    try:
+        for n in range(3, 15):
+            cache = make_prompt_cache(model)
+            steps = generate(ids, model, manager, max_tokens=TOKENS, prompt_cache=cache)
+            got = [next(steps)[0] for _ in range(n)]
+            redos = manager.redos
+            steps.close()
+            redone += manager.redos > redos
+            ref = make_prompt_cache(stock_model)
+            mx.eval(stock_model(mx.array([tok.encode(PROMPT) + got]), cache=ref))
+            for c, r in zip(cache, ref):
+                assert c.offset == r.offset
+                for a, b in zip(c.state, r.state):
+                    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=1e-3)
+        assert redone, "no close found its last pass missing: the redo at close went untested"
+    finally:
+        manager.close()
+
+
+# -- the engine's solo request, with lazy experts --------------------------------
+
+def test_engine_solo_with_deferred_checks_stays_exact_through_join_and_cancel(family_dir):
+    """A solo request decodes with late checks; a second request makes it join the
+    batch mid-stream; a cancelled one leaves an exact KV cache for the next turn."""
+    from test_engine import assert_cache_holds, engine_args, request, run
+
+    from moed.engine import Engine
+
+    path = family_dir["qwen3_moe"]
+    stock_model, tok = mlx_lm.load(str(path))
+
+    def ref(prompt, n, sampler=None):
+        return [t for t, _ in generate_step(mx.array(tok.encode(prompt)), stock_model, max_tokens=n, sampler=sampler)]
+
+    model, _, manager = load_model(path, capacity=4, profile=None, warm_start=False, decode_mode="speculative")
+    try:
+        engine = Engine(model, tok, manager, engine_args())
+        # alone, greedy and seeded
+        engine.submit(request(1, PROMPT, 30))
+        out = run(engine, {1})
+        assert out[1]["ids"] == ref(PROMPT, 30) and engine.solo_steps == 30
+        engine.submit(dict(request(2, "the quick", 30), temperature=0.8, seed=5))
+        out = run(engine, {2})
+        assert out[2]["ids"] == ref("the quick", 30, seeded(5))
+        rollbacks = manager.rollbacks
+        assert manager.deferred > 0 and rollbacks > 0
+        # joined mid-stream
+        engine.submit(request(3, "brown fox jumps", 24))
+        events = run(engine, set(), steps=5)
+        engine.submit(request(4, "hello", 10))
+        assert engine.solo is None and not manager.defer
+        out = run(engine, {3, 4}, events)
+        assert out[3]["ids"] == ref("brown fox jumps", 24) and out[4]["ids"] == ref("hello", 10)
+        assert_cache_holds(engine, tok.encode("brown fox jumps") + out[3]["ids"])
+        # cancelled, then extended: the next turn reuses its cache and stays exact
+        engine.submit(request(5, "world", 40))
+        events = run(engine, set(), steps=7)
+        engine.cancel(5)
+        follow = tok.decode(tok.encode("world") + events[5]["ids"]) + " again"
+        engine.submit(request(6, follow, 12))
+        out = run(engine, {6})
+        assert out[6]["final"]["usage"]["cached_tokens"] > 1
+        assert out[6]["ids"] == ref(follow, 12)
+    finally:
+        manager.close()
