@@ -144,13 +144,15 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
-                profile: str | None = "auto", always_check: bool = False) -> dict:
+                profile: str | None = "auto", always_check: bool = False, defer: bool = True) -> dict:
     """Load (stock when ``capacity`` is None), greedy-decode each prompt, report.
-    Always a cold start: no warm-start state is read or written."""
+    Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
+    ``generate_step``, with the residency checks one token late unless ``defer``
+    is off). Always a cold start: no warm-start state is read or written."""
     import mlx.core as mx
-    import mlx_lm
 
     from moed.experts import load_model
+    from moed.experts.decode import generate
     from moed.platform import process_rss_bytes
 
     if uncached:
@@ -163,6 +165,7 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         manager.reader.uncached = True
     if manager is not None:
         manager.always_check = always_check
+        manager.defer_checks = defer
     load_s = time.perf_counter() - t0
     rss_loaded = process_rss_bytes()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
@@ -176,13 +179,18 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
     nll = [teacher_forced_nll(model, tok, text, ref) for text, ref in zip(texts, reference)] if reference else None
     runs = []
     for text in texts:
-        out, last = [], None
+        ids = _prompt_ids(tok, text)
+        out, first = [], None
         t = time.perf_counter()
-        for r in mlx_lm.stream_generate(model, tok, text, max_tokens=tokens):
-            out.append(r.token)
-            last = r
-        runs.append({"tokens": out, "decode_tps": last.generation_tps, "prefill_tps": last.prompt_tps,
-                     "wall_s": time.perf_counter() - t})
+        for token, _ in generate(mx.array(ids), model, manager, max_tokens=tokens):
+            first = first or time.perf_counter()
+            if token in tok.eos_token_ids:  # as stream_generate does
+                break
+            out.append(token)
+        end = time.perf_counter()
+        # as mlx_lm.stream_generate counts: the prompt up to the first token, the rest after it
+        runs.append({"tokens": out, "decode_tps": (len(out) - 1) / (end - first) if len(out) > 1 else None,
+                     "prefill_tps": len(ids) / (first - t), "wall_s": end - t})
         if nll is not None:
             runs[-1]["nll_of_reference"] = nll[len(runs) - 1]
     result = {
@@ -199,6 +207,13 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         result["stats"] = manager.stats()
         manager.close()
     return result
+
+
+def _prompt_ids(tok, text) -> list[int]:
+    """Token ids as mlx_lm.stream_generate makes them from a prompt."""
+    if not isinstance(text, str):
+        return list(text)
+    return tok.encode(text, add_special_tokens=tok.bos_token is None or not text.startswith(tok.bos_token))
 
 
 def _child(flag: str, spec: dict) -> dict:
@@ -276,6 +291,11 @@ CONFIGS = {
     "on-demand-25": (0.25, {"prefetch": False, "profile": None}),
     "prefetch-25": (0.25, {"prefetch": True, "profile": "auto"}),
 }
+# every check inside its own forward (ExpertManager.defer_checks off): what deferring them gives
+INLINE = {
+    "checked-100-inline": (1.0, {"prefetch": False, "profile": None, "always_check": True, "defer": False}),
+    "prefetch-50-inline": (0.5, {"prefetch": True, "profile": "auto", "defer": False}),
+}
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),
@@ -286,7 +306,8 @@ APPROXIMATE = {
 
 # "NAME#2" runs NAME a second time: on-demand against itself (A/A) shows how far two
 # identical configurations drift apart on the machine, the yardstick for the other ratios
-PAIRED = ("checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50", "on-demand-25", "prefetch-25")
+PAIRED = ("checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50", "on-demand-25", "prefetch-25",
+          "checked-100-inline", "prefetch-50-inline")
 
 
 def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int, prompts: list[str],
@@ -305,11 +326,12 @@ def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int
         order = list(names)
         rng.shuffle(order)
         for name in order:
-            share, opts = CONFIGS[name.split("#")[0]]
+            share, opts = {**CONFIGS, **INLINE}[name.split("#")[0]]
             r = measure_one(model_dir, max(1, round(num_experts * share)), tokens, prompts, uncached, **opts)
             tps[name].append([x["decode_tps"] for x in r["runs"]])
             stats[name] = {k: r["stats"].get(k) for k in ("hit_rate", "redos", "readbacks_per_token",
-                                                          "expert_wait_share", "mode_steps")}
+                                                          "expert_wait_share", "mode_steps", "deferred_checks",
+                                                          "rollbacks")}
             stats[name]["payoff"] = (r["stats"].get("prefetch") or {}).get("payoff")
     return {"rounds": rounds, "tps": tps, "last_round_stats": stats}
 
@@ -341,6 +363,8 @@ def bench_paired(model_dir: Path, *, rounds: int, tokens: int, prompts: list[str
     # all resident with the check on, against on-demand: the most any prefetcher could give at that residency
     out["oracle_vs_on_demand"] = {str(share): paired_ratios(tps, "checked-100", f"on-demand-{share}")
                                   for share in (50, 25)}
+    out["deferred_vs_inline_check"] = {name: paired_ratios(tps, name, f"{name}-inline")
+                                       for name in ("checked-100", "prefetch-50")}
     return out
 
 

@@ -121,10 +121,14 @@ def test_paired_section_runs_and_reports_the_oracle(tmp_path):
     from bench.experts_bench import PROMPTS, bench_paired
     from moed.models import embedded_model_path
 
-    out = bench_paired(embedded_model_path(), rounds=1, tokens=4, prompts=PROMPTS[:2], uncached=False,
-                       names=("checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50"))
+    names = ("checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50", "checked-100-inline")
+    out = bench_paired(embedded_model_path(), rounds=1, tokens=4, prompts=PROMPTS[:2], uncached=False, names=names)
     assert "error" not in out, out.get("error")
-    assert set(out["median_tps"]) == {"checked-100", "on-demand-50", "on-demand-50#2", "prefetch-50"}
+    assert set(out["median_tps"]) == set(names)
+    assert len(out["deferred_vs_inline_check"]["checked-100"]["median"]) == 2
+    assert out["deferred_vs_inline_check"]["prefetch-50"] is None
+    stats = out["last_round_stats"]
+    assert stats["checked-100"]["deferred_checks"] > 0 and stats["checked-100-inline"]["deferred_checks"] == 0
     assert len(out["same_config_twice"]["50"]["median"]) == 2
     for key in ("prefetch_vs_on_demand", "oracle_vs_on_demand"):
         assert len(out[key]["50"]["median"]) == 2 and out[key]["25"] is None
