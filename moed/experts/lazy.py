@@ -382,10 +382,13 @@ class ExpertManager:
                     if defer:
                         this = Pass(self.forward_id, out, self._records, self._outputs, cache, ntok, inputs,
                                     lambda: self.forward(call, args, kwargs))
-                        mx.async_eval(out)  # computes while the previous token's pass is checked
                         parts["build"] = (t1 := time.perf_counter()) - t
-                        self._settle(after=this)
+                        # The previous token's pass computed while this graph was built. It is checked
+                        # before this one is queued: a readback can wait for everything queued before
+                        # it (it does on CUDA), and on a miss nothing of this pass has run.
+                        self._settle(built_on=ntok)
                         parts["check"] = time.perf_counter() - t1
+                        mx.async_eval(out)
                         self._pending = this
                         self.deferred += 1
                         return out
@@ -441,10 +444,10 @@ class ExpertManager:
         self._step_readbacks += 1
 
     # -- the deferred check --------------------------------------------------
-    def _settle(self, after: Pass | None = None) -> None:
-        """Check the deferred pass, if any. ``after``: the pass just built on its
-        token. On a miss both are undone (KV caches trimmed), the redo is armed
-        and ``Rollback`` raised."""
+    def _settle(self, built_on: int = 0) -> None:
+        """Check the deferred pass, if any. ``built_on``: tokens fed since by a
+        forward built on its output (not yet queued). On a miss both are undone
+        (KV caches trimmed), the redo is armed and ``Rollback`` raised."""
         p, self._pending = self._pending, None
         if p is None:
             return
@@ -452,8 +455,6 @@ class ExpertManager:
         self._count_readback()
         seen, first = self._misses(p.records)
         self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
-        if first is not None and after is not None:
-            mx.eval(after.out)  # it reads slots the redo's loads will write; its result is thrown away
         self._note_pass(seen, first)
         if first is None:
             return
@@ -461,7 +462,7 @@ class ExpertManager:
         self.rollbacks += 1
         if p.kv is not None:
             for c in p.kv:
-                c.trim(p.ntok + (after.ntok if after is not None else 0))
+                c.trim(p.ntok + built_on)
         self._redo = (first, {o: y for o, y in p.outputs.items() if o < first})
         raise Rollback(p.id, p.inputs)
 
