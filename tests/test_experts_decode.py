@@ -64,6 +64,22 @@ def test_deferred_decode_equals_stock(family, share, family_dir, stock):
         manager.close()
 
 
+@pytest.mark.parametrize("prompt_len", [1, 2, 3])
+def test_short_prompts_prefill_unchecked_one_token_chunks_safely(prompt_len, family_dir):
+    """generate_step prefills all but the last prompt token first: with two tokens
+    that is a one-token forward that looks like a decode step but makes no token.
+    From a cold cache it misses; it must be checked in its forward, not late."""
+    path = family_dir["qwen3_moe"]
+    stock_model, tok = mlx_lm.load(str(path))
+    ids = mx.array(tok.encode(PROMPT)[:prompt_len])
+    want = [t for t, _ in generate_step(ids, stock_model, max_tokens=12)]
+    model, _, manager = load_model(path, capacity=3, profile=None, warm_start=False, decode_mode="speculative")
+    try:
+        assert [t for t, _ in generate(ids, model, manager, max_tokens=12)] == want
+    finally:
+        manager.close()
+
+
 def test_a_pass_whose_experts_arrived_before_its_check_is_still_rolled_back(family_dir):
     """The check judges a pass by the slots it read: experts that were missing then
     (their ids read slot 0) and are resident by the time of the check must still
@@ -80,8 +96,8 @@ def test_a_pass_whose_experts_arrived_before_its_check_is_still_rolled_back(fami
         for _ in range(20):
             model(token, cache=cache)
             p = manager._pending
-            mx.eval(p.out)
-            seen, first = manager._misses(p.records)
+            mx.eval(p.out, p.routing)
+            seen, first = manager._misses(p)
             if first is not None:
                 break
         assert first is not None, "no forward missed: the test cannot tell"

@@ -53,12 +53,14 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
     def sample(logprobs):
         made_by.append(manager.forward_id)
         key_before.append(key[0] if key else None)
+        # From the first token on: a one-token prefill chunk looks like a decode step but makes no token
+        manager.defer = True
         return sampler(logprobs)
 
     done, feed, steps = 0, prompt, None
-    manager.defer = True
     try:
         while done < max_tokens:
+            manager.defer = False
             steps = generate_step(feed, model, max_tokens=max_tokens - done, sampler=sample, **kw)
             try:
                 for token, logprobs in steps:

@@ -89,6 +89,9 @@ class Pass:
     ntok: int = 1
     inputs: object = None
     call: Callable | None = None  # runs this forward again (same inputs, same KV caches)
+    routing: mx.array | None = None  # every layer's ids in one array: one readback, however many layers
+    traces: list = field(default_factory=list)  # the prefetcher's gate+1 guesses, on a sampled step
+    sampled: bool = False  # the prefetcher scores its predictors on this pass
 
 
 def _projections(module) -> dict[str, nn.Module]:
@@ -371,37 +374,29 @@ class ExpertManager:
                     used = "speculative"
                 else:  # a long prefill chunk: some layer is bound to miss, skip the pass that would be thrown away
                     used = "sync"
-                sampled = self.prefetcher is not None and self.prefetcher.sampled
-                defer = self.defer and decode and trimmable and used == "speculative" and not sampled
+                defer = self.defer and decode and trimmable and used == "speculative"
                 if not defer:
                     self._settle()  # this forward's input came from the deferred pass: check it first
                 self._sync_from = 0
                 if used == "speculative":
                     self._mode, self._records, self._outputs = "speculative", [], {}
                     out = call()
+                    this = self._pass(out, cache, ntok, inputs, lambda: self.forward(call, args, kwargs))
+                    parts["build"] = (t1 := time.perf_counter()) - t
                     if defer:
-                        this = Pass(self.forward_id, out, self._records, self._outputs, cache, ntok, inputs,
-                                    lambda: self.forward(call, args, kwargs))
-                        parts["build"] = (t1 := time.perf_counter()) - t
                         # The previous token's pass computed while this graph was built. It is checked
                         # before this one is queued: a readback can wait for everything queued before
-                        # it (it does on CUDA), and on a miss nothing of this pass has run.
+                        # it, and on a miss nothing of this pass has run.
                         self._settle(built_on=ntok)
                         parts["check"] = time.perf_counter() - t1
-                        mx.async_eval(out)
+                        mx.async_eval(out, this.routing, [g for _, g in this.traces])
                         self._pending = this
                         self.deferred += 1
                         return out
-                    traces = self.prefetcher.pending_traces() if self.prefetcher is not None else []
-                    parts["build"] = (t1 := time.perf_counter()) - t
-                    mx.eval(out, [r[1] for r in self._records], traces)
+                    mx.eval(out, this.routing, [g for _, g in this.traces])
                     parts["eval"] = (t := time.perf_counter()) - t1
-                    self._count_readback()
-                    seen, first = self._misses(self._records)
-                    self._note_pass(seen, first)
+                    first = self._check(this, decode)
                     parts["check"] = time.perf_counter() - t
-                    if decode:
-                        self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
                     if first is None:
                         return out
                     t = time.perf_counter()
@@ -444,6 +439,23 @@ class ExpertManager:
         self._step_readbacks += 1
 
     # -- the deferred check --------------------------------------------------
+    def _pass(self, out, kv, ntok, inputs, call) -> Pass:
+        """The speculative pass just built, for its check now or later."""
+        routing = mx.concatenate([r[1].reshape(-1) for r in self._records]) if self._records else None
+        pf = self.prefetcher
+        return Pass(self.forward_id, out, self._records, self._outputs, kv, ntok, inputs, call, routing,
+                    pf.take_traces() if pf is not None else [], pf is not None and pf.sampled)
+
+    def _check(self, p: Pass, decode: bool = True) -> int | None:
+        """Read an evaluated pass's routing back and record its use; the position
+        of the first layer that missed, or None."""
+        self._count_readback()
+        seen, first = self._misses(p)
+        if decode:
+            self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
+        self._note_pass(seen, first, p)
+        return first
+
     def _settle(self, built_on: int = 0) -> None:
         """Check the deferred pass, if any. ``built_on``: tokens fed since by a
         forward built on its output (not yet queued). On a miss both are undone
@@ -451,11 +463,8 @@ class ExpertManager:
         p, self._pending = self._pending, None
         if p is None:
             return
-        mx.eval(p.out)  # all of it: a load may overwrite a slot once the check has passed
-        self._count_readback()
-        seen, first = self._misses(p.records)
-        self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
-        self._note_pass(seen, first)
+        mx.eval(p.out, p.routing)  # all of it: a load may overwrite a slot once the check has passed
+        first = self._check(p)
         if first is None:
             return
         self.redos += 1
@@ -483,14 +492,17 @@ class ExpertManager:
             except Rollback:
                 mx.eval(pending.call())
 
-    def _misses(self, records) -> tuple[list, int | None]:
-        """Read a speculative pass's routing back: per layer (position, cache,
-        experts needed, experts that were not resident when the pass read its
-        slots), and the position of the first layer that missed. A layer that
-        evicted anything since is counted as missed: its slots may have changed."""
+    def _misses(self, p: Pass) -> tuple[list, int | None]:
+        """An evaluated pass's routing: per layer (position, cache, experts
+        needed, experts that were not resident when the pass read its slots,
+        routed ids), and the position of the first layer that missed. A layer
+        that evicted anything since counts as missed: its slots may have changed."""
         seen = []
-        for cache, ind, slot_of, evictions in records:
-            ids = np.array(ind)
+        flat = np.array(p.routing) if p.routing is not None else None
+        start = 0
+        for cache, ind, slot_of, evictions in p.records:
+            ids = flat[start:start + ind.size].reshape(ind.shape)
+            start += ind.size
             self._top_k = ids.shape[-1]
             needed = np.unique(ids)
             missing = needed[slot_of[needed] < 0]
@@ -500,22 +512,23 @@ class ExpertManager:
         misses = [order for order, _, _, miss, _ in seen if len(miss)]
         return seen, (min(misses) if misses else None)
 
-    def _note_pass(self, seen, first) -> None:
+    def _note_pass(self, seen, first, p: Pass) -> None:
         """Record a checked pass's use. When something missed, loads for every
         layer's misses start now (the pass's choices are the best guess for the
         redo's) and the experts it used are kept from eviction until the forward ends."""
-        if self.prefetcher is not None:
-            self.prefetcher.absorb_traces()
+        pf = self.prefetcher
+        if pf is not None:
+            pf.absorb_traces(p.traces)
         for order, cache, needed, _, routed in seen:
             # layers from the first miss on are redone and record themselves then
             if first is None or order < first:
                 cache.record(needed)
                 cache.count(routed)
-                if self.prefetcher is not None:
-                    self.prefetcher.note_need(order, cache, needed)
+                if pf is not None:
+                    pf.note_need(order, cache, needed, p.sampled)
             cache.in_use.update(needed.tolist())
-        if self.prefetcher is not None:
-            self.prefetcher.after_pass([s[:4] for s in seen], first)
+        if pf is not None:
+            pf.after_pass([s[:4] for s in seen], first)
 
     def _approximate(self, call):
         self._mode, self._records = "approximate", []

@@ -206,8 +206,10 @@ class Prefetcher:
         if j < len(self.caches) and self.routers[j] is not None:
             self._traces.append((j, self._route(j, x, indices.shape[-1], source=position)))
 
-    def pending_traces(self) -> list:
-        return [g for _, g in self._traces]
+    def take_traces(self) -> list[tuple[int, mx.array]]:
+        """This pass's gate+1 guesses (layer position, lazy ids), handed to its check."""
+        traces, self._traces = self._traces, []
+        return traces
 
     def wants_ahead(self) -> bool:
         """Whether sync mode should compute gate guesses this forward: to load
@@ -314,7 +316,10 @@ class Prefetcher:
             self._settle(key, wait=True)
 
     # -- bookkeeping from the manager ----------------------------------------
-    def note_need(self, position: int, cache: LayerCache, needed: np.ndarray) -> None:
+    def note_need(self, position: int, cache: LayerCache, needed: np.ndarray, sampled: bool | None = None) -> None:
+        """``sampled``: whether the forward that routed this scores the predictors
+        (default: this forward's; a deferred pass is checked in the next one)."""
+        sampled = self.sampled if sampled is None else sampled
         resident = int((cache.slot_of[needed] >= 0).sum())
         self.needed += len(needed)
         self.resident_at_need += resident
@@ -322,7 +327,7 @@ class Prefetcher:
             self.inflight_at_need += sum(1 for e in needed.tolist()
                                          if cache.slot_of[e] < 0 and (position, e) in self.inflight)
         previous, self._current[position] = self.previous[position], needed
-        if not self.sampled:  # predictors are scored on a sample of decode steps
+        if not sampled:  # predictors are scored on a sample of decode steps
             return
         for name in ("gate+1", "gate+2", "runahead"):
             guess = self._predicted.get((name, position))
@@ -337,12 +342,11 @@ class Prefetcher:
         if self.prior[position]:
             self.scores["profile"].add(self.prior[position], needed)
 
-    def absorb_traces(self) -> None:
-        """After a speculative pass's evaluation, before its needs are noted:
-        its gate+1 guesses become this forward's predictions to score."""
-        for j, guess in self._traces:
+    def absorb_traces(self, traces) -> None:
+        """When a speculative pass is checked, before its needs are noted: its
+        gate+1 guesses become the predictions to score."""
+        for j, guess in traces:
             self._predicted[("gate+1", j)] = set(np.unique(np.array(guess)).tolist())
-        self._traces = []
 
     def after_pass(self, seen, first) -> None:
         """On a speculative pass's miss, start loads for every layer's misses
