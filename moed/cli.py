@@ -482,6 +482,8 @@ def format_experts(experts: dict) -> str:
     if prefetch:
         parts.append(f"prefetch recall {pct(prefetch.get('recall'))}, precision {pct(prefetch.get('precision'))}")
     parts.append(f"{configuration.format_size(experts.get('bytes_read'))} read from disk")
+    if experts.get("decode_steps"):  # redone: an expert was missing, the exact pass ran again
+        parts.append(f"{experts.get('redos', 0)}/{experts['decode_steps']} decode forwards redone")
     if experts.get("slots"):
         parts.append(f"{experts.get('resident', 0)}/{experts['slots']} slots filled ({experts.get('capacity')} per layer)")
     if experts.get("approximate"):

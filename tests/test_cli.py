@@ -210,7 +210,7 @@ SAMPLE_STATUS = {
     "clients": 3,
     "recent_tok_s": 12.34,
     "experts": {
-        "hit_rate": 0.93, "bytes_read": 1536 << 20, "capacity": 16, "slots": 64, "resident": 60, "approximate": False,
+        "hit_rate": 0.93, "redos": 4, "decode_steps": 200, "bytes_read": 1536 << 20, "capacity": 16, "slots": 64, "resident": 60, "approximate": False,
         "prefetch": {"recall": 0.5, "precision": None},
     },
     "socket": "/run/moed.sock",
@@ -231,6 +231,7 @@ def test_human_status_shows_the_figures():
         "hit rate 93.0%",
         "prefetch recall 50.0%, precision -",
         "1.5 GiB read from disk",
+        "4/200 decode forwards redone",
         "60/64 slots filled (16 per layer)",
         "launchd (installed)",
     ):
