@@ -280,7 +280,10 @@ class Engine:
         seqs = [a.seq for a in self.active.values()]
         if self.solo is not None:
             seqs.append(self.solo.active.seq)
-            self.solo.close()
+            try:  # closing checks its last pass, and may redo it: the same fault may strike again
+                self.solo.close()
+            except Exception:
+                log.exception("closing the solo request after a failed step")
         self.solo, self.active, self.by_seq = None, {}, {}
         self.gen.close()
         self.gen = self.new_batch()

@@ -189,3 +189,37 @@ def test_engine_solo_with_deferred_checks_stays_exact_through_join_and_cancel(fa
         assert out[6]["ids"] == ref(follow, 12)
     finally:
         manager.close()
+
+
+def test_dropping_a_failed_solo_request_survives_a_failing_close(family_dir, monkeypatch):
+    """After a failed step the engine drops every request; closing the solo one
+    checks (and may redo) its last pass, which can fail the same way: the drop
+    must still finish, so the engine goes on."""
+    from test_engine import engine_args, request, run
+
+    from moed.engine import Engine
+    from moed.experts.store import StoreError
+
+    path = family_dir["qwen3_moe"]
+    model, tok, manager = load_model(path, capacity=4, profile=None, warm_start=False, decode_mode="speculative")
+    try:
+        engine = Engine(model, tok, manager, engine_args())
+        engine.submit(request(1, PROMPT, 30))
+        run(engine, set(), steps=4)
+        assert engine.solo is not None
+
+        finish = manager.finish
+
+        def fail():
+            finish()
+            raise StoreError("shard truncated")  # as a redo's read at close would
+
+        monkeypatch.setattr(manager, "finish", fail)
+        assert engine.drop_all() == [1]
+        assert engine.solo is None and not engine.busy
+        monkeypatch.undo()
+        engine.submit(request(2, PROMPT, 8))
+        assert run(engine, {2})[2]["ids"] == [t for t, _ in generate_step(
+            mx.array(tok.encode(PROMPT)), mlx_lm.load(str(path))[0], max_tokens=8)]
+    finally:
+        manager.close()

@@ -490,7 +490,10 @@ class ExpertManager:
             try:
                 self._settle()
             except Rollback:
-                mx.eval(pending.call())
+                try:
+                    mx.eval(pending.call())
+                finally:  # a failed redo must not leave itself armed for another stream
+                    self._redo = None
 
     def _misses(self, p: Pass) -> tuple[list, int | None]:
         """An evaluated pass's routing: per layer (position, cache, experts
