@@ -137,7 +137,7 @@ def display_name(path: Path) -> str:
     path = Path(path)
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return path.parent.parent.name[len("models--") :].replace("--", "/")
-    if path == embedded_model_path():
+    if path.resolve() == embedded_model_path().resolve():  # however it was spelled (a relative path too)
         return "embedded"
     return path.name
 

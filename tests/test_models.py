@@ -163,3 +163,16 @@ def test_display_names(tmp_path):
     assert models.display_name(snapshot) == "org/tiny-moe"
     assert models.display_name(tmp_path / "my-model") == "my-model"
     assert models.display_name(models.embedded_model_path()) == "embedded"
+
+
+def test_the_embedded_model_by_a_relative_path_keeps_its_name_and_profile(monkeypatch):
+    """`--model ./moed/embedded/model` is still the embedded model: same name, so its
+    shipped profile is found."""
+    from moed.experts.profile import PROFILES_DIR, find_profile
+
+    embedded = models.embedded_model_path()
+    monkeypatch.chdir(embedded.parent)
+    relative = Path(embedded.name)
+    assert not relative.is_absolute()
+    assert models.display_name(relative) == "embedded"
+    assert find_profile(relative) == PROFILES_DIR / "embedded.json"
