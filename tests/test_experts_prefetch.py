@@ -235,17 +235,28 @@ def test_random_arms_and_jittered_reads_stay_exact(family_dir, reference, monkey
         time.sleep(rng.random() * 0.004)
         return real(self, extent, buf)
 
+    from mlx_lm.generate import generate_step
+
+    from moed.experts.decode import generate
+    from test_experts import PROMPT
+
+    path = family_dir["qwen3_moe"]
+    ids = mx.array(mlx_lm.load(str(path))[1].encode(PROMPT))
+    stock = [t for t, _ in generate_step(ids, mlx_lm.load(str(path))[0], max_tokens=24)]
     monkeypatch.setattr(Reader, "read_into", jittered)
     monkeypatch.setattr(Payoff, "choose", lambda self: rng.choice(self.arms))
-    model, tok, manager = load_model(family_dir["qwen3_moe"], capacity=3, profile=None)
+    model, tok, manager = load_model(path, capacity=3, profile=None)
     try:
         manager.prefetcher.sample_every = 2
         for mode in ("auto", "sync", "speculative"):
             manager.decode_mode = mode
             assert greedy_tokens(model, tok) == reference["qwen3_moe"]
+            # and with each token's check one token late (the engine's solo loop)
+            assert [t for t, _ in generate(ids, model, manager, max_tokens=24)] == stock
             drain(manager.prefetcher)
             families.assert_slots_consistent(manager)
-        assert manager.stats()["prefetch"]["completed"] > 0
+        stats = manager.stats()
+        assert stats["prefetch"]["completed"] > 0 and stats["rollbacks"] > 0
     finally:
         manager.close()
 
