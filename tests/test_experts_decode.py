@@ -59,6 +59,8 @@ def test_deferred_decode_equals_stock(family, share, family_dir, stock):
         if can_trim_prompt_cache(cache):  # trimmable to the end (a sliding window that filled up is not)
             # the deferred path ran, and so did its rollbacks: the test can tell a wrong redo
             assert stats["deferred_checks"] > 0 and stats["rollbacks"] > 0
+            # a passed check queues the next pass before recording its own use
+            assert stats["decode_step_ms"]["record"] > 0
         assert not manager.defer and manager._pending is None and manager._redo is None
     finally:
         manager.close()

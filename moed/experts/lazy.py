@@ -182,7 +182,7 @@ class ExpertManager:
     """
 
     EXPLORE_EVERY = 16
-    STEP_PARTS = ("prefetch", "build", "eval", "check", "sync")
+    STEP_PARTS = ("prefetch", "build", "eval", "check", "record", "sync")
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
                  memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto"):
@@ -209,7 +209,9 @@ class ExpertManager:
         self.skipped = 0
         # where decode steps' time goes (seconds, summed): prefetcher hooks, building the
         # speculative pass's graph, waiting for its evaluation (the readback), the residency
-        # check and bookkeeping, sync passes (redos and sync-mode steps, loads included)
+        # check and bookkeeping (deferred: the previous pass's check, up to queueing this one),
+        # recording a deferred pass's use while the next computes, sync passes (redos and
+        # sync-mode steps, loads included)
         self.step_seconds = dict.fromkeys(self.STEP_PARTS, 0.0)
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
         # set by a decode loop that checks each token's pass late (decode.py); see the module doc
@@ -387,9 +389,19 @@ class ExpertManager:
                         # The previous token's pass computed while this graph was built. It is checked
                         # before this one is queued: a readback can wait for everything queued before
                         # it, and on a miss nothing of this pass has run.
-                        self._settle(built_on=ntok)
-                        parts["check"] = time.perf_counter() - t1
-                        mx.async_eval(out, this.routing, [g for _, g in this.traces])
+                        queued = []
+
+                        def queue():
+                            queued.append(time.perf_counter())
+                            # counted as eval: it can block (on the CPU backend it returns only after
+                            # most of the step's compute, measured)
+                            mx.async_eval(out, this.routing, [g for _, g in this.traces])
+                            queued.append(time.perf_counter())
+
+                        self._settle(built_on=ntok, queue=queue)
+                        parts["check"] = queued[0] - t1
+                        parts["eval"] = queued[1] - queued[0]
+                        parts["record"] = time.perf_counter() - queued[1]
                         self._pending = this
                         self.deferred += 1
                         return out
@@ -446,25 +458,31 @@ class ExpertManager:
         return Pass(self.forward_id, out, self._records, self._outputs, kv, ntok, inputs, call, routing,
                     pf.take_traces() if pf is not None else [], pf is not None and pf.sampled)
 
-    def _check(self, p: Pass, decode: bool = True) -> int | None:
+    def _check(self, p: Pass, decode: bool = True, then=None) -> int | None:
         """Read an evaluated pass's routing back and record its use; the position
-        of the first layer that missed, or None."""
+        of the first layer that missed, or None. ``then`` runs as soon as the pass
+        is known to have missed nothing, before its use is recorded."""
         self._count_readback()
         seen, first = self._misses(p)
         if decode:
             self.redo_rate = 0.9 * self.redo_rate + 0.1 * (first is not None)
+        if first is None and then is not None:
+            then()
         self._note_pass(seen, first, p)
         return first
 
-    def _settle(self, built_on: int = 0) -> None:
+    def _settle(self, built_on: int = 0, queue=None) -> None:
         """Check the deferred pass, if any. ``built_on``: tokens fed since by a
-        forward built on its output (not yet queued). On a miss both are undone
-        (KV caches trimmed), the redo is armed and ``Rollback`` raised."""
+        forward built on its output, not yet queued; ``queue`` queues it, once the
+        check has passed (the bookkeeping then runs while it computes). On a miss
+        both are undone (KV caches trimmed), the redo is armed and ``Rollback`` raised."""
         p, self._pending = self._pending, None
         if p is None:
+            if queue is not None:
+                queue()
             return
         mx.eval(p.out, p.routing)  # all of it: a load may overwrite a slot once the check has passed
-        first = self._check(p)
+        first = self._check(p, then=queue)
         if first is None:
             return
         self.redos += 1
