@@ -71,8 +71,9 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
             except Rollback as rollback:
                 steps.close()
                 # tokens go out in order, each after its pass was checked: the first unchecked one is next
-                if made_by.index(rollback.pass_id) != done:
-                    raise RuntimeError("a rolled-back token had been handed out") from rollback
+                if made_by[done:done + 1] != [rollback.pass_id]:
+                    raise RuntimeError(f"rolled back forward {rollback.pass_id}, which made no token still "
+                                       "waiting to go out") from rollback
                 if key:
                     key[0] = key_before[done]
                 del made_by[done:], key_before[done:]
