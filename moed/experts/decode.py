@@ -25,10 +25,6 @@ import mlx.core as mx
 from .lazy import Rollback
 
 
-def greedy(logprobs):
-    return mx.argmax(logprobs, axis=-1)
-
-
 def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sampler=None, prompt_cache=None,
              prefill_step_size: int = 2048):
     """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
@@ -39,6 +35,7 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
     restore it."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+    from mlx_lm.sample_utils import greedy_sampler
 
     prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size)
@@ -46,7 +43,7 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
         yield from generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, **kw)
         return
 
-    sampler = sampler or greedy
+    sampler = sampler or greedy_sampler  # generate_step's own default
     key = getattr(sampler, "key", None)
     made_by, key_before = [], []  # per token: the forward that sampled it, the sampler's key before
 

@@ -412,12 +412,7 @@ class ExpertManager:
                     if first is None:
                         return out
                     t = time.perf_counter()
-                    self._outputs = {o: y for o, y in self._outputs.items() if o < first}
-                    self.redos += 1
-                    if cache is not None:
-                        for c in cache:
-                            c.trim(ntok)
-                    self._sync_from = first
+                    self._outputs, self._sync_from = self._undo(this, first), first
             missed = True
             self._mode, self._records = "sync", []
             out = call()
@@ -485,13 +480,19 @@ class ExpertManager:
         first = self._check(p, then=queue)
         if first is None:
             return
-        self.redos += 1
         self.rollbacks += 1
+        self._redo = (first, self._undo(p, first, built_on))
+        raise Rollback(p.id, p.inputs)
+
+    def _undo(self, p: Pass, first: int, built_on: int = 0) -> dict:
+        """Undo a pass that missed at layer position ``first``: its tokens (and
+        ``built_on`` more) leave the KV caches. Returns the expert outputs of the
+        layers before ``first``, which the redo reuses (same input, all resident)."""
+        self.redos += 1
         if p.kv is not None:
             for c in p.kv:
                 c.trim(p.ntok + built_on)
-        self._redo = (first, {o: y for o, y in p.outputs.items() if o < first})
-        raise Rollback(p.id, p.inputs)
+        return {o: y for o, y in p.outputs.items() if o < first}
 
     def verify_through(self, pass_id: int) -> None:
         """Check the deferred pass if it is ``pass_id`` or older (raises ``Rollback`` on a miss)."""
@@ -549,7 +550,7 @@ class ExpertManager:
                     pf.note_need(order, cache, needed, p.sampled)
             cache.in_use.update(needed.tolist())
         if pf is not None:
-            pf.after_pass([s[:4] for s in seen], first)
+            pf.after_pass(seen, first)
 
     def _approximate(self, call):
         self._mode, self._records = "approximate", []

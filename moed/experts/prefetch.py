@@ -353,7 +353,7 @@ class Prefetcher:
         (runahead) before the redo."""
         if first is None:
             return
-        for position, cache, needed, missing in seen:
+        for position, cache, needed, missing, _ in seen:
             if position >= first:
                 self._predicted[("runahead", position)] = set(needed.tolist())
                 if len(missing) and self.arm != "off":
