@@ -210,10 +210,10 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
 
 
 def _prompt_ids(tok, text) -> list[int]:
-    """Token ids as mlx_lm.stream_generate makes them from a prompt."""
-    if not isinstance(text, str):
-        return list(text)
-    return tok.encode(text, add_special_tokens=tok.bos_token is None or not text.startswith(tok.bos_token))
+    """Token ids as the engine makes them (a chat template may have tokenized already)."""
+    from moed.engine import encode_prompt
+
+    return encode_prompt(tok, text) if isinstance(text, str) else list(text)
 
 
 def _child(flag: str, spec: dict) -> dict:

@@ -85,6 +85,12 @@ def model_info(path: Path, model) -> dict:
     }
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids as mlx_lm.stream_generate makes them: no second BOS if the prompt has one."""
+    add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+    return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+
+
 # --------------------------------------------------------------------------
 # Sampling
 
@@ -301,10 +307,7 @@ class Engine:
             if not getattr(tok, "has_chat_template", False):
                 raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "this model has no chat template; send 'prompt' instead")
             return list(tok.apply_chat_template(req["messages"], add_generation_prompt=True))
-        prompt = req["prompt"]
-        # As mlx_lm.stream_generate does: no second BOS if the prompt has one.
-        add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
-        return list(tok.encode(prompt, add_special_tokens=add_special))
+        return encode_prompt(tok, req["prompt"])
 
     def model_vocab(self) -> int:
         return self.model.args.vocab_size if hasattr(self.model, "args") else 1 << 62
