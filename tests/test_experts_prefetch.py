@@ -241,8 +241,9 @@ def test_random_arms_and_jittered_reads_stay_exact(family_dir, reference, monkey
     from test_experts import PROMPT
 
     path = family_dir["qwen3_moe"]
-    ids = mx.array(mlx_lm.load(str(path))[1].encode(PROMPT))
-    stock = [t for t, _ in generate_step(ids, mlx_lm.load(str(path))[0], max_tokens=24)]
+    stock_model, stock_tok = mlx_lm.load(str(path))
+    ids = mx.array(stock_tok.encode(PROMPT))
+    stock = [t for t, _ in generate_step(ids, stock_model, max_tokens=24)]
     monkeypatch.setattr(Reader, "read_into", jittered)
     monkeypatch.setattr(Payoff, "choose", lambda self: rng.choice(self.arms))
     model, tok, manager = load_model(path, capacity=3, profile=None)
