@@ -87,7 +87,7 @@ class DaemonProcess:
         self.log_dir = self.runtime_dir / "logs"
         self.socket = self.runtime_dir / "moed.sock"
         self.env = {**os.environ, "MOED_RUNTIME_DIR": str(self.runtime_dir), "MOED_LOG_DIR": str(self.log_dir), **(env or {})}
-        cmd = [sys.executable, "-m", "moed.daemon", "serve", *(["--model", str(model)] if model else []), *map(str, args)]
+        cmd = [sys.executable, "-m", "moed.front", "serve", *(["--model", str(model)] if model else []), *map(str, args)]
         # A file, not a pipe: nobody reads a pipe while the daemon runs, and once its 64 KiB fill up the
         # daemon blocks in its next log write (a long soak wedged the front that way).
         self._out = tempfile.TemporaryFile()

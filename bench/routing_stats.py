@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import mlx_lm
 
     from moed.models import resolve_model
-    from moed.routing import text_statistics
+    from moed.experts.routing import text_statistics
 
     model, tokenizer = mlx_lm.load(str(resolve_model(a.model)))
     texts = [inspect.getsource(importlib.import_module(m)) for m in a.modules]

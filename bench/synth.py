@@ -26,7 +26,7 @@ shard per layer), so a 30 GB checkpoint needs about one layer of memory.
 
 Routing knobs (random weights do not route like trained models; see the
 ``routing`` block this tool writes into ``synth.json``, measured with
-``moed.routing`` unless ``--no-measure``):
+``moed.experts.routing`` unless ``--no-measure``):
 - ``random``: plain random weights. Consecutive tokens reuse many experts
   (the residual stream changes slowly in a random network).
 - ``uniform``: token embeddings scaled by ``--embed-scale`` (default 100), so
@@ -308,12 +308,12 @@ def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, l
 
 
 def measure_routing(model_dir: Path, tokens: int = 64, sequences: int = 4, seed: int = 0) -> dict:
-    """Routing statistics (``moed.routing``) of the checkpoint on random byte sequences."""
+    """Routing statistics (``moed.experts.routing``) of the checkpoint on random byte sequences."""
     import mlx.core as mx
     import mlx_lm
 
     try:
-        from moed.routing import routing_statistics
+        from moed.experts.routing import routing_statistics
     except ImportError:
         return {"not_measured": "moed.routing missing"}
     model, tokenizer = mlx_lm.load(str(model_dir))

@@ -177,7 +177,7 @@ def test_flags_override_environment(env, monkeypatch, tmp_path):
     cfg = cli.configuration.load(cli.flags_of(args))
     assert cfg.model == str(tmp_path) and cfg.capacity == 3
     argv = cli.daemon_argv(cfg)
-    assert argv[:4] == [sys.executable, "-m", "moed.daemon", "serve"]
+    assert argv[:4] == [sys.executable, "-m", "moed.front", "serve"]
     assert argv[4:] == ["--model", str(tmp_path), "--capacity", "3"]
 
 
@@ -329,7 +329,7 @@ def test_service_install_writes_a_launch_agent(env, capsys, monkeypatch, tmp_pat
     assert cli.main(["service", "install", "--no-start", "--model", str(model), "--memory-budget", "2G"]) == 0
     plist_path = tmp_path / "Library" / "LaunchAgents" / "com.moed.daemon.plist"
     plist = plistlib.loads(plist_path.read_bytes())
-    assert plist["ProgramArguments"] == [sys.executable, "-m", "moed.daemon", "serve", "--model", str(model), "--memory-budget", str(2 << 30)]
+    assert plist["ProgramArguments"] == [sys.executable, "-m", "moed.front", "serve", "--model", str(model), "--memory-budget", str(2 << 30)]
     assert plist["EnvironmentVariables"]["MOED_LOG_DIR"] == str(tmp_path / "logs")
     assert plist["EnvironmentVariables"]["HF_HUB_OFFLINE"] == "1"
     assert plist["EnvironmentVariables"]["MOED_CONFIG"] == str(tmp_path / "config.toml")
@@ -345,7 +345,7 @@ def test_service_without_a_manager_is_a_clear_error(env, capsys, monkeypatch):
 
 
 def test_import_path_env_lets_a_checkout_run_the_daemon_from_anywhere():
-    assert Path(cli.__file__).resolve().parents[1] == ROOT  # these tests run on the checkout
+    assert Path(cli.__file__).resolve().parents[2] == ROOT  # these tests run on the checkout
     assert cli.import_path_env({"PYTHONPATH": "/x"}) == {"PYTHONPATH": os.pathsep.join([str(ROOT), "/x"])}
     assert cli.import_path_env({}) == {"PYTHONPATH": str(ROOT)}
     already = os.pathsep.join(["/x", str(ROOT)])

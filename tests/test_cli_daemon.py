@@ -189,7 +189,7 @@ def test_dense_model_is_refused_by_moectl_and_by_the_daemon(env, started, capsys
 
     # The same model given to the daemon directly (as a service would): a message and exit 1.
     result = subprocess.run(
-        [sys.executable, "-m", "moed.daemon", "serve", "--model", str(dense)],
+        [sys.executable, "-m", "moed.front", "serve", "--model", str(dense)],
         cwd=ROOT, env={**os.environ, **cli.import_path_env()}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1

@@ -55,7 +55,7 @@ def test_second_daemon_refuses(daemon, test_model):
     d = daemon()
     env = {**os.environ, "MOED_RUNTIME_DIR": str(d.runtime_dir), "MOED_LOG_DIR": str(d.log_dir)}
     second = subprocess.run(
-        [sys.executable, "-m", "moed.daemon", "serve", "--model", str(test_model)], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "moed.front", "serve", "--model", str(test_model)], env=env, capture_output=True, text=True, timeout=60
     )
     assert second.returncode == 1
     assert "already running" in second.stderr
@@ -179,7 +179,7 @@ def test_tcp_needs_curve_and_loopback(daemon, tmp_path):
     plain.close()
     # A non-loopback bind is refused unless asked for.
     refused = subprocess.run(
-        [sys.executable, "-m", "moed.daemon", "serve", "--model", str(d.model), "--tcp", "0.0.0.0:1"],
+        [sys.executable, "-m", "moed.front", "serve", "--model", str(d.model), "--tcp", "0.0.0.0:1"],
         env={**os.environ, **env, "MOED_RUNTIME_DIR": str(d.runtime_dir) + "-x", "MOED_LOG_DIR": str(d.log_dir)},
         capture_output=True, text=True, timeout=60,
     )
@@ -209,7 +209,7 @@ def test_unloadable_model_exits_with_reason(tmp_path, test_model):
     runtime = short_tmpdir()
     env = {**os.environ, "MOED_RUNTIME_DIR": str(runtime), "MOED_LOG_DIR": str(runtime / "logs")}
     try:
-        proc = subprocess.run([sys.executable, "-m", "moed.daemon", "serve", "--model", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "moed.front", "serve", "--model", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     assert proc.returncode == 1
@@ -225,7 +225,7 @@ def test_model_is_resolved_after_the_socket_answers(tmp_path):
     env = {**os.environ, "MOED_RUNTIME_DIR": str(runtime), "MOED_LOG_DIR": str(runtime / "logs"),
            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "moed.daemon", "serve", "--model", "moed-test/not-in-the-cache"],
+        proc = subprocess.Popen([sys.executable, "-m", "moed.front", "serve", "--model", "moed-test/not-in-the-cache"],
                                 env=env, stderr=subprocess.PIPE, text=True)
         try:
             _, stderr = proc.communicate(timeout=120)

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from moed import editor, fim
+from moed.doors import editor, fim
 from moed_client import protocol as P
 
 

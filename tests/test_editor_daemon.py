@@ -307,7 +307,7 @@ def test_infill_uses_the_models_fim_tokens(fim_daemon):
 
 
 def test_infill_without_fim_tokens_continues_the_prefix(shared_daemon, editor_path, test_model):
-    from moed import fim
+    from moed.doors import fim
 
     if fim.detect(test_model) is not None:
         pytest.skip("the test model has FIM tokens; the fallback is covered by tests/test_editor.py")

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from moed.engine import Engine, Outbox
+from moed.engine.loop import Engine, Outbox
 
 PROMPTS = ("def main():", "hello world", "the quick brown fox")
 
@@ -98,7 +98,7 @@ def test_second_request_joins_mid_stream_and_both_stay_exact(loaded, reference):
 
 
 def assert_cache_holds(engine: Engine, tokens: list[int]) -> None:
-    from moed.engine import PROMPT_CACHE_MODEL_KEY
+    from moed.engine.loop import PROMPT_CACHE_MODEL_KEY
 
     cache, rest = engine.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
     assert cache is not None

@@ -19,7 +19,7 @@ import mlx_lm  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache  # noqa: E402
 
-from moed.engine import make_request_sampler  # noqa: E402
+from moed.engine.loop import make_request_sampler  # noqa: E402
 from moed.experts import load_model  # noqa: E402
 from moed.experts.decode import generate  # noqa: E402
 from moed.experts.lazy import Rollback  # noqa: E402
@@ -152,7 +152,7 @@ def test_engine_solo_with_deferred_checks_stays_exact_through_join_and_cancel(fa
     batch mid-stream; a cancelled one leaves an exact KV cache for the next turn."""
     from test_engine import assert_cache_holds, engine_args, request, run
 
-    from moed.engine import Engine
+    from moed.engine.loop import Engine
 
     path = family_dir["qwen3_moe"]
     stock_model, tok = mlx_lm.load(str(path))
@@ -199,7 +199,7 @@ def test_dropping_a_failed_solo_request_survives_a_failing_close(family_dir, mon
     must still finish, so the engine goes on."""
     from test_engine import engine_args, request, run
 
-    from moed.engine import Engine
+    from moed.engine.loop import Engine
     from moed.experts.store import StoreError
 
     path = family_dir["qwen3_moe"]

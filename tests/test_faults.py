@@ -356,7 +356,7 @@ async def test_a_send_to_a_dead_client_leaves_no_garbage_cycle(monkeypatch, tmp_
     import gc
     from types import SimpleNamespace
 
-    from moed import daemon as moed_daemon
+    from moed.front import server as moed_daemon
 
     monkeypatch.setenv("MOED_RUNTIME_DIR", str(tmp_path))
     d = moed_daemon.Daemon(SimpleNamespace(model=None, memory_budget=None), moed_daemon.RuntimeFiles(tmp_path / "moed.sock"))

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from conftest import DaemonProcess, find_long_generation
-from moed import http as gateway
+from moed.doors import http as gateway
 
 PROMPT = "1 2 3 4 5 6 7 8 9 10 11 12"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello there"}]
@@ -262,7 +262,7 @@ def test_client_disconnect_cancels_generation(served, long_generation, stream):
 
 
 def test_standalone_gateway_process(served):
-    """``python -m moed.http``: the same gateway as a process of its own, a plain client of the daemon."""
+    """``python -m moed.doors.http``: the same gateway as a process of its own, a plain client of the daemon."""
     import subprocess
     import sys
 
@@ -270,7 +270,7 @@ def test_standalone_gateway_process(served):
     with socket.socket() as s:  # a free port for it to listen on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moed.http", "--listen", f"127.0.0.1:{port}", "--socket", str(d.socket)],
+    proc = subprocess.Popen([sys.executable, "-m", "moed.doors.http", "--listen", f"127.0.0.1:{port}", "--socket", str(d.socket)],
                             env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []

@@ -13,8 +13,8 @@ import pytest
 import zmq
 
 from moed import config
-from moed import daemon as moed_daemon
-from moed import editor, http
+from moed.front import server as moed_daemon
+from moed.doors import editor, http
 from moed_client import Busy, RequestError
 from moed_client import protocol as P
 

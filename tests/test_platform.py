@@ -99,7 +99,7 @@ async def test_where_the_rss_probe_blocks_status_never_runs_it_on_the_event_loop
     import threading
     from types import SimpleNamespace
 
-    from moed import daemon as moed_daemon
+    from moed.front import server as moed_daemon
 
     callers = []
 

@@ -11,7 +11,7 @@ import pytest
 mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from moed import routing  # noqa: E402
+from moed.experts import routing  # noqa: E402
 from moed.models import embedded_model_path  # noqa: E402
 
 TEXTS = [

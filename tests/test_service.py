@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def spec(tmp_path):
     return ServiceSpec(
-        program=[sys.executable, "-m", "moed.daemon", "serve", "--model", "/models/a b&c"],
+        program=[sys.executable, "-m", "moed.front", "serve", "--model", "/models/a b&c"],
         log_path=tmp_path / "logs" / "moed.log",
         working_directory=tmp_path,
         environment={"MOED_RUNTIME_DIR": str(tmp_path / "run"), "HF_HOME": "/cache/100%$hf"},
@@ -69,7 +69,7 @@ def test_systemd_unit_has_the_required_directives(spec):
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "WatchdogSec=30", "TimeoutStartSec=1800"):
         assert line in lines, line
     exec_start = next(line for line in lines if line.startswith("ExecStart="))
-    assert exec_start.startswith(f'ExecStart="{sys.executable}" "-m" "moed.daemon" "serve"')
+    assert exec_start.startswith(f'ExecStart="{sys.executable}" "-m" "moed.front" "serve"')
     assert '"/models/a b&c"' in exec_start
     assert 'Environment="HF_HOME=/cache/100%%$hf"' in lines  # % is a specifier; $ is literal in Environment=
     assert f"StandardOutput=append:{spec.log_path}" in lines

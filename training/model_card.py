@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     import_s = t1 - t0
 
     from bench.routing_stats import DEFAULT_MODULES, markdown
-    from moed.routing import text_statistics
+    from moed.experts.routing import text_statistics
     import importlib
     import inspect
 
@@ -114,7 +114,7 @@ gives a similar but not identical model.
 
 ## Routing
 
-Per-layer statistics from `moed.routing` over the first 256 tokens of the
+Per-layer statistics from `moed.experts.routing` over the first 256 tokens of the
 sources of {', '.join(DEFAULT_MODULES)} (teacher-forced), reproduced by
 `python -m bench.routing_stats --markdown` (JSON without `--markdown`).
 Reuse is the fraction of a token's experts that the previous token also

@@ -31,7 +31,7 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
     residency checks of ``manager``'s lazy experts deferred by one token.
 
     A sampler that owns its random key keeps it in ``sampler.key``, a
-    one-element list (see moed.engine.make_request_sampler), so a rollback can
+    one-element list (see moed.engine.loop.make_request_sampler), so a rollback can
     restore it."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache

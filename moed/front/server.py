@@ -1,7 +1,7 @@
 """``moed serve``: the front process.
 
 It owns the sockets, the sessions and the queue, and supervises the engine
-process (moed/engine.py), the only process that imports MLX. Clients speak
+process (moed/engine/loop.py), the only process that imports MLX. Clients speak
 protocol v1 (moed_client.protocol) to a ZeroMQ ROUTER; the front forwards
 admitted requests to the engine over a private PAIR socket and fans the
 engine's token events back out. ``status``, ``ping`` and ``cancel`` never wait
@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
-import platformdirs
 import zmq
 import zmq.asyncio
 
 from moed_client import paths
 from moed_client import protocol as P
+
+from moed.logs import log_dir, setup_logging
+from moed.net import is_loopback
 
 log = logging.getLogger("moed.daemon")
 
@@ -60,33 +62,6 @@ EXIT_FLUSH_MS = 2000
 
 class DaemonError(Exception):
     """A reason the daemon cannot start, with a message meant for a person."""
-
-
-# --------------------------------------------------------------------------
-# Logging
-
-
-def log_dir() -> Path:
-    override = os.environ.get("MOED_LOG_DIR")
-    return Path(override) if override else Path(platformdirs.user_log_dir("moed", ensure_exists=False))
-
-
-def setup_logging(name: str, debug: bool = False) -> Path:
-    """Log to ``<log dir>/<name>.log`` and stderr; returns the file's path."""
-    directory = log_dir()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"{name}.log"
-    # Logs name models and paths, and with --debug hold prompts: for their owner only.
-    path.touch(mode=0o600, exist_ok=True)
-    os.chmod(path, 0o600)
-    fmt = logging.Formatter(f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for handler in (logging.FileHandler(path), logging.StreamHandler(sys.stderr)):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    return path
 
 
 # --------------------------------------------------------------------------
@@ -224,10 +199,10 @@ class Daemon:
         self.drain_deadline: float | None = None
         self.exit_code = 0
         self.fatal_message: str | None = None
-        # In-process doors (moed/editor.py): client id -> callable taking that client's messages.
+        # In-process doors (moed/doors/editor.py): client id -> callable taking that client's messages.
         self.local_sinks: dict = {}
         self.editor = None
-        self.http = None  # the OpenAI-compatible gateway (moed/http.py), a protocol v1 client of this daemon
+        self.http = None  # the OpenAI-compatible gateway (moed/doors/http.py), a protocol v1 client of this daemon
 
     # -- sockets ---------------------------------------------------------
 
@@ -795,7 +770,7 @@ class Daemon:
         from moed import platform
 
         self.bind_client_socket()
-        from moed import editor, http
+        from moed.doors import editor, http
 
         try:
             self.http = await http.open_gateway(self.args, self.runtime.socket_path)
@@ -883,17 +858,6 @@ def client_name(client) -> str:
     return f"tcp:{client[1].hex()}" if isinstance(client, tuple) else client.hex()
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def rss_of(pid: int) -> int | None:
     """Resident memory of a process; None if the probe fails (status must answer regardless)."""
     from moed import platform
@@ -948,7 +912,7 @@ def apply_config(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moed import engine  # the engine's own defaults (it imports no MLX until it loads a model)
+    from moed.engine import loop as engine  # the engine's own defaults (it imports no MLX until it loads a model)
 
     p = argparse.ArgumentParser(prog="moed", description="moed: one warm Mixture-of-Experts model, shared by many clients")
     sub = p.add_subparsers(dest="command", required=True)
@@ -978,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-timeout", type=float, default=ENGINE_STALL_TIMEOUT_S,
                    help="seconds without a heartbeat from the engine before it is killed and restarted (0: never)")
     s.add_argument("--debug", action="store_true", help="verbose logs, including prompts")
-    from moed import editor, http
+    from moed.doors import editor, http
 
     editor.add_arguments(s)
     http.add_arguments(s)

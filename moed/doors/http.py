@@ -3,7 +3,7 @@
 The gateway is a protocol v1 client of the daemon (``moed_client.AsyncClient``
 over the ZeroMQ socket) and holds no engine code. ``moed serve --http
 127.0.0.1:PORT`` runs it as a task in the daemon's front process;
-``python -m moed.http --listen 127.0.0.1:PORT`` runs it on its own.
+``python -m moed.doors.http --listen 127.0.0.1:PORT`` runs it on its own.
 
 Security: it binds loopback addresses only unless ``--http-allow-remote``
 (which then requires a token); every request's ``Host`` must name the
@@ -33,12 +33,12 @@ from pathlib import Path
 from aiohttp import web
 
 from moed.config import MAX_CLIENTS  # requests served at once (moed serve: --max-clients / config max_clients)
-from moed.daemon import is_loopback
+from moed.net import is_loopback
 from moed_client import AsyncClient, paths
 from moed_client import errors as E
 from moed_client import protocol as P
 
-log = logging.getLogger("moed.http")
+log = logging.getLogger("moed.doors.http")
 
 TOKEN_ENV = "MOED_HTTP_TOKEN"
 MAX_BODY_BYTES = P.MAX_MESSAGE_BYTES
@@ -391,7 +391,7 @@ async def open_gateway(args, socket: str | Path | None) -> Gateway | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moed.http", description="OpenAI-compatible HTTP gateway for a running moed daemon")
+    p = argparse.ArgumentParser(prog="python -m moed.doors.http", description="OpenAI-compatible HTTP gateway for a running moed daemon")
     p.add_argument("--listen", required=True, metavar="127.0.0.1:PORT")
     p.add_argument("--socket", default=None, help="the daemon's socket (default: moed.sock in the runtime dir)")
     p.add_argument("--http-token", default=None)

@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol
 
 import msgpack
 
-from moed import fim
+from moed.doors import fim
 from moed.config import MAX_CLIENTS  # editor connections at once, like every door (moed serve: --max-clients)
 from moed_client import paths
 from moed_client import protocol as P
@@ -63,7 +63,7 @@ EDITOR_KEYS = ("stream", "callback", "buffer", "t_max_ms", "prefix", "suffix", "
 
 
 class Backend(Protocol):
-    """What the daemon's front process lends this door (see moed/daemon.py)."""
+    """What the daemon's front process lends this door (see moed/front/server.py)."""
 
     def submit(self, msg: dict, on_event: Callable[[dict], None]) -> Any:
         """Queue a protocol v1 ``generate`` map as the ZeroMQ door would.
@@ -588,7 +588,7 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 class DaemonBackend:
-    """A running ``moed.daemon.Daemon`` as this door's Backend.
+    """A running ``moed.front.server.Daemon`` as this door's Backend.
 
     Each editor request becomes a local client of the daemon's sessions: the
     daemon admits it with the same ``admit`` a ZeroMQ generate goes through,

@@ -1,6 +1,6 @@
 """The engine process: the only place moed imports MLX.
 
-The front process (moed/daemon.py) starts it as ``python -m moed.engine`` and
+The front process (moed/front/server.py) starts it as ``python -m moed.engine`` and
 talks to it over a private ZeroMQ PAIR socket (msgpack maps, see ``Channel``
 messages below). The engine owns the model, mlx-lm's ``BatchGenerator``
 (continuous batching), the per-request detokenizers and stop strings, and an
@@ -653,7 +653,7 @@ def start_heartbeat(fd: int | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moed.daemon import setup_logging
+    from moed.logs import setup_logging
 
     setup_logging("engine", args.debug)
     start_heartbeat(args.heartbeat_fd)

@@ -115,7 +115,7 @@ def remove_leftovers(runtime: Runtime) -> list[Path]:
     files = [runtime.socket, runtime.socket.with_name(paths.editor_socket().name)]
     try:
         dead = int(runtime.pidfile.read_text().split()[0])
-        files += sorted(runtime.pidfile.parent.glob(f"engine-{dead}-*.sock"))  # named so by moed.daemon
+        files += sorted(runtime.pidfile.parent.glob(f"engine-{dead}-*.sock"))  # named so by moed.front
     except (OSError, ValueError, IndexError):
         pass
     removed = []
@@ -222,7 +222,7 @@ def daemon_argv(cfg: Config, sources: frozenset[str] | None = None) -> list[str]
             path = Path(args[i]).expanduser()
             if flag == "--socket" or path.exists():  # a model that is not a local path is a hub repo id
                 args[i] = str(path.absolute())
-    return [sys.executable, "-m", "moed.daemon", "serve", *args]
+    return [sys.executable, "-m", "moed.front", "serve", *args]
 
 
 def daemon_environment(cfg: Config) -> dict[str, str]:
@@ -237,9 +237,9 @@ def daemon_environment(cfg: Config) -> dict[str, str]:
 
 
 def import_path_env(environ: dict | None = None) -> dict[str, str]:
-    """PYTHONPATH so that ``python -m moed.daemon`` finds this moed from any directory (a source checkout too)."""
+    """PYTHONPATH so that ``python -m moed.front`` finds this moed from any directory (a source checkout too)."""
     environ = os.environ if environ is None else environ
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the moed package
     if root in {str(Path(p).resolve()) for p in sys.path if p and Path(p).name in ("site-packages", "dist-packages")}:
         return {}
     current = environ.get("PYTHONPATH")

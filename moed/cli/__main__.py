@@ -1,0 +1,5 @@
+import sys
+
+from moed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The engine process: the only place moed imports MLX (model, scheduling, sampling)."""

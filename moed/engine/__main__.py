@@ -1,0 +1,5 @@
+import sys
+
+from moed.engine.loop import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from moed.front.server import main
+
+sys.exit(main())
