@@ -211,7 +211,7 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
 
 def _prompt_ids(tok, text) -> list[int]:
     """Token ids as the engine makes them (a chat template may have tokenized already)."""
-    from moed.engine.loop import encode_prompt
+    from moed.engine.loading import encode_prompt
 
     return encode_prompt(tok, text) if isinstance(text, str) else list(text)
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import platformdirs
 
+from moed.channel import ENGINE_DEFAULTS as ENGINE
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -42,10 +44,10 @@ MAX_CLIENTS = 64  # per door (ZeroMQ, editor socket, HTTP), before 'busy'; docs/
 
 SETTINGS = (
     Setting("model", str, None, "local model directory or Hugging Face repo id (default: the embedded model)"),
-    Setting("memory_budget", SIZE, None, "memory the expert caches may use, e.g. 8G (default: the whole model in memory)"),
-    Setting("capacity", int, None, "expert slots per layer (overrides the one derived from memory_budget)"),
-    Setting("approximate", bool, False, "allow approximate output (skip experts missing from the cache)"),
-    Setting("prefetch", bool, True, "stream predicted experts from disk ahead of the router"),
+    Setting("memory_budget", SIZE, ENGINE.memory_budget, "memory the expert caches may use, e.g. 8G (default: the whole model in memory)"),
+    Setting("capacity", int, ENGINE.capacity, "expert slots per layer (overrides the one derived from memory_budget)"),
+    Setting("approximate", bool, ENGINE.approximate, "allow approximate output (skip experts missing from the cache)"),
+    Setting("prefetch", bool, not ENGINE.no_prefetch, "stream predicted experts from disk ahead of the router"),
     Setting("socket", str, None, "daemon socket path (default: moed.sock in the runtime dir)"),
     Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
@@ -62,10 +64,10 @@ BY_NAME = {s.name: s for s in SETTINGS}
 @dataclass(frozen=True)
 class Config:
     model: str | None = None
-    memory_budget: int | None = None
-    capacity: int | None = None
-    approximate: bool = False
-    prefetch: bool = True
+    memory_budget: int | None = ENGINE.memory_budget
+    capacity: int | None = ENGINE.capacity
+    approximate: bool = ENGINE.approximate
+    prefetch: bool = not ENGINE.no_prefetch
     socket: str | None = None
     tcp: str | None = None
     http: str | None = None

@@ -7,7 +7,9 @@ import argparse
 
 import pytest
 
-from moed.engine.loop import Engine, Outbox
+from moed.channel import Submit
+from moed.engine.batch import Engine
+from moed.engine.loop import Outbox
 
 PROMPTS = ("def main():", "hello world", "the quick brown fox")
 
@@ -44,9 +46,9 @@ def reference(loaded):
     return ids
 
 
-def request(seq: int, prompt: str, max_tokens: int, **extra) -> dict:
-    return dict(seq=seq, prompt=prompt, max_tokens=max_tokens, temperature=0.0, top_p=1.0, min_p=0.0, top_k=0,
-                ignore_eos=True, **extra)
+def request(seq: int, prompt: str, max_tokens: int, **extra) -> Submit:
+    return Submit.from_map(dict(seq=seq, prompt=prompt, max_tokens=max_tokens, temperature=0.0, top_p=1.0, min_p=0.0,
+                                top_k=0, ignore_eos=True) | extra)
 
 
 def run(engine: Engine, until_done: set[int], events: dict | None = None, steps: int | None = None) -> dict:
@@ -98,7 +100,7 @@ def test_second_request_joins_mid_stream_and_both_stay_exact(loaded, reference):
 
 
 def assert_cache_holds(engine: Engine, tokens: list[int]) -> None:
-    from moed.engine.loop import PROMPT_CACHE_MODEL_KEY
+    from moed.engine.batch import PROMPT_CACHE_MODEL_KEY
 
     cache, rest = engine.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
     assert cache is not None
@@ -154,7 +156,7 @@ def test_solo_stops_at_eos_and_at_stop_strings(loaded, reference):
     expected = reference(PROMPTS[1], 30)
     engine.eos = {expected[3]}
     first = expected.index(expected[3])
-    engine.submit(dict(request(2, PROMPTS[1], 30), ignore_eos=False))
+    engine.submit(request(2, PROMPTS[1], 30, ignore_eos=False))
     out = run(engine, {2})
     assert out[2]["final"]["finish"] == "stop" and out[2]["ids"] == expected[:first]
 
@@ -164,7 +166,7 @@ class FakeChannel:
         self.sent = []
 
     def send(self, msg):
-        self.sent.append(msg["events"])
+        self.sent.append(msg.events)
 
 
 def token(seq, text, ids):

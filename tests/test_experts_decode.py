@@ -19,7 +19,8 @@ import mlx_lm  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache  # noqa: E402
 
-from moed.engine.loop import make_request_sampler  # noqa: E402
+from moed.engine.sampling import make_request_sampler  # noqa: E402
+from moed_client.protocol import SamplingParams  # noqa: E402
 from moed.experts import load_model  # noqa: E402
 from moed.experts.decode import generate  # noqa: E402
 from moed.experts.lazy import Rollback  # noqa: E402
@@ -29,7 +30,7 @@ TOKENS = 40
 
 
 def seeded(seed=11):
-    return make_request_sampler(dict(temperature=0.8, top_p=1.0, min_p=0.0, top_k=0, seed=seed))
+    return make_request_sampler(SamplingParams(temperature=0.8, top_p=1.0, min_p=0.0, top_k=0, seed=seed))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_engine_solo_with_deferred_checks_stays_exact_through_join_and_cancel(fa
     batch mid-stream; a cancelled one leaves an exact KV cache for the next turn."""
     from test_engine import assert_cache_holds, engine_args, request, run
 
-    from moed.engine.loop import Engine
+    from moed.engine.batch import Engine
 
     path = family_dir["qwen3_moe"]
     stock_model, tok = mlx_lm.load(str(path))
@@ -167,7 +168,7 @@ def test_engine_solo_with_deferred_checks_stays_exact_through_join_and_cancel(fa
         engine.submit(request(1, PROMPT, 30))
         out = run(engine, {1})
         assert out[1]["ids"] == ref(PROMPT, 30) and engine.solo_steps == 30
-        engine.submit(dict(request(2, "the quick", 30), temperature=0.8, seed=5))
+        engine.submit(request(2, "the quick", 30, temperature=0.8, seed=5))
         out = run(engine, {2})
         assert out[2]["ids"] == ref("the quick", 30, seeded(5))
         rollbacks = manager.rollbacks
@@ -199,7 +200,7 @@ def test_dropping_a_failed_solo_request_survives_a_failing_close(family_dir, mon
     must still finish, so the engine goes on."""
     from test_engine import engine_args, request, run
 
-    from moed.engine.loop import Engine
+    from moed.engine.batch import Engine
     from moed.experts.store import StoreError
 
     path = family_dir["qwen3_moe"]

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from moed import config
-from moed.front import server as moed_daemon
+from moed.front import main as moed_daemon
 from moed.doors import editor, http
 from moed_client import Busy, RequestError
 from moed_client import protocol as P

@@ -113,7 +113,7 @@ async def test_where_the_rss_probe_blocks_status_never_runs_it_on_the_event_loop
     d = moed_daemon.Daemon(SimpleNamespace(model=None, memory_budget=None), moed_daemon.RuntimeFiles(tmp_path / "moed.sock"))
     try:
         assert d.status()["memory"]["front_rss_bytes"] is None and not callers  # not probed yet: unknown, not blocking
-        refresher = asyncio.ensure_future(d.refresh_rss())
+        refresher = asyncio.ensure_future(d.meters.refresh_rss(d.pids))
         for _ in range(200):
             if d.status()["memory"]["front_rss_bytes"] == 4096:
                 break

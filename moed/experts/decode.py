@@ -30,9 +30,8 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
     """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
     residency checks of ``manager``'s lazy experts deferred by one token.
 
-    A sampler that owns its random key keeps it in ``sampler.key``, a
-    one-element list (see moed.engine.loop.make_request_sampler), so a rollback can
-    restore it."""
+    A sampler that owns its random key keeps it in its ``key`` attribute (see
+    moed.engine.sampling.SeededSampler), so a rollback can restore it."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler
@@ -44,12 +43,12 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
         return
 
     sampler = sampler or greedy_sampler  # generate_step's own default
-    key = getattr(sampler, "key", None)
+    keyed = hasattr(sampler, "key")
     made_by, key_before = [], []  # per token: the forward that sampled it, the sampler's key before
 
     def sample(logprobs):
         made_by.append(manager.forward_id)
-        key_before.append(key[0] if key else None)
+        key_before.append(sampler.key if keyed else None)
         # From the first token on: a one-token prefill chunk looks like a decode step but makes no token
         manager.defer = True
         return sampler(logprobs)
@@ -71,8 +70,8 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
                 if made_by[done:done + 1] != [rollback.pass_id]:
                     raise RuntimeError(f"rolled back forward {rollback.pass_id}, which made no token still "
                                        "waiting to go out") from rollback
-                if key:
-                    key[0] = key_before[done]
+                if keyed:
+                    sampler.key = key_before[done]
                 del made_by[done:], key_before[done:]
                 feed = rollback.inputs.reshape(-1)
     finally:

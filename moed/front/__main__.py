@@ -1,5 +1,5 @@
 import sys
 
-from moed.front.server import main
+from moed.front.main import main
 
 sys.exit(main())

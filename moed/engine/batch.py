@@ -1,0 +1,333 @@
+"""The engine's decoding: mlx-lm's ``BatchGenerator`` (continuous batching) and a solo path.
+
+A request that arrives while nothing else is decoding runs *solo*: mlx-lm's
+own ``generate_step``, which builds token n+1's graph while token n computes
+(through moed.experts.decode, which keeps that overlap with lazy experts).
+On a small model that pipelining is worth 10-20% over ``BatchGenerator``'s
+step. When a second request arrives, the solo one joins the batch with its KV
+cache (``Solo.join``), so continuous batching is unchanged: the newcomer waits
+for at most one decode step. Models whose KV cache cannot be trimmed always
+use ``BatchGenerator``. An LRU of recent prompt caches lets a prompt that
+extends an earlier one prefill only the new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from moed_client import protocol as P
+
+from moed.channel import Event, Submit
+from moed.engine.loading import encode_prompt
+from moed.engine.sampling import StopText, make_request_sampler
+
+log = logging.getLogger("moed.engine")
+
+PROMPT_CACHE_MODEL_KEY = "model"
+
+
+@dataclass
+class Active:
+    seq: int
+    uid: int
+    prompt_tokens: int
+    cached_tokens: int
+    detokenizer: object
+    stop: StopText
+    completion_tokens: int = 0
+    pending_ids: list = field(default_factory=list)
+    max_batch: int = 0  # most requests decoded in one step together with this one
+    ignore_eos: bool = False
+    max_tokens: int = 0
+    first_token_at: float = 0.0  # engine clock (perf_counter) of the first and the latest token
+    last_token_at: float = 0.0
+
+
+@dataclass
+class Solo:
+    """The one request decoded outside ``BatchGenerator``, by ``generate_step``.
+
+    ``generate_step`` feeds each token to the model before yielding it, so the
+    KV cache always holds ``tokens`` (the prompt and every token yielded).
+    """
+
+    active: Active
+    insert: dict  # BatchGenerator.insert arguments for this request, as submitted
+    cache: list
+    tokens: list
+    steps: object = None  # the generate_step generator
+
+    def start(self, model, manager, prefill_step: int) -> None:
+        import mlx.core as mx
+
+        from moed.experts.decode import generate
+
+        (rest,) = self.insert["prompts"]
+        self.steps = generate(mx.array(rest), model, manager, max_tokens=self.insert["max_tokens"][0],
+                              sampler=self.insert["samplers"][0], prompt_cache=self.cache,
+                              prefill_step_size=prefill_step)
+
+    def next_token(self) -> int:
+        token, _ = next(self.steps)
+        self.tokens.append(token)
+        return token
+
+    def close(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+
+    def join(self) -> dict:
+        """BatchGenerator.insert arguments that continue this request in a batch.
+
+        The last token yielded is in the cache already; trim it and feed it
+        again, so the batch's first response is the token after it.
+        """
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        self.close()
+        generated = self.active.completion_tokens
+        if not generated:  # nothing computed yet: submit as it came
+            return self.insert
+        trim_prompt_cache(self.cache, 1)
+        return dict(self.insert, prompts=[self.tokens[-1:]], caches=[self.cache], all_tokens=[self.tokens[:-1]],
+                    max_tokens=[self.insert["max_tokens"][0] - generated])
+
+
+class Engine:
+    """The model, its batch, the solo request and the prompt caches; ``args`` are EngineOptions."""
+
+    def __init__(self, model, tokenizer, manager, args):
+        from mlx_lm.generate import BatchGenerator, StopSequences
+        from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache
+
+        self.model, self.tokenizer, self.manager = model, tokenizer, manager
+        self.max_context = args.max_context
+        self.prefill_step = args.prefill_step
+        self.new_batch = lambda: BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=args.max_batch,
+            prefill_batch_size=min(args.max_batch, 8),
+            prefill_step_size=args.prefill_step,
+        )
+        self.gen = self.new_batch()
+        self.no_stop = StopSequences()  # for ignore_eos: no stop tokens at all
+        self.eos = set(tokenizer.eos_token_ids)
+        self.prompt_caches = LRUPromptCache(max_size=args.prompt_cache_size, max_bytes=args.prompt_cache_bytes)
+        self.active: dict[int, Active] = {}  # uid -> request in the batch
+        self.by_seq: dict[int, int] = {}  # seq -> uid
+        self.solo: Solo | None = None
+        # A solo request joins a batch by trimming its cache by one token (Solo.join).
+        self.new_cache = lambda: make_prompt_cache(model)
+        self.solo_allowed = not args.no_solo and can_trim_prompt_cache(self.new_cache())
+        self.solo_steps = 0
+        self.tokens_generated = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active) or self.solo is not None
+
+    def drop_all(self) -> list[int]:
+        """Forget every request after a failed step (its KV caches are half-updated) and start
+        a fresh batch; the seqs that were in flight."""
+        seqs = [a.seq for a in self.active.values()]
+        if self.solo is not None:
+            seqs.append(self.solo.active.seq)
+            try:  # closing checks its last pass, and may redo it: the same fault may strike again
+                self.solo.close()
+            except Exception:
+                log.exception("closing the solo request after a failed step")
+        self.solo, self.active, self.by_seq = None, {}, {}
+        self.gen.close()
+        self.gen = self.new_batch()
+        return seqs
+
+    # -- requests ---------------------------------------------------------
+    def tokenize(self, req: P.GenerateRequest) -> list[int]:
+        tok = self.tokenizer
+        if req.token_ids is not None:
+            ids = list(req.token_ids)
+            if max(ids) >= self.model_vocab():
+                raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, f"token id {max(ids)} is outside the vocabulary")
+            return ids
+        if req.messages is not None:
+            if not getattr(tok, "has_chat_template", False):
+                raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "this model has no chat template; send 'prompt' instead")
+            return list(tok.apply_chat_template(req.messages, add_generation_prompt=True))
+        return encode_prompt(tok, req.prompt)
+
+    def model_vocab(self) -> int:
+        return self.model.args.vocab_size if hasattr(self.model, "args") else 1 << 62
+
+    def submit(self, msg: Submit) -> None:
+        seq, sampling = msg.seq, msg.request.sampling
+        tokens = self.tokenize(msg.request)
+        if not tokens:
+            raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens")
+        if len(tokens) + sampling.max_tokens > self.max_context:
+            raise P.ProtocolError(
+                P.ErrorCode.LIMIT_EXCEEDED,
+                f"prompt ({len(tokens)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context limit {self.max_context}",
+            )
+        cache, rest = self.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
+        if cache is not None and not rest:
+            # An exact hit: BatchGenerator needs one token to feed, so give back the last one.
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache, rest = None, tokens
+        cached = len(tokens) - len(rest)
+        insert = dict(
+            prompts=[rest],
+            max_tokens=[sampling.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[tokens[:cached]],
+            samplers=[make_request_sampler(sampling)],
+            stop_sequences=[self.no_stop] if sampling.ignore_eos else None,
+        )
+        active = Active(seq, 0, len(tokens), cached, self.tokenizer.detokenizer, StopText(sampling.stop),
+                        ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens)
+        if self.solo is not None:
+            self._join_batch()
+        if self.solo_allowed and not self.active:
+            cache = cache if cache is not None else self.new_cache()
+            self.solo = Solo(active, insert, cache, list(tokens))
+            self.solo.start(self.model, self.manager, self.prefill_step)
+        else:
+            self._insert(active, insert)
+        log.debug("seq %d: %d prompt tokens, %d from cache, %s", seq, len(tokens), cached, "solo" if self.solo else "batch")
+
+    def _insert(self, a: Active, insert: dict) -> None:
+        (a.uid,) = self.gen.insert(**insert)
+        self.active[a.uid] = a
+        self.by_seq[a.seq] = a.uid
+
+    def _join_batch(self) -> None:
+        solo, self.solo = self.solo, None
+        self._insert(solo.active, solo.join())
+
+    def cancel(self, seq: int) -> Event | None:
+        if self.solo is not None and self.solo.active.seq == seq:
+            a = self._end_solo()
+        else:
+            uid = self.by_seq.get(seq)
+            if uid is None:
+                return None
+            self._remove(uid, keep_cache=True)
+            a = self.active.pop(uid)
+        a.pending_ids = []  # the last step's ids went out with its event already
+        return self._final(a, "cancelled", "")
+
+    def cancel_all(self) -> list[Event]:
+        seqs = list(self.by_seq) + ([self.solo.active.seq] if self.solo is not None else [])
+        return [e for e in (self.cancel(seq) for seq in seqs) if e]
+
+    def _remove(self, uid: int, keep_cache: bool) -> None:
+        caches = self.gen.remove([uid], return_prompt_caches=keep_cache)
+        self.by_seq.pop(self.active[uid].seq, None)
+        for cache, tokens in caches.values():
+            self._keep_cache(cache, tokens)
+
+    def _end_solo(self) -> Active:
+        solo, self.solo = self.solo, None
+        solo.close()
+        self._keep_cache(solo.cache, solo.tokens)
+        return solo.active
+
+    def _keep_cache(self, cache, tokens) -> None:
+        if cache and tokens:
+            self.prompt_caches.insert_cache(PROMPT_CACHE_MODEL_KEY, list(tokens), cache)
+
+    def _final(self, a: Active, finish: str, text: str) -> Event:
+        return {
+            "seq": a.seq,
+            "text": text,
+            "token_ids": a.pending_ids,
+            "finish": finish,
+            "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cached_tokens": a.cached_tokens},
+            "max_batch": a.max_batch,
+            # decode rate on the engine's clock, apart from transport: what the model ran at
+            "engine_decode_tok_s": (a.completion_tokens - 1) / (a.last_token_at - a.first_token_at)
+            if a.completion_tokens > 1 and a.last_token_at > a.first_token_at else None,
+        }
+
+    # -- one decode step ---------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """One decode step (solo, or of the whole batch); the events it produced."""
+        if self.solo is not None:
+            return self._step_solo()
+        _, responses = self.gen.next()
+        events = []
+        for r in responses:
+            a = self.active.get(r.uid)
+            if a is None:
+                continue
+            event, stopped = self._on_token(a, r.token, r.finish_reason, len(responses))
+            if stopped:  # a stop string, which BatchGenerator does not know about
+                self._remove(r.uid, keep_cache=True)
+            if "finish" in event:
+                self.by_seq.pop(a.seq, None)
+                del self.active[r.uid]
+                if r.prompt_cache is not None:
+                    self._keep_cache(r.prompt_cache, r.all_tokens)
+            events.append(event)
+        return events
+
+    def _step_solo(self) -> list[Event]:
+        a = self.solo.active
+        token = self.solo.next_token()
+        self.solo_steps += 1
+        finish = None
+        if token in self.eos and not a.ignore_eos:
+            finish = "stop"
+        elif a.completion_tokens + 1 >= a.max_tokens:
+            finish = "length"
+        event, _ = self._on_token(a, token, finish, 1)
+        if "finish" in event:
+            self._end_solo()
+        return [event]
+
+    def _on_token(self, a: Active, token: int, finish: str | None, batch: int) -> tuple[Event, bool]:
+        """The event for one new token of ``a``; whether a stop string ended it here."""
+        a.pending_ids = []
+        a.max_batch = max(a.max_batch, batch)
+        a.last_token_at = time.perf_counter()
+        a.first_token_at = a.first_token_at or a.last_token_at
+        if finish != "stop":  # an EOS token is not part of the output, as in mlx_lm.generate
+            a.completion_tokens += 1
+            a.pending_ids.append(token)
+            a.detokenizer.add_token(token)
+        if finish is not None:
+            a.detokenizer.finalize()
+        text, hit = a.stop.feed(a.detokenizer.last_segment)
+        self.tokens_generated += 1
+        stopped = hit and finish is None
+        if stopped:
+            finish = "stop"
+        if finish is None:
+            return {"seq": a.seq, "text": text, "token_ids": a.pending_ids}, False
+        if not hit:
+            text += a.stop.flush()
+        return self._final(a, finish, text), stopped
+
+    def stats(self) -> dict:
+        import mlx.core as mx
+
+        stats = {
+            "active": len(self.active) + (self.solo is not None),
+            "solo_steps": self.solo_steps,
+            "tokens_generated": self.tokens_generated,
+            "prompt_cache": {"entries": len(self.prompt_caches), "bytes": self.prompt_caches.nbytes},
+            "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory(),
+            "experts": self.manager.stats() if self.manager is not None and hasattr(self.manager, "stats") else None,
+        }
+        return stats
+
+

@@ -1,0 +1,264 @@
+"""The engine process seen from the front: start it, read its messages, watch its heartbeat, restart it.
+
+The engine (``python -m moed.engine``) is the only process that imports MLX.
+The front binds a private PAIR socket for it (moed/channel.py has the
+messages) and a pipe it beats on from a thread; an engine that dies or goes
+quiet fails its requests (``engine_restarted``) and is started again with a
+backoff. Until an engine is ready, ``state`` and ``progress`` say why not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from moed_client import paths
+from moed_client import protocol as P
+
+from moed.channel import EngineOptions, Events, Failed, Fatal, Progress, Ready, Shutdown, Stats, decode, encode
+from moed.front.runtime import DaemonError, bind_private
+from moed.logs import log_dir
+
+log = logging.getLogger("moed.daemon")
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+ENGINE_FIRST_BEAT_S = 30.0
+ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a stopped one goes quiet
+
+
+@dataclass
+class EngineHandle:
+    proc: asyncio.subprocess.Process
+    sock: zmq.asyncio.Socket
+    endpoint_path: Path
+    pid: int
+    ready: bool = False
+    beat_fd: int = -1  # read end of the engine's heartbeat pipe
+    last_beat: float = field(default_factory=time.monotonic)
+    stalled: bool = False
+    beating: bool = False  # a first beat came: the interpreter is up
+    watchdog: asyncio.Task | None = None
+
+
+class Supervisor:
+    """Runs one engine at a time for ``sessions`` (moed.front.sessions) and keeps the daemon's state."""
+
+    def __init__(self, args, ctx: zmq.asyncio.Context, sessions, meters):
+        self.args, self.ctx, self.sessions, self.meters = args, ctx, sessions, meters
+        self.state = "loading"  # loading, ready, restarting, stopping
+        self.progress = {"stage": "starting", "message": "starting the engine", "fraction": 0.0}
+        self.model: dict = {"name": args.model or "embedded", "path": None}
+        self.model_path: Path | None = None  # set by resolve_model() once the socket answers
+        self.engine: EngineHandle | None = None
+        self.engine_stats: dict = {}
+        self.engine_count = 0
+        self.fatal_message: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.ready
+
+    def send(self, msg) -> None:
+        if self.engine is not None:
+            self.engine.sock.send(encode(msg))
+
+    def stop_accepting(self) -> None:
+        self.state = "stopping"
+        self.progress = {"stage": "stopping", "message": "shutting down", "fraction": None}
+
+    # -- one engine ----------------------------------------------------------
+
+    async def start_engine(self) -> EngineHandle:
+        self.engine_count += 1
+        path = paths.runtime_dir() / f"engine-{os.getpid()}-{self.engine_count}.sock"
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        bind_private(sock, path)
+        cmd = [sys.executable, "-m", "moed.engine", "--channel", paths.endpoint(path), "--model", str(self.model_path)]
+        cmd += EngineOptions.from_args(self.args).to_argv()
+        beat_read, beat_write = os.pipe()
+        cmd += ["--heartbeat-fd", str(beat_write)]
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, pass_fds=(beat_write,))
+        finally:
+            os.close(beat_write)
+        log.info("engine %d started (pid %d)", self.engine_count, proc.pid)
+        engine = EngineHandle(proc, sock, path, proc.pid, beat_fd=beat_read)
+        self.watch_engine(engine)
+        return engine
+
+    def watch_engine(self, engine: EngineHandle) -> None:
+        """Kill an engine whose heartbeat stops (SIGSTOP, a wedged process):
+        supervise() then fails its requests (engine_restarted) and restarts it.
+
+        The beats come from a thread in the engine, so a long decode step or
+        load (MLX releases the GIL) does not look like a stall.
+        """
+        loop = asyncio.get_running_loop()
+        os.set_blocking(engine.beat_fd, False)
+
+        def on_beat() -> None:
+            if drain_beats(engine):
+                engine.last_beat, engine.beating = time.monotonic(), True
+            elif engine.proc.returncode is not None:
+                loop.remove_reader(engine.beat_fd)
+
+        loop.add_reader(engine.beat_fd, on_beat)
+        timeout = self.args.engine_timeout
+        if timeout and timeout > 0:
+            engine.watchdog = loop.create_task(self.engine_watchdog(engine, timeout))
+
+    async def engine_watchdog(self, engine: EngineHandle, timeout: float) -> None:
+        while engine.proc.returncode is None:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if drain_beats(engine):  # beats that came while this loop was busy elsewhere
+                engine.last_beat, engine.beating = time.monotonic(), True
+            silent = time.monotonic() - engine.last_beat
+            # Until its first beat, a new engine is still starting Python: a short timeout must not kill it there.
+            if silent > (timeout if engine.beating else max(timeout, ENGINE_FIRST_BEAT_S)) and engine.proc.returncode is None:
+                log.error("engine pid %d stalled: no heartbeat for %.1f s (--engine-timeout %g); killing it", engine.pid, silent, timeout)
+                engine.stalled = True
+                engine.proc.kill()
+                return
+
+    async def engine_loop(self, engine: EngineHandle) -> None:
+        """Read one engine's messages until its socket is closed."""
+        while True:
+            self.on_message(engine, decode(await engine.sock.recv()))
+
+    def on_message(self, engine: EngineHandle, msg) -> None:
+        if isinstance(msg, Events):
+            now = time.monotonic()
+            if isinstance(msg.t, float):  # monotonic clocks are system-wide: comparable across processes
+                self.meters.engine_latency.append(now - msg.t)
+            self.meters.tokens(now, len(msg.events))
+            self.sessions.on_events(msg.events, now)
+        elif isinstance(msg, Failed):
+            self.sessions.fail(msg.seq, msg.code, msg.message)
+        elif isinstance(msg, Stats):
+            self.engine_stats = msg.figures
+        elif isinstance(msg, Progress):
+            self.progress = {"stage": msg.stage, "message": msg.message, "fraction": msg.fraction}
+        elif isinstance(msg, Ready):
+            self.model = msg.model
+            engine.ready = True
+            self.state = "ready" if self.state != "stopping" else self.state
+            self.progress = {"stage": "ready", "message": "model loaded", "fraction": 1.0}
+            log.info("engine ready: %s", self.model.get("name"))
+            from moed import platform
+
+            platform.notify("READY=1")
+            self.sessions.pump()
+        elif isinstance(msg, Fatal):
+            self.progress = {"stage": "failed", "message": msg.message, "fraction": None}
+            log.error("engine: %s", msg.message)
+            self.fatal_message = msg.message
+
+    async def stop_engine(self, engine: EngineHandle, reader, waiter) -> None:
+        self.send(Shutdown())
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=10.0)
+        except asyncio.TimeoutError:
+            log.warning("engine did not stop; killing it")
+            engine.proc.kill()
+            await waiter
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        self.close_engine_socket(engine)
+        self.engine = None
+
+    def close_engine_socket(self, engine: EngineHandle) -> None:
+        if engine.watchdog is not None:
+            engine.watchdog.cancel()
+        if engine.beat_fd >= 0:
+            asyncio.get_running_loop().remove_reader(engine.beat_fd)
+            os.close(engine.beat_fd)
+            engine.beat_fd = -1
+        engine.sock.close(linger=0)
+        try:
+            engine.endpoint_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- the daemon's life -----------------------------------------------------
+
+    async def resolve_model(self) -> None:
+        """Find (or download) the model while the socket already answers, so that
+        ``status`` shows download progress however the daemon was started."""
+        from moed.models import ModelError, resolve_model
+
+        def progress(message: str, fraction: float | None) -> None:
+            self.progress = {"stage": "download", "message": message, "fraction": fraction}
+
+        self.progress = {"stage": "resolve", "message": f"finding model {self.args.model or 'embedded'}", "fraction": None}
+        try:
+            self.model_path = await asyncio.to_thread(resolve_model, self.args.model, progress)
+        except ModelError as e:
+            self.progress = {"stage": "failed", "message": str(e), "fraction": None}
+            self.sessions.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {e}")  # no request waits on a dead daemon
+            raise DaemonError(str(e)) from None
+        self.model = {"name": self.model_path.name, "path": str(self.model_path)}
+
+    async def supervise(self, stopping: asyncio.Event) -> None:
+        """Run engines until ``stopping`` is set, restarting one that dies."""
+        failures = 0
+        while True:
+            engine = await self.start_engine()
+            self.engine = engine
+            reader = asyncio.ensure_future(self.engine_loop(engine))
+            waiter = asyncio.ensure_future(engine.proc.wait())
+            stopper = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({reader, waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper.done():
+                await self.stop_engine(engine, reader, waiter)
+                return
+            stopper.cancel()
+            if reader.done() and reader.exception() is not None:
+                log.error("engine channel failed: %r", reader.exception())
+                engine.proc.kill()
+            rc = await waiter
+            await asyncio.sleep(0.05)  # let the reader deliver what the engine sent before it died
+            reader.cancel()
+            self.close_engine_socket(engine)
+            self.engine = None
+            was_ready = engine.ready
+            log.error("engine pid %d exited with code %s", engine.pid, rc)
+            if not was_ready and self.engine_count == 1 or self.fatal_message:
+                message = self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})"
+                self.sessions.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {message}")  # no request waits on a dead daemon
+                raise DaemonError(message)
+            if engine.stalled:
+                reason = f"the engine stalled (no heartbeat for {self.args.engine_timeout:g} s) and was killed"
+            else:
+                reason = f"the engine stopped (exit code {rc})"
+            self.sessions.fail_in_engine(P.ErrorCode.ENGINE_RESTARTED, f"{reason}; it is restarting; retry the request")
+            if self.state == "stopping":
+                return
+            self.state = "restarting"
+            self.progress = {"stage": "restarting", "message": f"engine exited with code {rc}; restarting", "fraction": 0.0}
+            failures = failures + 1 if not was_ready else 0
+            await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+
+
+def drain_beats(engine: EngineHandle) -> bool:
+    """Read what the engine's heartbeat thread wrote; whether there was anything."""
+    got = False
+    while engine.beat_fd >= 0:
+        try:
+            data = os.read(engine.beat_fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        if not data:
+            break
+        got = True
+    return got
