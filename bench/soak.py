@@ -55,7 +55,7 @@ WORDS = "the quick brown fox jumps over lazy dog hello world this is moed servin
 FINAL_TIMEOUT_S = 120.0  # no message for a live request in this long: it is lost
 SERIES_EVERY_S = 2.0  # how often the driver records the daemon's memory and descriptors
 # After the idle sample, another this much later: the daemon at rest (it returns freed heap pages
-# to the OS once idle for 2 s, moed.front.server.IDLE_TRIM_S). Both are reported.
+# to the OS once idle for 2 s, moed.front.sessions.IDLE_TRIM_S). Both are reported.
 REST_S = 4.0
 
 

@@ -171,7 +171,6 @@ class Daemon:
         self.sessions.drop_client(client)
         return False
 
-
     # -- client messages ---------------------------------------------------
 
     async def client_loop(self, router, tcp: bool = False) -> None:
@@ -217,7 +216,6 @@ class Daemon:
             self.begin_shutdown(now)
         else:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; this daemon knows {sorted(P.CLIENT_TYPES)}")
-
 
     # -- shutdown ----------------------------------------------------------
 
@@ -267,8 +265,8 @@ class Daemon:
             raise DaemonError(str(e)) from None
         try:
             self.editor = await editor.open_door(self.args, self.runtime.socket_path)
-        except Exception:  # as when its socket cannot be made: the daemon goes on without the editor door
-            log.exception("cannot open the editor door")
+        except Exception as e:  # as when its socket cannot be made: the daemon goes on without the editor door
+            log.error("cannot open the editor door: %s: %s", type(e).__name__, e)
         log.info("moed %s listening on %s (instance %s), model %s", status.VERSION, self.runtime.socket_path, self.instance_id, self.args.model or "embedded")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
