@@ -57,7 +57,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import LayerCache
-from .lazy import find_pre_expert_norm, find_router
+from .families import find_pre_expert_norm, find_router
 
 log = logging.getLogger("moed.experts.prefetch")
 
