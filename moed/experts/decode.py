@@ -1,6 +1,6 @@
 """Decoding with each token's residency check one token late, exactly.
 
-A speculative pass (lazy.py) must read its routing back before its token can
+A speculative pass (manager.py) must read its routing back before its token can
 be trusted. Inside the forward that readback waits for the token's whole
 compute, so the next token's graph is built only afterwards, while mlx-lm's
 ``generate_step`` is built around building token n+1's graph while token n
