@@ -169,24 +169,31 @@ def through_daemon(client, p: str, tokens: int) -> dict:
             "cached_tokens": stream.usage.get("cached_tokens"), "daemon_timings": stream.timings}
 
 
-def concurrent(d, n: int, tokens: int, offset: int) -> dict:
-    results = [None] * n
+def together(n: int, work) -> float:
+    """Run ``work(i, ready)`` for i < n on n threads; each calls ``ready()`` once set up,
+    and they all go on at once. Returns the time they were let go."""
     barrier = threading.Barrier(n + 1)
-
-    def run(i):
-        with d.client() as c:
-            c.ping()
-            barrier.wait()
-            results[i] = through_daemon(c, prompt(offset + i), tokens)
-            results[i]["end"] = time.perf_counter()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=work, args=(i, barrier.wait)) for i in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
+    return t0
+
+
+def concurrent(d, n: int, tokens: int, offset: int) -> dict:
+    results = [None] * n
+
+    def run(i, ready):
+        with d.client() as c:
+            c.ping()
+            ready()
+            results[i] = through_daemon(c, prompt(offset + i), tokens)
+            results[i]["end"] = time.perf_counter()
+
+    t0 = together(n, run)
     wall = max(r["end"] for r in results) - t0
     total = sum(len(r["tokens"]) for r in results)
     return {"clients": n, "tokens": total, "wall_s": wall, "aggregate_tok_s": total / wall,

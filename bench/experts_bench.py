@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 from bench import emit, log
+from bench.tokenizer import write_tokenizer
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -40,31 +41,6 @@ PROMPTS = [
     "Explain in one sentence why the sky is blue.",
 ]
 RESIDENCIES = (1.0, 0.5, 0.25)
-
-_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def write_tokenizer(out: Path, vocab_size: int = 320) -> dict:
-    """A small byte-level BPE tokenizer (PreTrainedTokenizerFast, chat template inlined)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    corpus = ["the quick brown fox jumps over the lazy dog", "def main():\n    return 42\n",
-              "hello world, experts live on disk and load on demand."] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-         "chat_template": _TEMPLATE}))
-    return {"vocab_size": tok.get_vocab_size(), "eos_token_id": tok.token_to_id("<|im_end|>")}
-
 
 def synthetic_checkpoint(out: Path, *, layers: int = 16, hidden: int = 1024, experts: int = 64, top_k: int = 4,
                          moe_intermediate: int = 512, seed: int = 0, progress=print) -> Path:
@@ -235,10 +211,10 @@ def experts_per_layer(model_dir) -> int:
     """Experts per MoE layer, from the model's structure (nothing is read)."""
     import mlx_lm
 
-    from moed.experts.lazy import find_moe_sites
+    from moed.experts import families
 
     model, _ = mlx_lm.load(str(model_dir), lazy=True)
-    return find_moe_sites(model)[0].num_experts
+    return families.experts_per_layer(model)
 
 
 # -- raw disk, same extents ------------------------------------------------------
@@ -250,7 +226,8 @@ def raw_expert_preads(model_dir: Path, max_bytes: int = 256 << 20, seed: int = 0
 
     import mlx_lm
 
-    from moed.experts.lazy import expert_parts, find_moe_sites
+    from moed.experts.families import find_moe_sites
+    from moed.experts.lazy import expert_parts
     from moed.experts.store import Checkpoint
     from moed.platform import open_uncached
 

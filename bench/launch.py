@@ -17,7 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.tokenizer import write_tokenizer
+
 REPO = Path(__file__).resolve().parent.parent
+TINY_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is moed serving a model.",
+    "def main():\n    return 42\n",
+    "user assistant system: a chat between friends",
+] * 20
 
 
 def short_tmpdir(prefix: str = "moed-") -> Path:
@@ -34,40 +42,16 @@ def make_tiny_model(out: Path, seed: int = 0, extra_special_tokens: tuple = ()) 
     from mlx.utils import tree_map
     from mlx_lm.models import qwen3_moe
     from mlx_lm.utils import save_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = [
-        "the quick brown fox jumps over the lazy dog",
-        "hello world, this is moed serving a model.",
-        "def main():\n    return 42\n",
-        "user assistant system: a chat between friends",
-    ] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special_tokens],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": template})
-    )
+    tok = write_tokenizer(out, 400, TINY_CORPUS, extra_special_tokens)
     config = dict(
         model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
-        mlp_only_layers=[], moe_intermediate_size=32, rms_norm_eps=1e-6, vocab_size=tok.get_vocab_size(),
+        mlp_only_layers=[], moe_intermediate_size=32, rms_norm_eps=1e-6, vocab_size=tok["vocab_size"],
         rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=4096, norm_topk_prob=True,
-        eos_token_id=tok.token_to_id("<|im_end|>"),
+        eos_token_id=tok["eos_token_id"],
     )
     mx.random.seed(seed)
     model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))

@@ -19,11 +19,10 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench.daemon_bench import median, prompt, rate
+from bench.daemon_bench import median, prompt, rate, together
 
 REPO = Path(__file__).resolve().parent.parent
 # Fewer tokens than this make (n - 1) / (last - first) measure chunking, not decoding: no rate then.
@@ -153,19 +152,12 @@ class MlxServer:
 
 def _concurrent(server: MlxServer, n: int, tokens: int, offset: int) -> dict:
     results = [None] * n
-    barrier = threading.Barrier(n + 1)
 
-    def client(i):
-        barrier.wait()
+    def client(i, ready):
+        ready()
         results[i] = server.complete(prompt(offset + i), tokens)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    t0 = together(n, client)
     if any(r is None for r in results):
         raise RuntimeError("a client of the mlx_lm server failed")
     wall = max(r["end"] for r in results) - t0

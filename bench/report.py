@@ -4,36 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.ratios import dig, expert_runs, ratios
+
 
 def _f(x, digits: int = 1, scale: float = 1.0) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return "–"
     return f"{x * scale:.{digits}f}"
-
-
-def dig(d, *keys):
-    """d[k1][k2]... or None where a level is missing or not a map."""
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def expert_runs(m: dict) -> list[dict]:
-    """experts_bench's lazy configurations of one model as a flat list, whichever of its layouts it wrote."""
-    runs = []
-    for name, r in (m.get("configs") or {}).items():
-        runs.append(dict(r, name=name, prefetch=r.get("prefetch", "prefetch" in name)))
-    for r in m.get("lazy") or []:
-        runs.append(dict(r, name=f"{r.get('residency', 0):.0%}{' prefetch' if r.get('prefetch') else ''}"))
-    for r in runs:
-        r.setdefault("hit_rate", dig(r, "stats", "hit_rate"))
-        r.setdefault("exact", r.get("exact_every_round"))
-        # checked-N: all resident with the exactness check on (the ceiling of partial residency)
-        r["checked"] = r["name"].startswith("checked")
-        r["tag"] = f"{'checked_' if r['checked'] else ''}{r.get('residency', 0):.0%}{'_prefetch' if r['prefetch'] else ''}"
-    return runs
 
 
 def rows(result: dict, label: str) -> list[dict]:
@@ -182,8 +159,6 @@ if __name__ == "__main__":
     data = json.loads(path.read_text())
     if "--recompute-ratios" in sys.argv:
         import time
-
-        from bench.__main__ import ratios
 
         for label in data["peers"]:
             data["ratios"][label] = ratios(data["limits"], data["limits"]["disk"].get(label, {}),

@@ -53,6 +53,7 @@ import sys
 import time
 from pathlib import Path
 from bench import log
+from bench.tokenizer import write_byte_tokenizer
 
 GROUP_SIZE = 64
 BITS = 4
@@ -76,48 +77,14 @@ SHAPES = {
                          rope_theta=1e6, tie_word_embeddings=False),
 }
 # Per-expert names on disk (Hugging Face layout) for the stacked projection names.
-_MIXTRAL_NAMES = ("block_sparse_moe", {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"})
+_MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 PER_EXPERT = {"mixtral": _MIXTRAL_NAMES, "tiny-mixtral": _MIXTRAL_NAMES}
-
-_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", text, re.I)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 30GB, 512MB)")
     return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def write_tokenizer(out: Path) -> dict:
-    """A byte-level tokenizer with no merges (every byte is a token) plus chat specials.
-
-    The EOS (``<|eos|>``) has the highest id and the model's vocabulary stops
-    before it: a random model never ends a benchmark run early. Every token the
-    chat template writes (``<|im_start|>``, ``<|im_end|>``) is inside the
-    vocabulary: an id past the embedding table is an out-of-bounds gather that
-    reads whatever memory lies there, so stock and lazy runs would start from
-    different garbage (NaN logits in stock, a different first token in moed).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eos|>"]
-    for special in specials:
-        vocab[special] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>", "pad_token": "<|endoftext|>",
-         "chat_template": _TEMPLATE}))
-    return {"model_vocab": vocab["<|eos|>"], "eos_token_id": vocab["<|eos|>"]}
 
 
 def _model(config: dict):
@@ -198,11 +165,12 @@ def _route(weights: dict, routing: str, knobs: dict, u, hidden: int, dtype) -> N
         weights[gate] = (w + bias[:, None] * u[None, :] / math.sqrt(hidden)).astype(dtype)
 
 
-def _split_per_expert(weights: dict, shape: str) -> dict:
-    block, names = PER_EXPERT[shape]
+def split_per_expert(weights: dict, names: dict) -> dict:
+    """Stacked expert tensors (``...switch_mlp.{proj}.{weight,scales,biases}``, experts first)
+    in the Hugging Face per-expert layout: ``...experts.{e}.{names[proj]}.{part}``."""
     out = {}
     for k, v in weights.items():
-        m = re.fullmatch(rf"(.*\.{block})\.switch_mlp\.(\w+)\.(weight|scales|biases)", k)
+        m = re.fullmatch(r"(.*)\.switch_mlp\.(\w+)\.(weight|scales|biases)", k)
         if not m:
             out[k] = v
             continue
@@ -226,6 +194,8 @@ def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, l
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from moed.models import expert_count
+
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: one of {', '.join(SHAPES)}")
     if layout == "per-expert" and shape not in PER_EXPERT:
@@ -243,7 +213,7 @@ def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, l
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
-    tok = write_tokenizer(out)
+    tok = write_byte_tokenizer(out)
     config = dict(SHAPES[shape], vocab_size=tok["model_vocab"],
                   quantization={"group_size": GROUP_SIZE, "bits": BITS})
     per_layer, fixed, expert = _layer_bytes(config, fdt.size)
@@ -283,7 +253,7 @@ def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, l
         if g == 0:
             _route(weights, routing, knobs, u, hidden, fdt)
         if layout == "per-expert":
-            weights = _split_per_expert(weights, shape)
+            weights = split_per_expert(weights, PER_EXPERT[shape])
         mx.eval(weights)
         mx.save_safetensors(str(out / name), weights, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(weights, name))
@@ -296,7 +266,7 @@ def generate(out: Path, *, shape: str = "qwen3-next", size: int | None = None, l
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    experts = config.get("num_experts") or config.get("num_local_experts")
+    experts = expert_count(config)
     info = {
         "shape": shape, "layout": layout, "routing": routing, "knobs": knobs, "seed": seed, "float_dtype": dtype,
         "layers": layers, "experts_per_layer": experts, "top_k": config["num_experts_per_tok"],

@@ -18,7 +18,6 @@ the 25% / 50% capacity tests actually miss.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,7 +26,8 @@ from mlx.utils import tree_flatten, tree_map
 
 FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe", "kimi", "gpt_oss")
 
-from bench.experts_bench import write_tokenizer  # noqa: E402  (one tokenizer recipe for tests and bench)
+from bench.synth import split_per_expert  # noqa: E402  (one expert splitting for tests and bench)
+from bench.tokenizer import write_tokenizer  # noqa: E402  (one tokenizer recipe for tests and bench)
 
 
 def _configs(tok: dict) -> dict:
@@ -79,20 +79,6 @@ def _spread_routing(model: nn.Module, scale: float) -> None:
                 mod.weight = mod.weight * scale
 
 
-def _per_expert(weights: dict, names: dict) -> dict:
-    out = {}
-    pat = re.compile(r"(.*)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
-    for k, v in weights.items():
-        m = pat.match(k)
-        if not m:
-            out[k] = v
-            continue
-        block, proj, part = m.groups()
-        for e in range(v.shape[0]):
-            out[f"{block}.experts.{e}.{names[proj]}.{part}"] = v[e]
-    return out
-
-
 def save_shards(out: Path, weights: dict, shards: int = 1) -> None:
     keys = sorted(weights)
     if shards == 1:
@@ -126,7 +112,7 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
     mx.eval(model.parameters())
     weights = dict(tree_flatten(model.parameters()))
     if family in _PER_EXPERT:
-        weights = _per_expert(weights, _PER_EXPERT[family])
+        weights = split_per_expert(weights, _PER_EXPERT[family])
     save_shards(out, weights, _SHARDS.get(family, 1))
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out

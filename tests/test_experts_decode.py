@@ -23,7 +23,7 @@ from moed.engine.sampling import make_request_sampler  # noqa: E402
 from moed_client.protocol import SamplingParams  # noqa: E402
 from moed.experts import load_model  # noqa: E402
 from moed.experts.decode import generate  # noqa: E402
-from moed.experts.lazy import Rollback  # noqa: E402
+from moed.experts.deferred import Rollback  # noqa: E402
 from test_experts import PROMPT, family_dir, num_experts, private_state  # noqa: E402,F401
 
 TOKENS = 40
@@ -62,7 +62,7 @@ def test_deferred_decode_equals_stock(family, share, family_dir, stock):
             assert stats["deferred_checks"] > 0 and stats["rollbacks"] > 0
             # a passed check queues the next pass before recording its own use
             assert stats["decode_step_ms"]["record"] > 0
-        assert not manager.defer and manager._pending is None and manager._redo is None
+        assert not manager._defer and manager._pending is None and manager._redo is None
     finally:
         manager.close()
 
@@ -94,7 +94,7 @@ def test_a_pass_whose_experts_arrived_before_its_check_is_still_rolled_back(fami
         cache = make_prompt_cache(model)
         mx.eval(model(mx.array([tok.encode(PROMPT)]), cache=cache))
         # decode forwards until one misses somewhere, each checked late
-        manager.defer = True
+        manager.token_sampled()  # the decode passes that follow are checked late
         token = mx.array([[tok.encode(PROMPT)[-1]]])
         for _ in range(20):
             model(token, cache=cache)
@@ -109,11 +109,11 @@ def test_a_pass_whose_experts_arrived_before_its_check_is_still_rolled_back(fami
             assert not len(layer_cache.missing(needed))
         offset = cache[0].offset
         with pytest.raises(Rollback):
-            manager.verify_through(p.id)
+            manager.check_through(p.id)
         assert cache[0].offset == offset - 1  # its token trimmed back
         assert manager._redo is not None
     finally:
-        manager.defer = False
+        manager.check_in_forward()
         manager._redo = None
         manager.close()
 
@@ -177,7 +177,7 @@ def test_engine_solo_with_deferred_checks_stays_exact_through_join_and_cancel(fa
         engine.submit(request(3, "brown fox jumps", 24))
         events = run(engine, set(), steps=5)
         engine.submit(request(4, "hello", 10))
-        assert engine.solo is None and not manager.defer
+        assert engine.solo is None and not manager._defer
         out = run(engine, {3, 4}, events)
         assert out[3]["ids"] == ref("brown fox jumps", 24) and out[4]["ids"] == ref("hello", 10)
         assert_cache_holds(engine, tok.encode("brown fox jumps") + out[3]["ids"])

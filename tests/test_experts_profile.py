@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from moed.experts import load_model  # noqa: E402
 from moed.experts import profile as profiles  # noqa: E402
+from moed.experts.profiling import run_profile  # noqa: E402
 from test_experts import family_dir, greedy_tokens, private_state, reference  # noqa: E402,F401
 
 
@@ -24,7 +25,7 @@ from test_experts import family_dir, greedy_tokens, private_state, reference  # 
 def profiled(family_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("prof") / "qwen3_moe.json"
     calls = []
-    prof = profiles.run_profile(family_dir["qwen3_moe"], ["the quick brown fox", "def main():", "hello world"], out,
+    prof = run_profile(family_dir["qwen3_moe"], ["the quick brown fox", "def main():", "hello world"], out,
                                 progress=lambda stage, message, fraction=None: calls.append((stage, fraction)),
                                 max_tokens=6)
     return out, prof, calls

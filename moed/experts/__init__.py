@@ -14,7 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .lazy import ExpertManager, NotMoEError, find_moe_sites, make_lazy
+from .families import NotMoEError, require_moe_sites
+from .lazy import make_lazy
+from .manager import ExpertManager
 from .store import Checkpoint, StoreError
 
 log = logging.getLogger("moed.experts")
@@ -77,9 +79,7 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
     baseline = process_rss_bytes()
     ckpt = Checkpoint(path)  # before mlx-lm touches the shards: our errors name file and key
     model, tokenizer = mlx_lm.load(str(path), lazy=True)
-    sites = find_moe_sites(model)
-    if not sites:
-        raise NotMoEError(f"{path}: no mixture-of-experts layers found (a dense model cannot use expert offloading)")
+    sites = require_moe_sites(model, path)
     expert_ids = {id(a) for s in sites for _, a in tree_flatten(s.switch.parameters())}
     nonexpert = sum(a.nbytes for _, a in tree_flatten(model.parameters()) if id(a) not in expert_ids)
     per_layer = [sum(a.nbytes for _, a in tree_flatten(s.switch.parameters())) // s.num_experts for s in sites]
@@ -111,8 +111,12 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
 
 def _seed(manager, path: Path, profile, warm_start: bool) -> None:
     """Profile pins and priors, then the warm-start resident set, then the
-    profile's most active experts, into whatever slots are left."""
+    profile's most active experts, into whatever slots are left; with
+    ``warm_start``, the resident set is saved again at ``close()``."""
     from . import profile as profiles
+
+    if warm_start:
+        manager.save_warm_start = lambda: profiles.save_state(manager, path)
 
     prof = None
     if profile == "auto":

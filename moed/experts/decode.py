@@ -1,6 +1,6 @@
 """Decoding with each token's residency check one token late, exactly.
 
-A speculative pass (lazy.py) must read its routing back before its token can
+A speculative pass (manager.py) must read its routing back before its token can
 be trusted. Inside the forward that readback waits for the token's whole
 compute, so the next token's graph is built only afterwards, while mlx-lm's
 ``generate_step`` is built around building token n+1's graph while token n
@@ -8,8 +8,9 @@ computes. ``generate`` keeps that overlap: the manager checks token n's pass
 after token n+1's graph is built and queued, and a token is handed out only
 once the pass that made it has been checked.
 
-When a check finds a miss, the manager trims the KV caches back to before
-that pass, arms the exact redo and raises ``Rollback``. Generation then
+The loop talks to the manager only through the ``DeferredCheck`` interface
+(deferred.py). When a check finds a miss, the manager trims the KV caches back
+to before that pass, arms the exact redo and raises ``Rollback``. Generation then
 restarts from the last good token with mlx-lm's ``generate_step``, unchanged:
 the first forward of the restart is the redo. The sampler's key is put back to
 what it was before the rolled-back token was drawn, so a request with a seed
@@ -22,11 +23,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .lazy import Rollback
+from .deferred import DeferredCheck, Rollback
 
 
-def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sampler=None, prompt_cache=None,
-             prefill_step_size: int = 2048):
+def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, max_tokens: int = 256, sampler=None,
+             prompt_cache=None, prefill_step_size: int = 2048):
     """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
     residency checks of ``manager``'s lazy experts deferred by one token.
 
@@ -38,7 +39,7 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
 
     prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size)
-    if manager is None or manager.approximate or not manager.defer_checks or not can_trim_prompt_cache(prompt_cache):
+    if manager is None or not manager.defers_checks() or not can_trim_prompt_cache(prompt_cache):
         yield from generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, **kw)
         return
 
@@ -47,20 +48,19 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
     made_by, key_before = [], []  # per token: the forward that sampled it, the sampler's key before
 
     def sample(logprobs):
-        made_by.append(manager.forward_id)
+        # checks deferred from the first token on: a one-token prefill chunk looks like a decode step but makes no token
+        made_by.append(manager.token_sampled())
         key_before.append(sampler.key if keyed else None)
-        # From the first token on: a one-token prefill chunk looks like a decode step but makes no token
-        manager.defer = True
         return sampler(logprobs)
 
     done, feed, steps = 0, prompt, None
     try:
         while done < max_tokens:
-            manager.defer = False
+            manager.check_in_forward()
             steps = generate_step(feed, model, max_tokens=max_tokens - done, sampler=sample, **kw)
             try:
                 for token, logprobs in steps:
-                    manager.verify_through(made_by[done])
+                    manager.check_through(made_by[done])
                     yield token, logprobs
                     done += 1
                 return
@@ -77,5 +77,4 @@ def generate(prompt: mx.array, model, manager=None, *, max_tokens: int = 256, sa
     finally:
         if steps is not None:
             steps.close()
-        manager.defer = False
         manager.finish()

@@ -16,7 +16,7 @@ Threading model
   sync mode marks each layer's experts ``in_use`` before its compute; in a
   speculative pass the choice is not known yet, but an expert evicted during
   the pass is seen as missing by the residency check afterwards, which forces
-  the exact redo (see lazy.py), so a stale read can never reach the output.
+  the exact redo (see manager.py), so a stale read can never reach the output.
 
 Predictors (each scored in ``stats()`` on a sample of decode steps, whether or not it drives loads)
 --------------------------------------------------------------------------------------------------
@@ -47,17 +47,16 @@ that missed, the losing arms retried in turn every ``explore_every``-th step.
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import LayerCache
-from .lazy import find_pre_expert_norm, find_router
+from .families import find_pre_expert_norm, find_router
+from .payoff import Payoff
 
 log = logging.getLogger("moed.experts.prefetch")
 
@@ -79,47 +78,6 @@ class _Score:
         return {"recall": self.hit / self.needed if self.needed else None,
                 "precision": self.hit / self.predicted if self.predicted else None,
                 "needed": self.needed, "predicted": self.predicted}
-
-
-class Payoff:
-    """Which way of working costs least per step, measured rather than guessed.
-
-    Keeps the last ``window`` step costs of each arm, runs the arm with the
-    lowest median, and every ``explore_every``-th step runs one of the others
-    (in turn), so a change of regime (a slower disk, a larger model, another
-    backend) is seen. Each arm is measured ``warmup`` times first, in order."""
-
-    def __init__(self, arms=(True, False), explore_every: int = 16, window: int = 8, warmup: int = 3):
-        self.arms = tuple(arms)
-        self.costs = {arm: deque(maxlen=window) for arm in self.arms}
-        self.steps = dict.fromkeys(self.arms, 0)
-        self.explore_every = explore_every
-        self.warmup = warmup
-
-    def best(self):
-        return min(self.arms, key=lambda arm: statistics.median(self.costs[arm]))
-
-    def choose(self):
-        for arm in self.arms:
-            if len(self.costs[arm]) < self.warmup:
-                return arm
-        best = self.best()
-        done = sum(self.steps.values())
-        if done % self.explore_every:
-            return best
-        others = [arm for arm in self.arms if arm != best]
-        return others[(done // self.explore_every) % len(others)]
-
-    def record(self, arm, seconds: float) -> None:
-        self.costs[arm].append(seconds)
-        self.steps[arm] += 1
-
-    def stats(self) -> dict:
-        measured = all(self.costs[arm] for arm in self.arms)
-        return {"arms": {str(arm): {"steps": self.steps[arm],
-                                    "median_ms": statistics.median(self.costs[arm]) * 1e3 if self.costs[arm] else None}
-                         for arm in self.arms},
-                "best": str(self.best()) if measured else None}
 
 
 # How the prefetcher works on a decode step, from least to most: "off" does what

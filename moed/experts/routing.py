@@ -3,8 +3,8 @@
 Expert caching pays off when a few experts take most of the traffic (low
 normalized entropy, high top-25% share) and prefetching pays off when the
 experts of one token are mostly those of the previous one (high reuse).
-Works on any mlx-lm model whose MoE blocks route through a ``switch_mlp``
-(``SwitchGLU`` / ``SwitchMLP``): the indices handed to it are recorded.
+Works on any mlx-lm MoE model families.py finds the experts of (``switch_mlp``,
+``experts``, ...): the indices handed to each stacked expert module are recorded.
 """
 
 from __future__ import annotations
@@ -17,27 +17,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .families import NotMoEError, find_moe_sites
+
 
 def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, block) for every layer whose block has a ``switch_mlp``."""
-    found = []
-    for i, layer in enumerate(model.layers):
-        for _, module in layer.named_modules():
-            if "switch_mlp" in module:
-                found.append((i, module))
-                break
-    return found
-
-
-def num_experts(block: nn.Module) -> int:
-    n = getattr(block, "num_experts", None)
-    if n is None:
-        n = next(m.weight.shape[0] for _, m in block.switch_mlp.named_modules() if "weight" in m)
-    return int(n)
+    """(layer index, MoE block) for every MoE layer (families.find_moe_sites)."""
+    return [(s.layer, s.block) for s in find_moe_sites(model)]
 
 
 class _Recorder(nn.Module):
-    """Stands in for a ``switch_mlp``: notes the expert indices, then calls the real one."""
+    """Stands in for a stacked expert module: notes the expert indices, then calls the real one."""
 
     def __init__(self, inner: nn.Module, sink: list):
         super().__init__()
@@ -61,21 +50,20 @@ def record_routing(model: nn.Module) -> Iterator[dict[int, list[mx.array]]]:
     """Record the expert indices of every MoE layer while the block runs.
 
     Yields ``{layer index: [indices array per call]}``; each array has shape
-    ``(..., tokens, top_k)``. The model's own ``switch_mlp`` modules are put
+    ``(..., tokens, top_k)``. The model's own expert modules are put
     back on exit, also after an error.
     """
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ValueError("model has no MoE layers with a switch_mlp")
-    log: dict[int, list[mx.array]] = {i: [] for i, _ in blocks}
-    originals = [(block, block.switch_mlp) for _, block in blocks]
+    sites = find_moe_sites(model)
+    if not sites:
+        raise NotMoEError("model has no MoE layers")
+    log: dict[int, list[mx.array]] = {s.layer: [] for s in sites}
     try:
-        for i, block in blocks:
-            block.switch_mlp = _Recorder(block.switch_mlp, log[i])
+        for s in sites:
+            s.swap(_Recorder(s.switch, log[s.layer]))
         yield log
     finally:
-        for block, inner in originals:
-            block.switch_mlp = inner
+        for s in sites:
+            s.swap(s.switch)
 
 
 def normalized_entropy(counts: np.ndarray) -> float:
@@ -142,8 +130,8 @@ def routing_statistics(model: nn.Module, token_sequences: Iterable[list[int]]) -
     those a token-by-token decode of the same tokens would route (same
     causal model), at a fraction of the cost.
     """
-    blocks = dict(moe_blocks(model))
-    per_layer: dict[int, list[np.ndarray]] = {i: [] for i in blocks}
+    experts = {s.layer: s.num_experts for s in find_moe_sites(model)}
+    per_layer: dict[int, list[np.ndarray]] = {i: [] for i in experts}
     with record_routing(model) as log:
         for tokens in token_sequences:
             if len(tokens) == 0:
@@ -154,7 +142,7 @@ def routing_statistics(model: nn.Module, token_sequences: Iterable[list[int]]) -
             for i, calls in log.items():
                 idx = np.concatenate([np.array(c).reshape(-1, c.shape[-1]) for c in calls])
                 per_layer[i].append(idx)
-    layers = [{"layer": i, **layer_statistics(per_layer[i], num_experts(blocks[i]))} for i in sorted(blocks)]
+    layers = [{"layer": i, **layer_statistics(per_layer[i], experts[i])} for i in sorted(experts)]
     entropies = [l["normalized_entropy"] for l in layers]
     reuses = [l["token_reuse"] for l in layers if l["token_reuse"] is not None]
     return {
