@@ -183,5 +183,5 @@ def test_liveness_pong_is_swallowed(shared_daemon):
         c._probe()
         assert c.status()["state"] == "ready"
         assert c._probe_sent is False
-        assert not c._waiting  # nothing waits for a reply, and the pong answered no one
+        assert not c._waiters  # nothing waits for a reply, and the pong answered no one
         assert c.complete("hello world", max_tokens=5).token_ids

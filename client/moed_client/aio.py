@@ -124,7 +124,7 @@ class AsyncClient(Core):
         return await self._wait(rid, lambda: self._take_for(rid), timeout, "token")
 
     async def _wait(self, key, take, timeout: float | None, what: str, hello: bool = False) -> dict:
-        rule = self._waiting_for(take, timeout, what, hello)
+        rule = self._wait_rule(take, timeout, what, hello)
         try:
             wait = next(rule)
             while True:

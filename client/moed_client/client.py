@@ -130,7 +130,7 @@ class Client(Core):
         return self._wait(lambda: self._take_for(rid), timeout, "token")
 
     def _wait(self, take, timeout: float | None, what: str, hello: bool = False) -> dict:
-        rule = self._waiting_for(take, timeout, what, hello)
+        rule = self._wait_rule(take, timeout, what, hello)
         try:
             wait = next(rule)
             while True:

@@ -142,7 +142,7 @@ class _Waiter:
 
 class Core:
     """Protocol state shared by both clients. A driver provides ``_post`` (a send that
-    never blocks; False when it could not be sent) and runs ``_waiting``."""
+    never blocks; False when it could not be sent) and drives ``_wait_rule``."""
 
     def __init__(self, socket: str | Path | None, timeout: float | None, connect_timeout: float, name: str, curve):
         self.endpoint = paths.endpoint(socket)
@@ -158,7 +158,7 @@ class Core:
 
     def _reset(self) -> None:
         self._inbox: dict[str, collections.deque] = {}  # messages of each live stream, until read
-        self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._abandoned: set[str] = set()  # cancelled streams whose late messages are dropped
         self._probe_sent = False
         self._failure: MoedError | None = None  # found while routing; raised to the next waiter
@@ -200,7 +200,7 @@ class Core:
 
     def _expect(self, kind: str) -> _Waiter:
         waiter = _Waiter(kind)
-        self._waiting.append(waiter)
+        self._waiters.append(waiter)
         return waiter
 
     def _answer(self, waiter: _Waiter) -> dict:
@@ -251,8 +251,8 @@ class Core:
             return rid
         if isinstance(rid, str) and rid:
             return None  # a stream that is over and forgotten
-        if self._waiting:
-            waiter = self._waiting.popleft()
+        if self._waiters:
+            waiter = self._waiters.popleft()
             waiter.reply = msg
             return waiter
         return None
@@ -265,7 +265,7 @@ class Core:
             raise DaemonNotRunning(f"moed is gone from {self.endpoint}")
         self._probe_sent = True
 
-    def _waiting_for(self, take, timeout: float | None, what: str, hello: bool = False):
+    def _wait_rule(self, take, timeout: float | None, what: str, hello: bool = False):
         """The one wait rule of both clients, as a generator: it yields how many seconds
         to wait for the next message and is sent whether one came; it returns what
         ``take`` found. Silence longer than LIVENESS_S sends a probe (not while saying
