@@ -113,6 +113,27 @@ def test_a_late_reply_is_not_taken_by_the_next_request(fake, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_short_timeout_on_a_slow_daemon_is_a_timeout(fake, kind, monkeypatch):
+    """A wait cut short by its deadline is no silence: it must not probe, nor call a live daemon gone."""
+    monkeypatch.setattr(moed_client.core, "LIVENESS_S", 5.0)
+
+    def pong_only(msg):
+        return [{"type": P.PONG, "instance_id": "a", "nonce": msg.get("nonce")}] if msg["type"] == P.PING else []
+
+    path = fake(hello_then(pong_only))
+
+    def body(c):
+        async def go():
+            for _ in range(20):
+                with pytest.raises(Timeout):
+                    await _maybe(c.status())
+
+        return go() if kind == "async" else asyncio.run(go())
+
+    run(kind, path, body, timeout=0.02)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_silent_daemon_ends_a_request_at_the_probe_not_the_timeout(fake, kind):
     path = fake(hello_then(lambda msg: []))  # says hello, then never a word (pings neither)
     t0 = time.monotonic()

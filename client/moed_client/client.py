@@ -15,6 +15,7 @@ cancels the request on the daemon.
 
 from __future__ import annotations
 
+import math
 import time
 
 import zmq
@@ -140,7 +141,7 @@ class Client(Core):
 
     def _receive(self, wait: float) -> bool:
         """Receive and route one message if one comes within ``wait`` seconds."""
-        if not self._sock.poll(int(wait * 1000)):
+        if not self._sock.poll(math.ceil(wait * 1000)):  # not a millisecond early: that would spin
             return False
         self._deliver(P.unpack(self._sock.recv()))
         return True
