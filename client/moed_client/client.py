@@ -123,7 +123,7 @@ class Client(Core):
 
     def _request(self, msg: dict, kind: str, timeout: float | None) -> dict:
         waiter = self._expect(kind)
-        self._sock.send(P.pack(msg))
+        self._send(msg)
         self._wait(waiter.take, timeout, "reply", hello=kind == P.HELLO)
         return self._answer(waiter)
 
@@ -145,6 +145,9 @@ class Client(Core):
             return False
         self._deliver(P.unpack(self._sock.recv()))
         return True
+
+    def _send(self, msg: dict) -> None:
+        self._sock.send(P.pack(msg))
 
     def _post(self, frame: bytes) -> bool:
         try:
