@@ -776,7 +776,7 @@ class Daemon:
             self.http = await http.open_gateway(self.args, self.runtime.socket_path)
         except http.GatewayError as e:
             raise DaemonError(str(e)) from None
-        self.editor = await editor.open_door(self)
+        self.editor = await editor.open_door(self.args, self.runtime.socket_path)
         log.info("moed %s listening on %s (instance %s), model %s", VERSION, self.runtime.socket_path, self.instance_id, self.args.model or "embedded")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
