@@ -12,13 +12,14 @@ import os
 import sys
 
 from moed import config as configuration
-from moed import models, platform
+from moed import platform
 from moed.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError
 from moed.cli.daemon import cmd_logs, cmd_service, cmd_start, cmd_stop
 from moed.cli.generate import cmd_chat, cmd_run
 from moed.cli.models import cmd_profile, cmd_pull
 from moed.cli.status import cmd_status
 from moed.config import ConfigError
+from moed.models import ModelError  # not `models.`: the package attribute `models` is the moed.cli.models submodule
 from moed_client import MoedError
 
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moectl: configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (MoedError, models.ModelError, platform.ServiceError) as e:
+    except (MoedError, ModelError, platform.ServiceError) as e:
         print(f"moectl: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
