@@ -396,6 +396,29 @@ async def test_too_many_live_requests_on_one_connection(door):
     await c.close()
 
 
+async def test_requests_in_flight_are_capped_over_all_connections(sock_dir):
+    backend = ScriptedBackend(words=["w"] * 1000)
+    server = editor.EditorServer(backend, sock_dir / "editor.sock", max_in_flight=2)
+    await server.start()
+    try:
+        first, second = await client(server), await client(server)
+        for c in (first, second):
+            err, _ = await c.request("generate", {"prompt": "p", "stream": True})
+            assert err is None
+        err, _ = await first.request("generate", {"prompt": "p", "stream": True})
+        assert err.startswith("busy: too many editor requests in flight")
+        await second.close()  # its request is cancelled, and its slot freed
+        for _ in range(200):
+            if server.in_flight() < 2:
+                break
+            await asyncio.sleep(0.01)
+        err, _ = await first.request("generate", {"prompt": "p", "stream": True})
+        assert err is None
+        await first.close()
+    finally:
+        await server.close()
+
+
 async def test_a_stale_non_socket_file_is_not_replaced(sock_dir):
     path = sock_dir / "editor.sock"
     path.write_text("not a socket")
