@@ -144,17 +144,6 @@ def _remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-def _remove_stale_socket(path: Path) -> None:
-    # The daemon's single-instance check runs before this, so a socket left here is a dead daemon's.
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-    path.unlink()
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--no-editor", action="store_true", help="do not open the editor socket (msgpack-rpc, editor.sock in the runtime dir)")
 
