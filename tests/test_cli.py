@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from moed import cli, platform
+from moed.cli import daemon as cli_daemon, runtime as cli_runtime, status as cli_status
 from conftest import short_tmpdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_a_zombie_daemon_is_not_running(env, capsys):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         os.kill(zombie, 0)  # what pid_alive used to rely on: it succeeds for a zombie
-        assert not cli.pid_alive(zombie)
+        assert not cli_runtime.pid_alive(zombie)
         (env / "moed.pid").write_text(f"{zombie}\n")
         assert cli.main(["status"]) == 3
         assert "not running" in capsys.readouterr().out
@@ -126,12 +127,12 @@ def test_unresponsive_daemon_is_reported_then_signalled(env, capsys, sleeper, mo
     assert cli.main(["status", "--json"]) == 1
     obj = json.loads(capsys.readouterr().out)
     assert obj == {**obj, "running": False, "state": "unresponsive", "pid": hung.pid}
-    monkeypatch.setattr(cli, "TERM_GRACE_S", 5.0)
+    monkeypatch.setattr(cli_daemon, "TERM_GRACE_S", 5.0)
     assert cli.main(["stop"]) == 0
     err = capsys.readouterr().err
     assert "does not answer; signalling it" in err and "SIGTERM" in err and "SIGKILL" not in err
     hung.wait(timeout=5)  # moectl reaped its exit status already: only check that it is gone
-    assert not cli.pid_alive(hung.pid)
+    assert not cli_runtime.pid_alive(hung.pid)
     assert not (env / "moed.pid").exists()
 
 
@@ -141,11 +142,11 @@ def test_sigkill_when_sigterm_is_ignored(env, capsys, sleeper, monkeypatch):
     try:
         assert stubborn.stdout.readline() == b"ok\n"
         (env / "moed.pid").write_text(f"{stubborn.pid}\n")
-        monkeypatch.setattr(cli, "TERM_GRACE_S", 0.5)
+        monkeypatch.setattr(cli_daemon, "TERM_GRACE_S", 0.5)
         assert cli.main(["stop"]) == 0
         assert "sending SIGKILL" in capsys.readouterr().err
         stubborn.wait(timeout=5)
-        assert not cli.pid_alive(stubborn.pid)
+        assert not cli_runtime.pid_alive(stubborn.pid)
     finally:
         stubborn.kill()
         stubborn.wait()
@@ -176,7 +177,7 @@ def test_flags_override_environment(env, monkeypatch, tmp_path):
     args = cli.build_parser().parse_args(["start", "--model", str(tmp_path)])
     cfg = cli.configuration.load(cli.flags_of(args))
     assert cfg.model == str(tmp_path) and cfg.capacity == 3
-    argv = cli.daemon_argv(cfg)
+    argv = cli_daemon.daemon_argv(cfg)
     assert argv[:4] == [sys.executable, "-m", "moed.front", "serve"]
     assert argv[4:] == ["--model", str(tmp_path), "--capacity", "3"]
 
@@ -185,17 +186,17 @@ def test_daemon_argv_makes_local_paths_absolute(env, monkeypatch, tmp_path):
     (tmp_path / "rel-model").mkdir()
     monkeypatch.chdir(tmp_path)
     cfg = cli.configuration.load({"model": "rel-model", "socket": "s/moed.sock"})
-    argv = cli.daemon_argv(cfg)
+    argv = cli_daemon.daemon_argv(cfg)
     assert argv[argv.index("--model") + 1] == str(tmp_path / "rel-model")
     assert argv[argv.index("--socket") + 1] == str(tmp_path / "s" / "moed.sock")
-    hub = cli.daemon_argv(cli.configuration.load({"model": "org/name"}))
+    hub = cli_daemon.daemon_argv(cli.configuration.load({"model": "org/name"}))
     assert hub[hub.index("--model") + 1] == "org/name"
 
 
 def test_socket_flag_moves_the_pidfile_like_the_daemon_does(env, monkeypatch, tmp_path):
     monkeypatch.delenv("MOED_RUNTIME_DIR")
-    runtime = cli.Runtime.of(cli.configuration.load({"socket": str(tmp_path / "x" / "d.sock")}))
-    assert runtime == cli.Runtime(tmp_path / "x" / "d.sock", tmp_path / "x" / "moed.pid")
+    runtime = cli_runtime.Runtime.of(cli.configuration.load({"socket": str(tmp_path / "x" / "d.sock")}))
+    assert runtime == cli_runtime.Runtime(tmp_path / "x" / "d.sock", tmp_path / "x" / "moed.pid")
 
 
 SAMPLE_STATUS = {
@@ -220,7 +221,7 @@ SAMPLE_STATUS = {
 
 
 def test_human_status_shows_the_figures():
-    text = cli.format_status(SAMPLE_STATUS)
+    text = cli_status.format_status(SAMPLE_STATUS)
     assert text.splitlines()[0] == "moed is running (ready)"
     for part in (
         "41 (engine 42), up 1h 02m",
@@ -239,7 +240,7 @@ def test_human_status_shows_the_figures():
 
 
 def test_human_status_while_loading():
-    text = cli.format_status({**SAMPLE_STATUS, "state": "loading", "progress": {"stage": "download", "message": "2 of 4 GB", "fraction": 0.5}})
+    text = cli_status.format_status({**SAMPLE_STATUS, "state": "loading", "progress": {"stage": "download", "message": "2 of 4 GB", "fraction": 0.5}})
     assert text.splitlines()[0] == "moed is running (loading): [download] 2 of 4 GB 50%"
 
 
@@ -260,7 +261,7 @@ def test_follow_survives_truncation_and_rotation(tmp_path):
     path.write_text("old\n")
     out = io.StringIO()
     done = threading.Event()
-    follower = threading.Thread(target=cli.follow, args=(path, out, done.is_set))
+    follower = threading.Thread(target=cli_daemon.follow, args=(path, out, done.is_set))
     follower.start()
     try:
         def wait_for(text):
@@ -301,7 +302,7 @@ def test_start_through_an_installed_service(env, capsys, monkeypatch):
     monkeypatch.setattr(platform, "is_service_installed", lambda *a, **k: True)
     monkeypatch.setattr(platform, "service_manager", lambda: "launchd")
     monkeypatch.setattr(platform, "start_service", calls.recorder("start_service"))
-    monkeypatch.setattr(cli, "service_alive_check", lambda runtime: lambda: False)  # it dies at once
+    monkeypatch.setattr(cli_daemon, "service_alive_check", lambda runtime: lambda: False)  # it dies at once
     assert cli.main(["start", "--model", "/elsewhere"]) == 2
     assert "cannot change model for one run" in capsys.readouterr().err
     assert calls == []
@@ -346,10 +347,10 @@ def test_service_without_a_manager_is_a_clear_error(env, capsys, monkeypatch):
 
 def test_import_path_env_lets_a_checkout_run_the_daemon_from_anywhere():
     assert Path(cli.__file__).resolve().parents[2] == ROOT  # these tests run on the checkout
-    assert cli.import_path_env({"PYTHONPATH": "/x"}) == {"PYTHONPATH": os.pathsep.join([str(ROOT), "/x"])}
-    assert cli.import_path_env({}) == {"PYTHONPATH": str(ROOT)}
+    assert cli_daemon.import_path_env({"PYTHONPATH": "/x"}) == {"PYTHONPATH": os.pathsep.join([str(ROOT), "/x"])}
+    assert cli_daemon.import_path_env({}) == {"PYTHONPATH": str(ROOT)}
     already = os.pathsep.join(["/x", str(ROOT)])
-    assert cli.import_path_env({"PYTHONPATH": already}) == {"PYTHONPATH": already}
+    assert cli_daemon.import_path_env({"PYTHONPATH": already}) == {"PYTHONPATH": already}
 
 
 def test_moectl_entry_point_exit_code(env):
@@ -382,3 +383,18 @@ def test_pull_offline(hub_env, tmp_path):
     assert missing.returncode == 1 and "offline mode is on" in missing.stderr
     for r in (dense, missing):
         assert "Traceback" not in r.stderr
+
+
+def test_importing_moectl_loads_no_mlx_and_no_expert_code():
+    """moectl runs where MLX cannot load and starts fast: only moed/engine and moed/experts import MLX."""
+    code = (
+        "import pkgutil, sys, moed.cli\n"
+        "for m in pkgutil.iter_modules(moed.cli.__path__):\n"
+        "    if m.name != '__main__':\n"
+        "        __import__('moed.cli.' + m.name)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'mlx' or n.startswith('moed.experts')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+

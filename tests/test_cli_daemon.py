@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from moed import cli
+from moed.cli import daemon as cli_daemon, runtime as cli_runtime
 from moed_client import Client
 from test_cli import env  # noqa: F401 - the private runtime/log/home fixture
 
@@ -106,7 +107,7 @@ def test_start_status_run_stop(env, started, tiny_model, capsys, monkeypatch):  
 
     assert cli.main(["stop"]) == 0
     assert "moed stopped" in capsys.readouterr().out
-    assert not cli.pid_alive(status["pid"]) and not cli.pid_alive(status["engine_pid"])
+    assert not cli_runtime.pid_alive(status["pid"]) and not cli_runtime.pid_alive(status["engine_pid"])
     assert sorted(p.name for p in env.iterdir()) == []  # no socket, no pidfile
     assert status_json(capsys)[0] == 3
 
@@ -165,15 +166,15 @@ def test_stop_kills_a_frozen_daemon_and_cleans_up(env, started, tiny_model, caps
     pid, engine = status["pid"], status["engine_pid"]
     started.add(pid)
     os.kill(pid, signal.SIGSTOP)  # answers nothing, handles no signal but SIGKILL
-    monkeypatch.setattr(cli, "STATUS_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(cli, "TERM_GRACE_S", 1.0)
+    monkeypatch.setattr(cli_runtime, "STATUS_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(cli_daemon, "TERM_GRACE_S", 1.0)
     assert cli.main(["stop", "--timeout", "1"]) == 0
     err = capsys.readouterr().err
     assert "does not answer" in err and "SIGTERM" in err and "SIGKILL" in err
     deadline = time.monotonic() + 10
-    while cli.pid_alive(engine) and time.monotonic() < deadline:  # killed with the daemon's process group
+    while cli_runtime.pid_alive(engine) and time.monotonic() < deadline:  # killed with the daemon's process group
         time.sleep(0.05)
-    assert not cli.pid_alive(pid) and not cli.pid_alive(engine)
+    assert not cli_runtime.pid_alive(pid) and not cli_runtime.pid_alive(engine)
     assert sorted(p.name for p in env.iterdir()) == []  # SIGKILL left them; stop removed them
 
 
@@ -190,7 +191,7 @@ def test_dense_model_is_refused_by_moectl_and_by_the_daemon(env, started, capsys
     # The same model given to the daemon directly (as a service would): a message and exit 1.
     result = subprocess.run(
         [sys.executable, "-m", "moed.front", "serve", "--model", str(dense)],
-        cwd=ROOT, env={**os.environ, **cli.import_path_env()}, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env={**os.environ, **cli_daemon.import_path_env()}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
     assert "is not a Mixture-of-Experts model" in result.stderr and "Traceback" not in result.stderr
@@ -202,7 +203,7 @@ def test_start_waits_for_a_daemon_that_is_already_loading(env, daemon, tiny_mode
     monkeypatch.setenv("MOED_RUNTIME_DIR", str(d.runtime_dir))
     monkeypatch.setenv("MOED_LOG_DIR", str(d.log_dir))
     deadline = time.monotonic() + 30
-    while cli.pidfile_pid(cli.Runtime.of(cli.configuration.load())) != d.pid:  # the daemon has begun
+    while cli_runtime.pidfile_pid(cli_runtime.Runtime.of(cli.configuration.load())) != d.pid:  # the daemon has begun
         assert time.monotonic() < deadline and d.proc.poll() is None
         time.sleep(0.01)
     assert cli.main(["start"]) == 0
@@ -231,6 +232,20 @@ def test_profile_writes_a_profile_for_the_model(env, tiny_model, capsys, tmp_pat
     assert 0 < len(profile["layers"]) <= config["num_hidden_layers"]  # MoE layers (some families keep dense ones)
     experts = expert_count(config)
     assert all(len(layer["counts"]) == experts and sum(layer["counts"]) > 0 for layer in profile["layers"])
+
+
+@pytest.mark.slow
+def test_profile_loads_the_model_in_a_child_process(env, tiny_model, tmp_path):  # noqa: F811
+    """moectl itself cannot import MLX or the expert code here, and `moectl profile` still works."""
+    out = tmp_path / "profile.json"
+    code = ("import sys\n"
+            "sys.modules['mlx'] = sys.modules['moed.experts'] = None  # importing either now fails\n"
+            "from moed.cli import main\n"
+            f"sys.exit(main(['profile', '--model', {str(tiny_model)!r}, '--out', {str(out)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out) and "[done] wrote" in done.stderr
+    assert json.loads(out.read_text())["kind"] == "moed-expert-profile"
 
 
 def test_profile_refuses_an_empty_prompt_file(env, capsys, tmp_path, tiny_model):  # noqa: F811

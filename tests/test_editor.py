@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from moed.doors import editor, fim
+from moed.doors import editor, editor_connection, fim, rpc
 from moed_client import protocol as P
 
 
@@ -371,7 +371,7 @@ async def test_messages_split_across_reads_and_pipelined_requests(door):
 
 
 def test_decoder_limits_containers():
-    d = editor.RpcDecoder()
+    d = rpc.RpcDecoder()
     ok = msgpack.packb([0, 1, "status", [[]] * 100])
     bomb = msgpack.packb([[]] * (P.MAX_CONTAINERS + 1))
     messages, error = d.feed(ok + bomb)
@@ -379,7 +379,7 @@ def test_decoder_limits_containers():
 
 
 def test_invalid_utf8_from_an_editor_is_replaced_not_fatal():
-    d = editor.RpcDecoder()
+    d = rpc.RpcDecoder()
     raw = b"\x94\x00\x01\xa8generate\x91\x81\xa6prompt\xa3a\xffb"
     assert d.feed(raw) == ([[0, 1, "generate", [{"prompt": "a\ufffdb"}]]], None)
 
@@ -388,12 +388,35 @@ async def test_too_many_live_requests_on_one_connection(door):
     server, backend = door
     backend.words = ["w"] * 1000
     c = await client(server)
-    for _ in range(editor.MAX_LIVE_PER_CONNECTION):
+    for _ in range(editor_connection.MAX_LIVE_PER_CONNECTION):
         err, _ = await c.request("generate", {"prompt": "p", "stream": True})
         assert err is None
     err, _ = await c.request("generate", {"prompt": "p", "stream": True})
     assert err.startswith("busy: ")
     await c.close()
+
+
+async def test_requests_in_flight_are_capped_over_all_connections(sock_dir):
+    backend = ScriptedBackend(words=["w"] * 1000)
+    server = editor.EditorServer(backend, sock_dir / "editor.sock", max_in_flight=2)
+    await server.start()
+    try:
+        first, second = await client(server), await client(server)
+        for c in (first, second):
+            err, _ = await c.request("generate", {"prompt": "p", "stream": True})
+            assert err is None
+        err, _ = await first.request("generate", {"prompt": "p", "stream": True})
+        assert err.startswith("busy: too many editor requests in flight")
+        await second.close()  # its request is cancelled, and its slot freed
+        for _ in range(200):
+            if server.in_flight() < 2:
+                break
+            await asyncio.sleep(0.01)
+        err, _ = await first.request("generate", {"prompt": "p", "stream": True})
+        assert err is None
+        await first.close()
+    finally:
+        await server.close()
 
 
 async def test_a_stale_non_socket_file_is_not_replaced(sock_dir):
@@ -477,7 +500,7 @@ _values = st.recursive(_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_decoder_never_raises_on_random_bytes(data):
-    messages, error = editor.RpcDecoder().feed(data)
+    messages, error = rpc.RpcDecoder().feed(data)
     assert error is None or error.code == "bad_message"
 
 

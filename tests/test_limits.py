@@ -14,12 +14,12 @@ import zmq
 
 from moed import config
 from moed.front import main as moed_daemon
-from moed.doors import editor, http
+from moed.doors import editor, editor_connection, http
 from moed_client import Busy, RequestError
 from moed_client import protocol as P
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "limits.md"
-MODULES = {"protocol": P, "editor": editor, "http": http}
+MODULES = {"protocol": P, "editor_connection": editor_connection, "http": http}
 
 
 def table_rows() -> list[list[str]]:
@@ -42,7 +42,7 @@ def test_the_limits_table_matches_the_code():
     for limit, value, where, outcome in table_rows():
         if not outcome.startswith("none") and "closed" not in outcome:
             assert re.search(r"`[a-z_]+`", outcome), f"{limit}: no error code named in {outcome!r}"
-        if m := re.fullmatch(r"`(protocol|editor|http)\.([A-Z_]+)`", where):
+        if m := re.fullmatch(r"`(protocol|editor_connection|http)\.([A-Z_]+)`", where):
             assert getattr(MODULES[m.group(1)], m.group(2)) == doc_number(value), limit
             checked += 1
         elif m := re.fullmatch(r"`--([a-z-]+)`", where):

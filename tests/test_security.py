@@ -233,10 +233,11 @@ def test_http_undecodable_bodies(gated, payload):
 
 def test_moectl_console_log_is_private(tmp_path, monkeypatch):
     """`moectl start` sends the daemon's stderr (the same lines as its log) to a file: 0600 too."""
-    from moed import cli, config
+    from moed import config
+    from moed.cli import daemon as cli_daemon, runtime as cli_runtime
 
     spawned = []
-    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: spawned.append((a, k)))
+    monkeypatch.setattr(cli_daemon.subprocess, "Popen", lambda *a, **k: spawned.append((a, k)))
     cfg = config.load({"log_dir": str(tmp_path / "logs")}, env={}, path=tmp_path / "none.toml")
-    cli.spawn_detached(cfg)
-    assert spawned and mode(cli.console_log(cfg)) == 0o600
+    cli_daemon.spawn_detached(cfg)
+    assert spawned and mode(cli_runtime.console_log(cfg)) == 0o600

@@ -33,6 +33,7 @@ from pathlib import Path
 from aiohttp import web
 
 from moed.config import MAX_CLIENTS  # requests served at once (moed serve: --max-clients / config max_clients)
+from moed.doors.openai_api import BadRequest, chat_messages, completion_prompt, field, sampling_args, usage
 from moed.net import is_loopback
 from moed_client import AsyncClient, paths
 from moed_client import errors as E
@@ -46,18 +47,10 @@ MAX_BODY_BYTES = P.MAX_MESSAGE_BYTES
 # sockets cannot pile up; aiohttp's own default keeps them for an hour.
 KEEPALIVE_S = 30.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-# OpenAI parameters this gateway cannot honour: refused, never silently ignored.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities", "prediction")
 
 
 class GatewayError(Exception):
     """The gateway cannot start, with a message meant for a person."""
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = P.ErrorCode.INVALID_REQUEST):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
@@ -86,89 +79,6 @@ _STATUS_BY_CODE = {
 
 def daemon_error_response(e: E.MoedError) -> web.Response:
     return error_response(_STATUS_BY_CODE.get(e.code, 500), e.message, e.code)
-
-
-# --------------------------------------------------------------------------
-# OpenAI request -> protocol v1 generate arguments
-
-
-def _get(body: dict, name: str, kinds, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise BadRequest(f"'{name}' has the wrong type", name)
-    if not isinstance(value, kinds):
-        raise BadRequest(f"'{name}' has the wrong type", name)
-    return value
-
-
-def sampling_args(body: dict) -> dict:
-    """Sampling fields common to both endpoints (the daemon validates their ranges)."""
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, [], {}):
-            raise BadRequest(f"'{name}' is not supported by moed", name)
-    if _get(body, "n", int, 1) != 1:
-        raise BadRequest("only n=1 is supported", "n")
-    if _get(body, "logprobs", (bool, int), False) or _get(body, "top_logprobs", int, 0):
-        raise BadRequest("logprobs are not supported by moed", "logprobs")
-    max_tokens = _get(body, "max_completion_tokens", int) or _get(body, "max_tokens", int)
-    args = {
-        # OpenAI's defaults (temperature 1) apply when the client leaves them out.
-        "temperature": _get(body, "temperature", (int, float), 1.0),
-        "top_p": _get(body, "top_p", (int, float), 1.0),
-        "max_tokens": max_tokens,
-        "seed": _get(body, "seed", int),
-        "stop": body.get("stop"),  # a string or a list; the daemon validates it
-    }
-    for extra in ("top_k", "min_p"):  # accepted by several OpenAI-compatible servers
-        if body.get(extra) is not None:
-            args[extra] = _get(body, extra, (int, float))
-    return {k: v for k, v in args.items() if v is not None}
-
-
-def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string 'role'", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            parts = []
-            for p in content:
-                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
-                    raise BadRequest(f"messages[{i}]: only text content parts are supported", "messages")
-                parts.append(p["text"])
-            content = "".join(parts)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string or an array of text parts", "messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
-    return out
-
-
-def completion_prompt(body: dict) -> dict:
-    if body.get("suffix") is not None:
-        raise BadRequest("'suffix' is not supported here; editors get fill-in-the-middle from the editor socket's 'infill'", "suffix")
-    if body.get("echo"):
-        raise BadRequest("'echo' is not supported by moed", "echo")
-    if _get(body, "best_of", int, 1) != 1:
-        raise BadRequest("only best_of=1 is supported", "best_of")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise BadRequest("'prompt' must not be empty", "prompt")
-        return {"prompt": prompt}
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return {"token_ids": prompt}
-    raise BadRequest("'prompt' must be a string, one string in an array, or an array of token ids", "prompt")
 
 
 # --------------------------------------------------------------------------
@@ -296,8 +206,8 @@ class Gateway:
 
     async def _generate(self, request: web.Request, body: dict, args: dict, chat: bool) -> web.StreamResponse:
         model = await self._model()
-        stream = _get(body, "stream", bool, False)
-        options = _get(body, "stream_options", dict, {})
+        stream = field(body, "stream", bool, False)
+        options = field(body, "stream_options", dict, {})
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -348,14 +258,6 @@ class Gateway:
             await send(b"[DONE]")
             await resp.write_eof()
             return resp
-
-
-def usage(u: dict) -> dict:
-    prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if u.get("cached_tokens") is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": int(u["cached_tokens"])}
-    return out
 
 
 def parse_listen(text: str) -> tuple[str, int]:

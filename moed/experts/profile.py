@@ -203,13 +203,3 @@ def restore_state(manager, model_path) -> int:
         cache.ensure(fill)
         loaded += len(fill)
     return loaded
-
-
-def __getattr__(name):
-    # moed/cli still imports run_profile from here; it moved to profiling.py (which imports
-    # this module). Remove once the cli imports it from moed.experts.profiling.
-    if name == "run_profile":
-        from .profiling import run_profile
-
-        return run_profile
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

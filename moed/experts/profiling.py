@@ -103,3 +103,29 @@ def run_profile(model_path, prompts=None, out_path=None, progress=None, *, max_t
     say("done", f"wrote {out_path}", 1.0)
     return result
 
+
+def main(argv=None) -> int:
+    """``moectl profile`` runs this in a child process, so that moectl never imports MLX:
+    progress goes to stdout as JSON lines, and the last line names the profile written."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m moed.experts.profiling", description="write an expert profile for a model")
+    p.add_argument("model", help="the model's directory")
+    p.add_argument("--prompts", help="one prompt per line (default: the built-in mix)")
+    p.add_argument("--out", help="where to write it (default: the user profile dir)")
+    p.add_argument("--capacity", type=int)
+    p.add_argument("--memory-budget", type=int, help="bytes")
+    args = p.parse_args(argv)
+    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts else None
+    out = Path(args.out) if args.out else user_profiles_dir() / profile_name(args.model)
+
+    def say(stage, message, fraction=None):
+        print(json.dumps({"stage": stage, "message": message, "fraction": fraction}), flush=True)
+
+    run_profile(args.model, prompts, out, say, capacity=args.capacity, memory_budget=args.memory_budget)
+    print(json.dumps({"out": str(out)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

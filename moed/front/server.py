@@ -263,10 +263,7 @@ class Daemon:
             self.http = await http.open_gateway(self.args, self.runtime.socket_path)
         except http.GatewayError as e:
             raise DaemonError(str(e)) from None
-        try:
-            self.editor = await editor.open_door(self.args, self.runtime.socket_path)
-        except Exception as e:  # as when its socket cannot be made: the daemon goes on without the editor door
-            log.error("cannot open the editor door: %s: %s", type(e).__name__, e)
+        self.editor = await editor.open_door(self.args, self.runtime.socket_path)
         log.info("moed %s listening on %s (instance %s), model %s", status.VERSION, self.runtime.socket_path, self.instance_id, self.args.model or "embedded")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

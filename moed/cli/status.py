@@ -1,0 +1,113 @@
+"""moectl status: the daemon's status reply, for a person or as JSON."""
+
+from __future__ import annotations
+
+import json
+
+from moed import config as configuration
+from moed import platform
+from moed.cli.common import EXIT_FAILURE, EXIT_NOT_RUNNING
+from moed.cli.runtime import Runtime, pidfile_pid, query_status
+from moed.config import Config
+
+
+def model_name(status: dict) -> str:
+    model = status.get("model")
+    if isinstance(model, dict):
+        return str(model.get("name") or model.get("path") or "?")
+    return str(model or "?")
+
+
+def status_object(cfg: Config) -> dict:
+    """``moectl status --json``: the daemon's status reply plus running, socket, pidfile, log and service."""
+    runtime = Runtime.of(cfg)
+    status = query_status(runtime)
+    manager = platform.service_manager()
+    extra = {
+        "socket": str(runtime.socket),
+        "pidfile": str(runtime.pidfile),
+        "log": str(cfg.log_path()),
+        "service": {"manager": manager, "installed": platform.is_service_installed(manager) if manager else False},
+    }
+    if status is not None:
+        status.pop("type", None)
+        return {"running": True, **status, **extra}
+    pid = pidfile_pid(runtime)
+    return {"running": False, "state": "unresponsive" if pid else "stopped", "pid": pid, **extra}
+
+
+def cmd_status(args, cfg: Config) -> int:
+    obj = status_object(cfg)
+    if args.json:
+        print(json.dumps(obj, sort_keys=True))
+    else:
+        print(format_status(obj))
+    if obj["running"]:
+        return 0
+    return EXIT_FAILURE if obj["state"] == "unresponsive" else EXIT_NOT_RUNNING
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{d}d {h}h {m:02d}m" if d else f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def format_status(obj: dict) -> str:
+    size = configuration.format_size
+    if not obj["running"]:
+        if obj["state"] == "unresponsive":
+            return f"moed (pid {obj['pid']}) holds {obj['pidfile']} but does not answer on {obj['socket']}; `moectl stop` stops it"
+        return "moed is not running (start it with `moectl start`)"
+    rows = []
+    state = obj.get("state")
+    head = f"moed is running ({state})"
+    if state != "ready":
+        p = obj.get("progress") or {}
+        fraction = p.get("fraction")
+        head += f": [{p.get('stage')}] {p.get('message')}" + (f" {100 * fraction:.0f}%" if isinstance(fraction, (int, float)) else "")
+    engine = f" (engine {obj['engine_pid']})" if obj.get("engine_pid") else ""
+    rows.append(("pid", f"{obj.get('pid')}{engine}, up {format_duration(obj.get('uptime_s') or 0)}"))
+    model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
+    rows.append(("model", f"{model_name(obj)}" + (f" ({model['path']})" if model.get("path") else "")))
+    memory = obj.get("memory") or {}
+    budget = memory.get("budget_bytes")
+    experts = obj.get("experts")
+    unbounded = "none" if experts else "none (whole model in memory)"
+    rows.append(("memory", f"{size(memory.get('rss_bytes'))} resident, budget {size(budget) if budget else unbounded}"))
+    requests = obj.get("requests") or {}
+    rows.append(("requests", f"{requests.get('active', 0)} active, {requests.get('queued', 0)} queued; {obj.get('clients', 0)} client(s)"))
+    rows.append(("speed", f"{obj.get('recent_tok_s') or 0:.1f} tok/s (recent)"))
+    if isinstance(experts, dict) and experts:
+        rows.append(("experts", format_experts(experts)))
+    rows.append(("socket", obj["socket"]))
+    if obj.get("editor_socket"):
+        rows.append(("editor", obj["editor_socket"]))
+    rows.append(("log", obj["log"]))
+    service = obj.get("service") or {}
+    if service.get("installed"):
+        rows.append(("service", f"{service['manager']} (installed)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def format_experts(experts: dict) -> str:
+    """The expert-cache figures a person looks at; `status --json` has them all."""
+
+    def pct(value) -> str:
+        return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "-"
+
+    prefetch = experts.get("prefetch") if isinstance(experts.get("prefetch"), dict) else {}
+    parts = [f"hit rate {pct(experts.get('hit_rate'))}"]
+    if prefetch:
+        parts.append(f"prefetch recall {pct(prefetch.get('recall'))}, precision {pct(prefetch.get('precision'))}")
+    parts.append(f"{configuration.format_size(experts.get('bytes_read'))} read from disk")
+    if experts.get("decode_steps"):  # redone: an expert was missing, the exact pass ran again
+        parts.append(f"{experts.get('redos', 0)}/{experts['decode_steps']} decode forwards redone")
+    if experts.get("slots"):
+        parts.append(f"{experts.get('resident', 0)}/{experts['slots']} slots filled ({experts.get('capacity')} per layer)")
+    if experts.get("approximate"):
+        parts.append("approximate")
+    return ", ".join(parts)

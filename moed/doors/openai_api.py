@@ -1,0 +1,101 @@
+"""OpenAI's request bodies as protocol v1 generate arguments, and protocol usage as OpenAI's."""
+
+from __future__ import annotations
+
+from moed_client import protocol as P
+
+# OpenAI parameters this gateway cannot honour: refused, never silently ignored.
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities", "prediction")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = P.ErrorCode.INVALID_REQUEST):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+def field(body: dict, name: str, kinds, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise BadRequest(f"'{name}' has the wrong type", name)
+    if not isinstance(value, kinds):
+        raise BadRequest(f"'{name}' has the wrong type", name)
+    return value
+
+
+def sampling_args(body: dict) -> dict:
+    """Sampling fields common to both endpoints (the daemon validates their ranges)."""
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, [], {}):
+            raise BadRequest(f"'{name}' is not supported by moed", name)
+    if field(body, "n", int, 1) != 1:
+        raise BadRequest("only n=1 is supported", "n")
+    if field(body, "logprobs", (bool, int), False) or field(body, "top_logprobs", int, 0):
+        raise BadRequest("logprobs are not supported by moed", "logprobs")
+    max_tokens = field(body, "max_completion_tokens", int) or field(body, "max_tokens", int)
+    args = {
+        # OpenAI's defaults (temperature 1) apply when the client leaves them out.
+        "temperature": field(body, "temperature", (int, float), 1.0),
+        "top_p": field(body, "top_p", (int, float), 1.0),
+        "max_tokens": max_tokens,
+        "seed": field(body, "seed", int),
+        "stop": body.get("stop"),  # a string or a list; the daemon validates it
+    }
+    for extra in ("top_k", "min_p"):  # accepted by several OpenAI-compatible servers
+        if body.get(extra) is not None:
+            args[extra] = field(body, extra, (int, float))
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a string 'role'", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            parts = []
+            for p in content:
+                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                    raise BadRequest(f"messages[{i}]: only text content parts are supported", "messages")
+                parts.append(p["text"])
+            content = "".join(parts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string or an array of text parts", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def completion_prompt(body: dict) -> dict:
+    if body.get("suffix") is not None:
+        raise BadRequest("'suffix' is not supported here; editors get fill-in-the-middle from the editor socket's 'infill'", "suffix")
+    if body.get("echo"):
+        raise BadRequest("'echo' is not supported by moed", "echo")
+    if field(body, "best_of", int, 1) != 1:
+        raise BadRequest("only best_of=1 is supported", "best_of")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise BadRequest("'prompt' must not be empty", "prompt")
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return {"token_ids": prompt}
+    raise BadRequest("'prompt' must be a string, one string in an array, or an array of token ids", "prompt")
+
+
+def usage(u: dict) -> dict:
+    prompt, completion = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if u.get("cached_tokens") is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": int(u["cached_tokens"])}
+    return out
