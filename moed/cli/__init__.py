@@ -16,6 +16,7 @@ from moed import platform
 from moed.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError
 from moed.cli.daemon import cmd_logs, cmd_service, cmd_start, cmd_stop
 from moed.cli.generate import cmd_chat, cmd_run
+from moed.cli.inventory import cmd_list, cmd_ps, cmd_rm, cmd_show
 from moed.cli.models import cmd_profile, cmd_pull
 from moed.cli.status import cmd_status
 from moed.config import ConfigError
@@ -78,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pull", help="download a model from the Hugging Face hub")
     s.add_argument("repo", help="repo id, e.g. mlx-community/Qwen3-30B-A3B-4bit")
     s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("list", aliases=["ls"], help="models on this machine: the embedded one and MoE models in the Hugging Face cache")
+    s.add_argument("--json", action="store_true", help="a JSON list")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="a model's config, bytes per expert and a suggested memory budget")
+    s.add_argument("model", help="embedded, a repo id from `moectl list`, or a model directory")
+    s.add_argument("--json", action="store_true", help="one JSON object, config.json included")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("rm", help="remove a model from the Hugging Face cache")
+    s.add_argument("model", help="repo id, as `moectl list` shows it")
+    s.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("ps", help="the model the daemon has loaded: memory, residency, clients, since when")
+    s.add_argument("--json", action="store_true", help="a JSON list")
+    s.set_defaults(func=cmd_ps)
 
     s = sub.add_parser("service", help="install or remove moed as a launchd/systemd user service")
     s.add_argument("action", choices=("install", "uninstall"))

@@ -68,6 +68,7 @@ def report(daemon) -> dict:
         "engine_pid": engine_pid,
         "uptime_s": now - daemon.started,
         "model": sup.model,
+        "model_ready_at": sup.model_ready_at,
         "memory": {
             "rss_bytes": (front_rss + engine_rss) if front_rss is not None and engine_rss is not None else None,
             "front_rss_bytes": front_rss,

@@ -56,6 +56,7 @@ class Supervisor:
         self.state = "loading"  # loading, ready, restarting, stopping
         self.progress = {"stage": "starting", "message": "starting the engine", "fraction": 0.0}
         self.model: dict = {"name": args.model or "embedded", "path": None}
+        self.model_ready_at: float | None = None
         self.model_path: Path | None = None  # set by resolve_model() once the socket answers
         self.engine: EngineHandle | None = None
         self.engine_stats: dict = {}
@@ -149,6 +150,7 @@ class Supervisor:
             self.progress = {"stage": msg.stage, "message": msg.message, "fraction": msg.fraction}
         elif isinstance(msg, Ready):
             self.model = msg.model
+            self.model_ready_at = time.time()  # wall clock, for `moectl ps` (since when this model is loaded)
             engine.ready = True
             self.state = "ready" if self.state != "stopping" else self.state
             self.progress = {"stage": "ready", "message": "model loaded", "fraction": 1.0}
