@@ -40,6 +40,11 @@ class Setting:
 
 
 SIZE = "size"
+DURATION = "duration"  # seconds, from 30, 30s, 5m, 1h; negative: never
+# Keep the model loaded however long the daemon idles (ollama's default is 5m): moed exists to keep one
+# model warm for many clients, and a reload costs the load time plus the experts' cache warmth and
+# the prompt caches. Set keep_alive (e.g. 10m) where the RAM matters more than the next answer's latency.
+KEEP_ALIVE_NEVER = -1.0
 MAX_CLIENTS = 64  # per door (ZeroMQ, editor socket, HTTP), before 'busy'; docs/limits.md
 
 SETTINGS = (
@@ -52,6 +57,8 @@ SETTINGS = (
     Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
     Setting("max_clients", int, MAX_CLIENTS, "clients each door serves at once before answering 'busy' (see docs/limits.md)"),
+    Setting("keep_alive", DURATION, KEEP_ALIVE_NEVER, "unload the model after this long idle (0: after each request, -1: never), e.g. 5m"),
+    Setting("allow_switching", bool, False, "let a request naming another model switch the daemon to it (else: model_not_found)"),
     Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
     Setting("start_timeout", float, 1800.0, "seconds moectl start waits for the model to be ready"),
     Setting("stop_timeout", float, 40.0, "seconds moectl stop waits for a graceful exit (the daemon drains for 30) before signalling"),
@@ -72,6 +79,8 @@ class Config:
     tcp: str | None = None
     http: str | None = None
     max_clients: int = MAX_CLIENTS
+    keep_alive: float = KEEP_ALIVE_NEVER
+    allow_switching: bool = False
     log_dir: str | None = None
     start_timeout: float = 1800.0
     stop_timeout: float = 40.0
@@ -97,6 +106,10 @@ class Config:
             args += ["--memory-budget", str(self.memory_budget)]
         if given("capacity"):
             args += ["--capacity", str(self.capacity)]
+        if given("keep_alive") and self.keep_alive != KEEP_ALIVE_NEVER:
+            args += ["--keep-alive", f"{self.keep_alive:g}"]
+        if self.allow_switching and given("allow_switching"):
+            args.append("--allow-switching")
         if self.approximate and given("approximate"):
             args.append("--approximate")
         if not self.prefetch and given("prefetch"):
@@ -156,6 +169,24 @@ def format_size(n: int | float | None) -> str:
     return f"{n:.1f} TiB"
 
 
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``30``, ``30s``, ``5m``, ``1h`` or ``500ms`` (ollama's keep_alive spellings); any negative: -1 (never)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"not a duration: {value!r} (use seconds or a number with ms, s, m or h, e.g. 5m; -1: never)")
+        seconds = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower()]
+    return KEEP_ALIVE_NEVER if seconds < 0 else seconds
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -165,6 +196,8 @@ def _convert(setting: Setting, value: Any, where: str) -> Any:
     try:
         if setting.kind == SIZE:
             return parse_size(value)
+        if setting.kind == DURATION:
+            return parse_duration(value)
         if setting.kind is bool:
             if isinstance(value, bool):
                 return value

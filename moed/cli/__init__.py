@@ -19,6 +19,7 @@ from moed.cli.generate import cmd_chat, cmd_run
 from moed.cli.inventory import cmd_list, cmd_ps, cmd_rm, cmd_show
 from moed.cli.models import cmd_profile, cmd_pull
 from moed.cli.status import cmd_status
+from moed.cli.switch import cmd_load
 from moed.config import ConfigError
 from moed.models import ModelError  # not `models.`: the package attribute `models` is the moed.cli.models submodule
 from moed_client import MoedError
@@ -32,6 +33,8 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None, help="do not prefetch experts")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen for protocol v1 on TCP")
     p.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible gateway")
+    p.add_argument("--keep-alive", metavar="DURATION", help="unload the model after this long idle, e.g. 5m (0: after each request, -1: never)")
+    p.add_argument("--allow-switching", action="store_true", default=None, help="let a request naming another model switch to it")
     p.add_argument("--timeout", dest="start_timeout", type=float, metavar="S", help="seconds to wait for the model to be ready")
 
 
@@ -70,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="system message")
     add_sampling_flags(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("load", help="switch the running daemon to another model (with progress)")
+    s.add_argument("model", help="embedded, a hub repo id or a model directory")
+    s.add_argument("--cancel", action="store_true", help="cancel in-flight requests instead of letting them finish")
+    s.add_argument("--timeout", dest="start_timeout", type=float, metavar="S", help="seconds to wait for the new model")
+    s.set_defaults(func=cmd_load)
 
     s = sub.add_parser("logs", help="print the daemon's log")
     s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from moed.cli.common import EXIT_USAGE, CommandError
-from moed.cli.runtime import Runtime, console_log, pidfile_pid, query_status, wait_until_ready
+from moed.cli.runtime import READY_STATES, Runtime, console_log, pidfile_pid, query_status, wait_until_ready
 from moed.cli.status import model_name
 from moed.config import Config
 from moed_client import Client, MoedError
@@ -19,7 +19,7 @@ def connect_ready(cfg: Config) -> Client:
     status = query_status(runtime)
     if status is None:
         raise CommandError("moed is not running; start it with `moectl start`")
-    if status.get("state") != "ready":
+    if status.get("state") not in READY_STATES:
         wait_until_ready(runtime, cfg.start_timeout, lambda: pidfile_pid(runtime) is not None, console_log(cfg))
     client = Client(runtime.socket, name="moectl")
     client.connect()
