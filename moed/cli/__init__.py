@@ -15,7 +15,8 @@ from moed import config as configuration
 from moed import platform
 from moed.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError
 from moed.cli.daemon import cmd_logs, cmd_service, cmd_start, cmd_stop
-from moed.cli.generate import cmd_chat, cmd_run
+from moed.cli.chat import cmd_chat
+from moed.cli.generate import cmd_run
 from moed.cli.inventory import cmd_list, cmd_ps, cmd_rm, cmd_show
 from moed.cli.models import cmd_profile, cmd_pull
 from moed.cli.status import cmd_status
