@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import platformdirs
 
 from moed.channel import ENGINE_DEFAULTS as ENGINE
+from moed.channel import EngineOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,9 +35,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: type  # str, int, float, bool or "size" (bytes, parsed by parse_size)
+    kind: type  # str, int, float, bool, "size" (bytes, parsed by parse_size) or "duration" (parse_duration)
     default: Any
     help: str
+    serve_flag: str | None = None  # a daemon setting moed serve takes as this flag and defaults itself (DAEMON)
 
 
 SIZE = "size"
@@ -65,6 +67,30 @@ SETTINGS = (
     Setting("max_tokens", int, 512, "moectl run/chat: most tokens per answer"),
     Setting("temperature", float, 0.0, "moectl run/chat: sampling temperature (0 = greedy)"),
 )
+
+def _daemon_settings() -> tuple[Setting, ...]:
+    """The rest of ``moed serve``'s options, for moectl start and config.toml. Their defaults stay where they
+    are written once (EngineOptions, moed serve's parser): None here means "the daemon's default"."""
+    shared = {"capacity", "memory_budget", "approximate", "no_prefetch"}  # above, under their moectl names
+    engine = tuple(
+        Setting(f.name, bool if f.metadata["flag"] == "switch" else SIZE if f.metadata["kind"] == "size" else f.metadata["kind"],
+                None, f"{f.metadata['help']} (default {f.default})", "--" + f.name.replace("_", "-"))
+        for f in fields(EngineOptions) if f.name not in shared
+    )
+    return engine + (
+        Setting("max_queue", int, None, "requests waiting beyond the batch before 'busy'", "--max-queue"),
+        Setting("max_tokens_limit", int, None, "largest max_tokens a request may ask for (moed serve --max-tokens)", "--max-tokens"),
+        Setting("shutdown_timeout", float, None, "seconds in-flight requests get on shutdown", "--shutdown-timeout"),
+        Setting("engine_timeout", float, None, "seconds without an engine heartbeat before it is restarted (0: never)", "--engine-timeout"),
+        Setting("tcp_allow_remote", bool, None, "allow tcp on a non-loopback address", "--tcp-allow-remote"),
+        Setting("http_allow_remote", bool, None, "let http bind a non-loopback address (needs a token)", "--http-allow-remote"),
+        Setting("no_editor", bool, None, "do not open the editor socket", "--no-editor"),
+        # Not http_token: a secret does not belong in a file other tools read; MOED_HTTP_TOKEN carries it.
+    )
+
+
+DAEMON = _daemon_settings()
+SETTINGS = SETTINGS + DAEMON
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -86,6 +112,7 @@ class Config:
     stop_timeout: float = 40.0
     max_tokens: int = 512
     temperature: float = 0.0
+    daemon: Mapping[str, Any] | None = None  # the DAEMON settings: name -> value (None: the daemon's default)
     source: Mapping[str, str] | None = None  # setting -> "default" | "file" | "env" | "flag"
 
     def serve_args(self, sources: frozenset[str] | None = None) -> list[str]:
@@ -106,6 +133,8 @@ class Config:
             args += ["--memory-budget", str(self.memory_budget)]
         if given("capacity"):
             args += ["--capacity", str(self.capacity)]
+        if given("max_clients") and (self.source or {}).get("max_clients", "default") != "default":
+            args += ["--max-clients", str(self.max_clients)]
         if given("keep_alive") and self.keep_alive != KEEP_ALIVE_NEVER:
             args += ["--keep-alive", f"{self.keep_alive:g}"]
         if self.allow_switching and given("allow_switching"):
@@ -114,13 +143,18 @@ class Config:
             args.append("--approximate")
         if not self.prefetch and given("prefetch"):
             args.append("--no-prefetch")
+        for setting in DAEMON:
+            value = (self.daemon or {}).get(setting.name)
+            if value is None or value is False or (sources is not None and (self.source or {}).get(setting.name) not in sources):
+                continue
+            args += [setting.serve_flag] if value is True else [setting.serve_flag, f"{value:g}" if isinstance(value, float) else str(value)]
         return args
 
     def log_path(self) -> Path:
         return Path(self.log_dir).expanduser() / "moed.log" if self.log_dir else default_log_dir() / "moed.log"
 
 
-assert [f.name for f in fields(Config)][:-1] == [s.name for s in SETTINGS], "Config fields and SETTINGS disagree"
+assert [f.name for f in fields(Config)][:-2] == [s.name for s in SETTINGS if s.serve_flag is None], "Config fields and SETTINGS disagree"
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -261,7 +295,8 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
             raise ConfigError(f"unknown setting {name!r}")
         values[name], source[name] = _convert(BY_NAME[name], value, f"--{name.replace('_', '-')}"), "flag"
     _check(values)
-    return Config(**values, source=source)
+    daemon = {s.name: values.pop(s.name) for s in DAEMON}
+    return Config(**values, daemon=daemon, source=source)
 
 
 def _check(values: dict[str, Any]) -> None:

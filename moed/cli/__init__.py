@@ -34,9 +34,16 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None, help="do not prefetch experts")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen for protocol v1 on TCP")
     p.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible gateway")
+    p.add_argument("--max-clients", type=int, metavar="N", help="clients per door before 'busy'")
     p.add_argument("--keep-alive", metavar="DURATION", help="unload the model after this long idle, e.g. 5m (0: after each request, -1: never)")
     p.add_argument("--allow-switching", action="store_true", default=None, help="let a request naming another model switch to it")
     p.add_argument("--timeout", dest="start_timeout", type=float, metavar="S", help="seconds to wait for the model to be ready")
+    for setting in configuration.DAEMON:  # every other `moed serve` option, under its config.toml name
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=setting.help)
+        else:
+            p.add_argument(flag, metavar=setting.name.upper(), help=setting.help)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

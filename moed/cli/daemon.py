@@ -24,7 +24,7 @@ from moed_client import Client, MoedError
 TERM_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
 KILL_GRACE_S = 5.0
 DAEMON_SETTINGS = ("model", "memory_budget", "capacity", "approximate", "prefetch", "socket", "tcp", "http", "keep_alive",
-                   "allow_switching")
+                   "allow_switching", *(s.name for s in configuration.DAEMON))
 
 
 def daemon_argv(cfg: Config, sources: frozenset[str] | None = None) -> list[str]:

@@ -50,6 +50,12 @@ def apply_config(args) -> None:
         "keep_alive": getattr(args, "keep_alive", None), "allow_switching": True if getattr(args, "allow_switching", False) else None,
     }
     cfg = config.load(flags)
+    given = getattr(args, "given", set())
+    for setting in config.DAEMON:  # the rest of the flags: config.toml and MOED_* fill those not on the command line
+        dest = setting.serve_flag[2:].replace("-", "_")
+        value = cfg.daemon[setting.name]
+        if dest not in given and value is not None and hasattr(args, dest):
+            setattr(args, dest, value)
     args.model, args.memory_budget, args.capacity = cfg.model, cfg.memory_budget, cfg.capacity
     args.approximate, args.no_prefetch = cfg.approximate, not cfg.prefetch
     args.socket, args.tcp, args.max_clients = cfg.socket, cfg.tcp, cfg.max_clients
@@ -121,8 +127,19 @@ def serve(args) -> int:
         runtime.release()
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the ``moed serve`` options written on the command line (argparse's prefixes too)."""
+    serve = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    tokens = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    return {action.dest for action in serve._actions
+            if any(o.startswith(t) for t in tokens for o in action.option_strings if o.startswith("--"))}
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.given = given_options(parser, argv)
     if args.command == "serve":
         return serve(args)
     return 2
