@@ -154,8 +154,9 @@ class Engine:
         return seqs
 
     # -- requests ---------------------------------------------------------
-    def tokenize(self, req: P.GenerateRequest) -> list[int]:
-        tok = self.tokenizer
+    def tokenize(self, req: P.GenerateRequest, tokenizer=None) -> list[int]:
+        """The request's prompt tokens; ``tokenizer``: a copy for a thread of its own (tokenizing.py)."""
+        tok = tokenizer or self.tokenizer
         if req.token_ids is not None:
             ids = list(req.token_ids)
             if max(ids) >= self.model_vocab():
@@ -170,14 +171,14 @@ class Engine:
     def model_vocab(self) -> int:
         return self.model.args.vocab_size if hasattr(self.model, "args") else 1 << 62
 
-    def submit(self, msg: Submit) -> None:
+    def submit(self, msg: Submit, tokens: list[int] | None = None) -> None:
         seq, sampling = msg.seq, msg.request.sampling
-        tokens = self.tokenize(msg.request)
+        tokens = self.tokenize(msg.request) if tokens is None else tokens
         if not tokens:
             raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens")
         if len(tokens) + sampling.max_tokens > self.max_context:
             raise P.ProtocolError(
-                P.ErrorCode.LIMIT_EXCEEDED,
+                P.ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"prompt ({len(tokens)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context limit {self.max_context}",
             )
         cache, rest = self.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
@@ -259,6 +260,10 @@ class Engine:
             a = self.active.pop(uid)
         a.pending_ids = []  # the last step's ids went out with its event already
         return self._final(a, "cancelled", "")
+
+    def cancelled_unstarted(self, seq: int) -> Event:
+        """The final event of a request cancelled before it reached the engine's batch."""
+        return self._final(Active(seq, 0, 0, 0, None, None), "cancelled", "")
 
     def cancel_all(self) -> list[Event]:
         seqs = list(self.by_seq) + ([self.solo.active.seq] if self.solo is not None else [])
