@@ -93,13 +93,16 @@ def serve(channel: Channel, engine: Engine, stream_interval: float) -> None:
 def _serve(channel: Channel, engine: Engine, outbox: Outbox, tokenizing: Tokenizing, front: int) -> None:
     last_stats = 0.0
     while True:
+        MARK.tick()
         if os.getppid() != front:  # the front died without telling us (kill -9): nobody will read our output
             log.error("front process %d is gone; exiting", front)
             return
         # an idle engine has flushed everything; one waiting only for the tokenizer looks again soon
         timeout = 0 if engine.busy else TOKENIZE_POLL_MS if tokenizing.jobs else int(STATS_INTERVAL_S * 1000)
         events = []
+        MARK.waiting = timeout > 0
         while (msg := channel.poll(timeout)) is not None:
+            MARK.waiting = False
             timeout = 0
             if isinstance(msg, Submit):
                 tokenizing.add(msg)
@@ -113,6 +116,7 @@ def _serve(channel: Channel, engine: Engine, outbox: Outbox, tokenizing: Tokeniz
                 outbox.add(events + [e for e in map(tokenizing.cancel, list(tokenizing.jobs)) if e] + engine.cancel_all())
                 outbox.flush(time.monotonic(), force=True)
                 return
+        MARK.waiting = False
         for msg, tokens in tokenizing.ready():
             try:
                 engine.submit(msg, tokens.result())
@@ -143,16 +147,45 @@ def _serve(channel: Channel, engine: Engine, outbox: Outbox, tokenizing: Tokeniz
             last_stats = now
 
 
-def start_heartbeat(fd: int | None) -> None:
+class ProgressMark:
+    """What each heartbeat says besides "alive": whether the serve loop moved on.
+
+    The loop ticks once per turn (a turn runs at most one decode step and one
+    prefill chunk) and marks the time it waits for messages. A beat is
+    ``PROGRESS`` when it ticked since the last beat or is waiting, else
+    ``ALIVE``: a long, legitimate prefill ticks every chunk, a loop stuck
+    inside a turn only beats ALIVE, and the front judges how long that may last
+    (moed/front/supervisor.py, --hang-timeout)."""
+
+    PROGRESS, ALIVE = b".", b","
+
+    def __init__(self):
+        self.turns = 0
+        self.waiting = True  # loading the model is not judged by the front (only a ready engine is)
+        self._seen = -1
+
+    def tick(self) -> None:
+        self.turns += 1
+
+    def beat(self) -> bytes:
+        moved, self._seen = self.turns != self._seen, self.turns
+        return self.PROGRESS if moved or self.waiting else self.ALIVE
+
+
+MARK = ProgressMark()
+
+
+def start_heartbeat(fd: int | None, mark: ProgressMark = MARK) -> None:
     """Beat on the front's pipe from a thread: a stopped or wedged process goes
-    quiet, a long decode step does not (MLX releases the GIL while it computes)."""
+    quiet, a long decode step does not (MLX releases the GIL while it computes);
+    each beat says whether the loop made progress (``ProgressMark``)."""
     if fd is None:
         return
 
     def beat() -> None:
         while True:
             try:
-                os.write(fd, b".")
+                os.write(fd, mark.beat())
             except OSError:  # the front is gone
                 return
             time.sleep(HEARTBEAT_S)
