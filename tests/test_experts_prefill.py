@@ -18,23 +18,11 @@ mx = pytest.importorskip("mlx.core")
 import mlx_lm  # noqa: E402
 
 from moed.experts import load_model  # noqa: E402
-from test_experts import num_experts  # noqa: E402
+from test_experts import family_dir, num_experts, private_state  # noqa: E402,F401  (fixtures)
 
 PROMPT = "the quick brown fox jumps over the lazy dog while " * 4
 CHUNK = 16  # prefill tokens per forward: several chunks, each routing to many experts
 NEW_TOKENS = 6
-
-
-@pytest.fixture(autouse=True)
-def private_state(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOED_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("MOED_PROFILE_DIR", str(tmp_path / "profiles"))
-
-
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefill-families")
-    return {f: families.build(f, root / f) for f in families.FAMILIES}
 
 
 def run(model, tokenizer):
