@@ -94,10 +94,17 @@ def test_chunk_clock_sizes_chunks_by_time():
     slow = ChunkClock(0.25, 2048)
     for n in (16, 32, 64):
         slow.record(n, 1.0 + n * 0.002)  # a second of expert reads whatever the length
-    assert slow.size() == 500  # grows until compute matches the fixed cost, not to the minimum
+    assert slow.size() == 128  # grows (at most doubling) until compute matches the fixed cost, not to the minimum
+    slow.record(128, 1.0 + 128 * 0.002)
+    slow.record(256, 1.0 + 256 * 0.002)
+    assert slow.size() == 500
     fast = ChunkClock(0.25, 512)
     fast.record(100, 0.001)
-    assert fast.size() == 512 and ChunkClock(0.0, 64).size() == 64
+    assert fast.size() == 200 and ChunkClock(0.0, 64).size() == 64  # doubling, then the --prefill-step cap
+    noisy = ChunkClock(0.25, 2048)
+    for n, s in ((100, 0.30), (300, 0.25), (200, 0.28)):  # longer chunks looked cheaper: no trust in the slope
+        noisy.record(n, s)
+    assert noisy.size() == int(0.25 / (0.83 / 600))
     tiny = ChunkClock(0.25, 2048)
     tiny.record(100, 10.0)
     assert tiny.size() == MIN_CHUNK

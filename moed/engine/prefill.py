@@ -47,9 +47,9 @@ class ChunkClock:
         ys = [s for _, s in self.recent]
         mx_, my = sum(xs) / n, sum(ys) / n
         var = sum((x - mx_) ** 2 for x in xs)
-        if var == 0:  # all chunks of one length: read it as all per-token cost (the cautious side)
-            return 0.0, my / mx_
-        per = max(sum((x - mx_) * (y - my) for x, y in zip(xs, ys)) / var, 1e-9)
+        per = sum((x - mx_) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+        if per <= 0:  # one length only, or noise (a loaded machine) made longer chunks look cheaper:
+            return 0.0, my / mx_  # read it all as per-token cost, the cautious side
         return max(my - per * mx_, 0.0), per
 
     def size(self) -> int:
@@ -59,6 +59,9 @@ class ChunkClock:
             return min(FIRST_CHUNK, self.most)
         fixed, per = self.fit()
         n = max(self.target_s - fixed, fixed) / per
+        # at most twice the longest recent chunk: a fit from short chunks may not hold for long ones
+        # (attention grows with the context), so a wrong guess costs at most about twice the target
+        n = min(n, 2 * max(t for t, _ in self.recent))
         return int(min(max(n + 1e-6, MIN_CHUNK), self.most))  # (the epsilon: 239.99999 tokens is 240)
 
     def stats(self) -> dict:

@@ -138,10 +138,9 @@ class ExpertManager(PassChecks):
         if self.prefetcher is not None:
             self.prefetcher.note_need(order, cache, needed)
             self.prefetcher.request_ahead(ahead)
-        if ids.size > ids.shape[-1] and len(cache.missing(needed)):
-            # a multi-token forward (prefill chunk) with misses: expert-major, each missing expert read once
-            if self.prefetcher is not None:
-                self.prefetcher.settle_layer(order)  # its loads for this layer land first: none is read twice
+        if ids.size > ids.shape[-1] and len(cache.missing(needed)):  # several tokens, misses: expert-major
+            if self.prefetcher is not None:  # its loads for this layer land first: none is read twice
+                self.prefetcher.settle_layer(order)
             self._step_missed = True
             y, waited = self.stream.compute(cache, inner, x, indices, ids, needed)
             self.wait_time += waited
@@ -152,9 +151,8 @@ class ExpertManager(PassChecks):
         if len(others) <= room:
             self._load(cache, needed)
             return inner(x, cache.lut()[indices])
-        # More distinct experts than slots (a decode step of a capacity below top-k): compute in
-        # groups that fit, resident ones first, each group evaluated before the
-        # next overwrites its slots.
+        # More distinct experts than slots (a decode step of a capacity below top-k): compute in groups
+        # that fit, resident ones first, each group evaluated before the next overwrites its slots.
         others = others[np.argsort(cache.slot_of[others] < 0, kind="stable")]
         y = None
         for start in range(0, len(others), room):
