@@ -239,7 +239,7 @@ def markdown(result: dict) -> str:
         lines += [f"## {name}: {m['prompt_tokens']}-token prompt; sequential read {m['disk']['gb_s']:.2f} GB/s; "
                   f"stock compute {st.get('ttft_s', float('nan')):.2f} s", "",
                   "| residency | TTFT s | limit s (per chunk / whole prompt) | TTFT / (limit + stock) | bytes read / distinct | "
-                  "chunks | exact |", "|---|---|---|---|---|---|---|"]
+                  "forwards | exact |", "|---|---|---|---|---|---|---|"]
         for share, r in m["residency"].items():
             if "error" in r:
                 lines.append(f"| {share}% | error: {r['error'][-200:]!r} | | | | | |")
