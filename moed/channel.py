@@ -44,6 +44,9 @@ class EngineOptions:
     max_batch: int = _option(8, "requests decoded together")
     prefill_step: int = _option(2048, "prompt tokens per prefill step (2048 as mlx_lm.generate: smaller steps let "
                                       "other streams decode sooner but change long-prompt numerics)")
+    prefill_chunk_ms: float = _option(250.0, "target milliseconds per prefill chunk: a long prompt is fed in chunks "
+                                             "of about this long, other streams decode between them (0: chunks of "
+                                             "--prefill-step tokens)", kind=float)
     max_context: int = _option(32768, "largest prompt + max_tokens")
     # One message per token costs a few wakeups across three processes; at hundreds of tokens/s on a
     # small machine that is ~8% of decode (bench.daemon_bench). Slower streams are never held (Outbox).

@@ -267,7 +267,7 @@ def test_prompt_at_the_size_limit_fails_only_itself(live, peer):
         next(stream)
         peer.send(P.pack({"type": P.GENERATE, "id": "big", "prompt": prompt, "max_tokens": 1}))
         _, final = peer.stream("big", timeout=60)
-        assert final["type"] == P.ERROR and final["code"] == P.ErrorCode.LIMIT_EXCEEDED, final
+        assert final["type"] == P.ERROR and final["code"] == P.ErrorCode.CONTEXT_LENGTH_EXCEEDED, final
         rest = list(stream)
         assert stream.finish_reason == "length" and rest
     assert_healthy(live)

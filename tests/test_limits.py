@@ -93,8 +93,21 @@ def test_prompt_tokens_and_context(tight):
         for ids, n in (([1] * 2045, 4), ([1] * 10_000, 1), ([1] * P.MAX_ARRAY_LEN, 1)):
             with pytest.raises(RequestError) as e:
                 c.complete(token_ids=ids, max_tokens=n)
-            assert e.value.code == P.ErrorCode.LIMIT_EXCEEDED, (len(ids), e.value)
+            assert e.value.code == P.ErrorCode.CONTEXT_LENGTH_EXCEEDED, (len(ids), e.value)
     assert idle(tight)["engine_restarts"] == 0
+
+
+def test_multi_mib_prompt_is_refused_quickly_by_bytes(tight):
+    """Over the context by its bytes alone: refused by the front before any tokenizing."""
+    with tight.client(timeout=30) as c:
+        t0 = time.monotonic()
+        with pytest.raises(RequestError) as e:
+            c.complete("lorem ipsum " * ((3 << 20) // 12), max_tokens=1)  # 3 MiB
+        took = time.monotonic() - t0
+        assert e.value.code == P.ErrorCode.CONTEXT_LENGTH_EXCEEDED and "at least" in e.value.message, e.value
+        assert took < 2.0, took  # tokenizing it took seconds
+        assert c.complete("hello", max_tokens=1).token_ids
+    idle(tight)
 
 
 def test_queue_and_clients_per_door(tight):

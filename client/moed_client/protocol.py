@@ -65,6 +65,7 @@ class ErrorCode:
     UNKNOWN_REQUEST = "unknown_request"  # reserved; a cancel of an id that is not live is ignored, unanswered
     BUSY = "busy"  # the queue is full
     LIMIT_EXCEEDED = "limit_exceeded"  # prompt or max_tokens over the daemon's limits
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt + max_tokens over the model's context
     ENGINE_RESTARTED = "engine_restarted"  # the engine died; the request is gone
     ENGINE_ERROR = "engine_error"  # the engine raised while serving this request
     SHUTTING_DOWN = "shutting_down"

@@ -67,6 +67,7 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 _STATUS_BY_CODE = {
     P.ErrorCode.BUSY: 429,
     P.ErrorCode.LIMIT_EXCEEDED: 400,
+    P.ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
     P.ErrorCode.INVALID_REQUEST: 400,
     P.ErrorCode.ENGINE_RESTARTED: 503,
     P.ErrorCode.ENGINE_ERROR: 500,

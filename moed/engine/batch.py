@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from moed_client import protocol as P
 
-from moed.channel import Event, Submit
+from moed.channel import EngineOptions, Event, Submit
 from moed.engine.loading import encode_prompt
+from moed.engine.prefill import ChunkClock, Prefill
 from moed.engine.sampling import StopText, make_request_sampler
 
 log = logging.getLogger("moed.engine")
@@ -124,10 +126,15 @@ class Engine:
         self.solo_allowed = not args.no_solo and can_trim_prompt_cache(self.new_cache())
         self.solo_steps = 0
         self.tokens_generated = 0
+        # prompts being fed a chunk per step, in turn (prefill.py); chunk length by time
+        self.prefilling: deque[Prefill] = deque()
+        chunk_ms = getattr(args, "prefill_chunk_ms", EngineOptions.prefill_chunk_ms)
+        self.chunk_clock = ChunkClock(chunk_ms / 1e3, args.prefill_step)
+        self.progress = 0  # steps and prefill chunks done: what the watchdog judges (loop.py)
 
     @property
     def busy(self) -> bool:
-        return bool(self.active) or self.solo is not None
+        return bool(self.active) or self.solo is not None or bool(self.prefilling)
 
     def drop_all(self) -> list[int]:
         """Forget every request after a failed step (its KV caches are half-updated) and start
@@ -139,14 +146,17 @@ class Engine:
                 self.solo.close()
             except Exception:
                 log.exception("closing the solo request after a failed step")
+        seqs += [p.active.seq for p in self.prefilling]
         self.solo, self.active, self.by_seq = None, {}, {}
+        self.prefilling.clear()
         self.gen.close()
         self.gen = self.new_batch()
         return seqs
 
     # -- requests ---------------------------------------------------------
-    def tokenize(self, req: P.GenerateRequest) -> list[int]:
-        tok = self.tokenizer
+    def tokenize(self, req: P.GenerateRequest, tokenizer=None) -> list[int]:
+        """The request's prompt tokens; ``tokenizer``: a copy for a thread of its own (tokenizing.py)."""
+        tok = tokenizer or self.tokenizer
         if req.token_ids is not None:
             ids = list(req.token_ids)
             if max(ids) >= self.model_vocab():
@@ -161,14 +171,14 @@ class Engine:
     def model_vocab(self) -> int:
         return self.model.args.vocab_size if hasattr(self.model, "args") else 1 << 62
 
-    def submit(self, msg: Submit) -> None:
+    def submit(self, msg: Submit, tokens: list[int] | None = None) -> None:
         seq, sampling = msg.seq, msg.request.sampling
-        tokens = self.tokenize(msg.request)
+        tokens = self.tokenize(msg.request) if tokens is None else tokens
         if not tokens:
             raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens")
         if len(tokens) + sampling.max_tokens > self.max_context:
             raise P.ProtocolError(
-                P.ErrorCode.LIMIT_EXCEEDED,
+                P.ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"prompt ({len(tokens)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context limit {self.max_context}",
             )
         cache, rest = self.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
@@ -193,14 +203,37 @@ class Engine:
         active = Active(seq, 0, len(tokens), cached, self.tokenizer.detokenizer, StopText(sampling.stop),
                         ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens)
         if self.solo is not None:
+            self._join_batch()  # the solo loop defers its checks: no other forward may run beside it
+        if len(rest) - 1 > self.chunk_clock.size():
+            # longer than a chunk: all but the last token are fed a chunk per step, between the others'
+            # steps (a shorter prompt is fed by the decode loop's first step, as mlx-lm does)
+            cache = cache if cache is not None else self.new_cache()
+            self.prefilling.append(Prefill(active, insert, cache, tokens, rest[:-1]))
+        else:
+            self._start(active, insert, cache, tokens)
+        log.debug("seq %d: %d prompt tokens, %d from cache", seq, len(tokens), cached)
+
+    def _start(self, active: Active, insert: dict, cache, tokens: list) -> None:
+        """Decode a request whose prompt is in ``cache`` but for what ``insert`` still feeds."""
+        if self.solo is not None:
             self._join_batch()
-        if self.solo_allowed and not self.active:
+        if self.solo_allowed and not self.active and not self.prefilling:
             cache = cache if cache is not None else self.new_cache()
             self.solo = Solo(active, insert, cache, list(tokens))
             self.solo.start(self.model, self.manager, self.prefill_step)
         else:
             self._insert(active, insert)
-        log.debug("seq %d: %d prompt tokens, %d from cache, %s", seq, len(tokens), cached, "solo" if self.solo else "batch")
+
+    def _prefill_chunk(self) -> None:
+        """Feed one chunk of the prompt next in turn; a prompt fed whole starts decoding."""
+        p = self.prefilling[0]
+        self.prefilling.rotate(-1)
+        t0 = time.perf_counter()
+        n = p.feed(self.model, self.chunk_clock.size())
+        self.chunk_clock.record(n, time.perf_counter() - t0)
+        if p.done:
+            self.prefilling.remove(p)
+            self._start(p.active, p.handoff(), p.cache, p.tokens)
 
     def _insert(self, a: Active, insert: dict) -> None:
         (a.uid,) = self.gen.insert(**insert)
@@ -212,7 +245,12 @@ class Engine:
         self._insert(solo.active, solo.join())
 
     def cancel(self, seq: int) -> Event | None:
-        if self.solo is not None and self.solo.active.seq == seq:
+        feeding = next((p for p in self.prefilling if p.active.seq == seq), None)
+        if feeding is not None:  # stops before its next chunk; what was fed stays for a prompt that extends it
+            self.prefilling.remove(feeding)
+            self._keep_cache(feeding.cache, feeding.fed())
+            a = feeding.active
+        elif self.solo is not None and self.solo.active.seq == seq:
             a = self._end_solo()
         else:
             uid = self.by_seq.get(seq)
@@ -223,8 +261,13 @@ class Engine:
         a.pending_ids = []  # the last step's ids went out with its event already
         return self._final(a, "cancelled", "")
 
+    def cancelled_unstarted(self, seq: int) -> Event:
+        """The final event of a request cancelled before it reached the engine's batch."""
+        return self._final(Active(seq, 0, 0, 0, None, None), "cancelled", "")
+
     def cancel_all(self) -> list[Event]:
         seqs = list(self.by_seq) + ([self.solo.active.seq] if self.solo is not None else [])
+        seqs += [p.active.seq for p in self.prefilling]
         return [e for e in (self.cancel(seq) for seq in seqs) if e]
 
     def _remove(self, uid: int, keep_cache: bool) -> None:
@@ -259,7 +302,14 @@ class Engine:
     # -- one decode step ---------------------------------------------------
 
     def step(self) -> list[Event]:
-        """One decode step (solo, or of the whole batch); the events it produced."""
+        """One decode step (solo, or of the whole batch) and one prefill chunk; the events produced."""
+        events = self._decode() if self.solo is not None or self.active else []
+        if self.prefilling:
+            self._prefill_chunk()
+        self.progress += 1
+        return events
+
+    def _decode(self) -> list[Event]:
         if self.solo is not None:
             return self._step_solo()
         _, responses = self.gen.next()
@@ -322,6 +372,7 @@ class Engine:
         stats = {
             "active": len(self.active) + (self.solo is not None),
             "solo_steps": self.solo_steps,
+            "prefill": dict(self.chunk_clock.stats(), prefilling=len(self.prefilling)),
             "tokens_generated": self.tokens_generated,
             "prompt_cache": {"entries": len(self.prompt_caches), "bytes": self.prompt_caches.nbytes},
             "mlx_active_bytes": mx.get_active_memory(),

@@ -21,7 +21,18 @@ def load_model(path: Path, *, capacity=None, memory_budget=None, approximate=Fal
     return model, tokenizer, None
 
 
-def model_info(path: Path, model) -> dict:
+def max_token_bytes(tokenizer) -> int | None:
+    """The most UTF-8 bytes one vocabulary entry is spelled with: at least the bytes of text any token
+    stands for (byte-level and SentencePiece spellings take more bytes than the text they stand for),
+    so a prompt's bytes / this is a lower bound on its tokens (moed/front/prompt_bound.py)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary map: the front skips the check by bytes
+        return None
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=None) or None
+
+
+def model_info(path: Path, model, tokenizer=None) -> dict:
     from moed.models import display_name, expert_count, read_config
 
     config = read_config(path)
@@ -34,6 +45,7 @@ def model_info(path: Path, model) -> dict:
         "num_experts_per_tok": text_config.get("num_experts_per_tok"),
         "num_layers": text_config.get("num_hidden_layers"),
         "vocab_size": text_config.get("vocab_size"),
+        "max_token_bytes": max_token_bytes(tokenizer) if tokenizer is not None else None,
     }
 
 

@@ -21,11 +21,13 @@ from moed_client import protocol as P
 from moed.channel import Cancel, Channel, EngineOptions, Event, Events, Failed, Fatal, Progress, Ready, SendStats, Shutdown, Stats, Submit
 from moed.engine.batch import Engine
 from moed.engine.loading import load_model, model_info
+from moed.engine.tokenizing import Tokenizing
 
 log = logging.getLogger("moed.engine")
 
 STATS_INTERVAL_S = 1.0
 HEARTBEAT_S = 0.5
+TOKENIZE_POLL_MS = 5
 
 
 def expert_read_failed(e: BaseException) -> bool:
@@ -79,35 +81,50 @@ class Outbox:
 
 
 def serve(channel: Channel, engine: Engine, stream_interval: float) -> None:
-    last_stats = 0.0
     front = os.getppid()
     outbox = Outbox(channel, stream_interval)
+    tokenizing = Tokenizing(engine)
+    try:
+        _serve(channel, engine, outbox, tokenizing, front)
+    finally:
+        tokenizing.close()
+
+
+def _serve(channel: Channel, engine: Engine, outbox: Outbox, tokenizing: Tokenizing, front: int) -> None:
+    last_stats = 0.0
     while True:
+        MARK.tick()
         if os.getppid() != front:  # the front died without telling us (kill -9): nobody will read our output
             log.error("front process %d is gone; exiting", front)
             return
-        timeout = 0 if engine.busy else int(STATS_INTERVAL_S * 1000)  # an idle engine has flushed everything
+        # an idle engine has flushed everything; one waiting only for the tokenizer looks again soon
+        timeout = 0 if engine.busy else TOKENIZE_POLL_MS if tokenizing.jobs else int(STATS_INTERVAL_S * 1000)
         events = []
+        MARK.waiting = timeout > 0
         while (msg := channel.poll(timeout)) is not None:
+            MARK.waiting = False
             timeout = 0
             if isinstance(msg, Submit):
-                try:
-                    engine.submit(msg)
-                except P.ProtocolError as e:
-                    channel.send(Failed(msg.seq, e.code, e.message))
-                except Exception as e:
-                    log.exception("submit failed")
-                    channel.send(Failed(msg.seq, P.ErrorCode.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
+                tokenizing.add(msg)
             elif isinstance(msg, Cancel):
-                event = engine.cancel(msg.seq)
+                event = tokenizing.cancel(msg.seq) or engine.cancel(msg.seq)
                 if event:
                     events.append(event)
             elif isinstance(msg, SendStats):
                 last_stats = 0.0
             elif isinstance(msg, Shutdown):
-                outbox.add(events + engine.cancel_all())
+                outbox.add(events + [e for e in map(tokenizing.cancel, list(tokenizing.jobs)) if e] + engine.cancel_all())
                 outbox.flush(time.monotonic(), force=True)
                 return
+        MARK.waiting = False
+        for msg, tokens in tokenizing.ready():
+            try:
+                engine.submit(msg, tokens.result())
+            except P.ProtocolError as e:
+                channel.send(Failed(msg.seq, e.code, e.message))
+            except Exception as e:
+                log.exception("submit failed")
+                channel.send(Failed(msg.seq, P.ErrorCode.ENGINE_ERROR, f"{type(e).__name__}: {e}"))
         if engine.busy:
             try:
                 events.extend(engine.step())
@@ -130,16 +147,45 @@ def serve(channel: Channel, engine: Engine, stream_interval: float) -> None:
             last_stats = now
 
 
-def start_heartbeat(fd: int | None) -> None:
+class ProgressMark:
+    """What each heartbeat says besides "alive": whether the serve loop moved on.
+
+    The loop ticks once per turn (a turn runs at most one decode step and one
+    prefill chunk) and marks the time it waits for messages. A beat is
+    ``PROGRESS`` when it ticked since the last beat or is waiting, else
+    ``ALIVE``: a long, legitimate prefill ticks every chunk, a loop stuck
+    inside a turn only beats ALIVE, and the front judges how long that may last
+    (moed/front/supervisor.py, --hang-timeout)."""
+
+    PROGRESS, ALIVE = b".", b","
+
+    def __init__(self):
+        self.turns = 0
+        self.waiting = True  # loading the model is not judged by the front (only a ready engine is)
+        self._seen = -1
+
+    def tick(self) -> None:
+        self.turns += 1
+
+    def beat(self) -> bytes:
+        moved, self._seen = self.turns != self._seen, self.turns
+        return self.PROGRESS if moved or self.waiting else self.ALIVE
+
+
+MARK = ProgressMark()
+
+
+def start_heartbeat(fd: int | None, mark: ProgressMark = MARK) -> None:
     """Beat on the front's pipe from a thread: a stopped or wedged process goes
-    quiet, a long decode step does not (MLX releases the GIL while it computes)."""
+    quiet, a long decode step does not (MLX releases the GIL while it computes);
+    each beat says whether the loop made progress (``ProgressMark``)."""
     if fd is None:
         return
 
     def beat() -> None:
         while True:
             try:
-                os.write(fd, b".")
+                os.write(fd, mark.beat())
             except OSError:  # the front is gone
                 return
             time.sleep(HEARTBEAT_S)
@@ -167,7 +213,7 @@ def main(argv=None) -> int:
             channel.send(Fatal(f"cannot load model {path}: {type(e).__name__}: {e}"))
             return 2
         engine = Engine(model, tokenizer, manager, options)
-        info = model_info(path, model)
+        info = model_info(path, model, tokenizer)
         log.info("model %s loaded in %.1f s (pid %d)", info["name"], time.monotonic() - t0, os.getpid())
         channel.send(Ready(info, os.getpid()))
         try:

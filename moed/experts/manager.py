@@ -29,6 +29,7 @@ from .cache import LayerCache
 from .deferred import PassChecks
 from .families import MoESite
 from .store import Reader
+from .streaming import ExpertStream
 
 log = logging.getLogger("moed.experts")
 
@@ -85,6 +86,7 @@ class ExpertManager(PassChecks):
         self._step_missed = False
         self._top_k = 1  # experts per token, as last seen
         self.prefetcher = None
+        self.stream = ExpertStream()  # expert-major compute of prefill chunks (streaming.py)
         self.collect = False  # count activations even when every expert is resident (profiling)
         self._collected: list = []
         self.model_path = None
@@ -136,15 +138,21 @@ class ExpertManager(PassChecks):
         if self.prefetcher is not None:
             self.prefetcher.note_need(order, cache, needed)
             self.prefetcher.request_ahead(ahead)
+        if ids.size > ids.shape[-1] and len(cache.missing(needed)):  # several tokens, misses: expert-major
+            if self.prefetcher is not None:  # its loads for this layer land first: none is read twice
+                self.prefetcher.settle_layer(order)
+            self._step_missed = True
+            y, waited = self.stream.compute(cache, inner, x, indices, ids, needed)
+            self.wait_time += waited
+            return y
         pinned = np.array(sorted(cache.pinned & set(needed.tolist())), dtype=needed.dtype)
         others = np.setdiff1d(needed, pinned)
         room = cache.capacity - len(cache.pinned)  # pinned experts are always resident
         if len(others) <= room:
             self._load(cache, needed)
             return inner(x, cache.lut()[indices])
-        # More distinct experts than slots (long prefill, big batch): compute in
-        # groups that fit, resident ones first, each group evaluated before the
-        # next overwrites its slots.
+        # More distinct experts than slots (a decode step of a capacity below top-k): compute in groups
+        # that fit, resident ones first, each group evaluated before the next overwrites its slots.
         others = others[np.argsort(cache.slot_of[others] < 0, kind="stable")]
         y = None
         for start in range(0, len(others), room):
@@ -356,6 +364,7 @@ class ExpertManager(PassChecks):
             "decode_mode": self.decode_mode,
             "mode_steps": dict(self.mode_steps),
             "expert_wait_s": round(self.wait_time, 6),
+            "prefill_stream": self.stream.stats(),
             "decode_step_ms": {k: v / self.decode_steps * 1e3 for k, v in self.step_seconds.items()}
             if self.decode_steps else None,
             "expert_wait_share": (self.decode_wait / self.decode_time) if self.decode_time else None,
@@ -384,6 +393,7 @@ class ExpertManager(PassChecks):
         self._closed = True
         if self.prefetcher is not None:
             self.prefetcher.close()
+        self.stream.close()
         if self.save_warm_start is not None and not all(c.complete for c in self.caches):
             try:
                 self.save_warm_start()

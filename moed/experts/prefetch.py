@@ -245,7 +245,7 @@ class Prefetcher:
         """Block until every expert in ``missing`` is resident (the exact path)."""
         self.install_ready()
         if self.arm == "off":  # as on-demand loading does, once this layer's earlier loads are in
-            self._settle_layer(position)
+            self.settle_layer(position)
             cache.ensure(cache.missing(missing), protect=protect)
             return
         todo = [e for e in cache.missing(missing).tolist() if (position, e) not in self.inflight]
@@ -265,10 +265,10 @@ class Prefetcher:
                 self._settle((position, e), wait=True)
         still = cache.missing(missing)
         if len(still):  # a prefetch failed or no slot could be had: load here, errors raise to the caller
-            self._settle_layer(position)  # loads of guesses hold slots this layer needs now
+            self.settle_layer(position)  # loads of guesses hold slots this layer needs now
             cache.ensure(still, protect=protect)
 
-    def _settle_layer(self, position: int) -> None:
+    def settle_layer(self, position: int) -> None:
         """Wait for every load in flight for layer ``position`` and install it."""
         for key in [k for k in self.inflight if k[0] == position]:
             self._settle(key, wait=True)

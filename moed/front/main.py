@@ -67,7 +67,7 @@ def apply_config(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moed.front.supervisor import ENGINE_STALL_TIMEOUT_S
+    from moed.front.supervisor import ENGINE_HANG_TIMEOUT_S, ENGINE_STALL_TIMEOUT_S
 
     p = argparse.ArgumentParser(prog="moed", description="moed: one warm Mixture-of-Experts model, shared by many clients")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
     s.add_argument("--engine-timeout", type=float, default=ENGINE_STALL_TIMEOUT_S,
                    help="seconds without a heartbeat from the engine before it is killed and restarted (0: never)")
+    s.add_argument("--hang-timeout", type=float, default=ENGINE_HANG_TIMEOUT_S,
+                   help="seconds a ready engine may beat without making progress (no decode step or prefill chunk "
+                        "finished, not waiting for work) before it is killed and restarted (0: never)")
     from moed.doors import editor, http
 
     editor.add_arguments(s)

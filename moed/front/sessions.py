@@ -17,6 +17,7 @@ from typing import Callable
 from moed_client import protocol as P
 
 from moed.channel import Cancel, Event, Submit
+from moed.front.prompt_bound import check_context
 from moed.front.requestlog import log_request
 
 log = logging.getLogger("moed.daemon")
@@ -85,6 +86,8 @@ class Sessions:
 
     def admit(self, client, msg: dict) -> None:
         req = P.parse_generate(msg, max_tokens_limit=self.args.max_tokens)
+        model = self.engine.model if self.engine is not None else {}
+        check_context(req, self.args.max_context, model.get("max_token_bytes"))  # by bytes, before tokenizing
         if self.closed:
             raise P.ProtocolError(P.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
         owned = self.by_client.get(client, {})  # a refused first request must leave no empty session behind

@@ -32,6 +32,9 @@ log = logging.getLogger("moed.daemon")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 ENGINE_FIRST_BEAT_S = 30.0
 ENGINE_STALL_TIMEOUT_S = 30.0  # the engine beats every 0.5 s from a thread; a stopped one goes quiet
+# A ready engine's beats say whether its loop moved on (moed/engine/loop.py, ProgressMark): a long prefill
+# moves on every chunk; a loop that beats without moving on for this long is hung.
+ENGINE_HANG_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -43,7 +46,9 @@ class EngineHandle:
     ready: bool = False
     beat_fd: int = -1  # read end of the engine's heartbeat pipe
     last_beat: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
     stalled: bool = False
+    hung: bool = False  # stalled by beating without progress
     beating: bool = False  # a first beat came: the interpreter is up
     watchdog: asyncio.Task | None = None
 
@@ -113,21 +118,28 @@ class Supervisor:
         os.set_blocking(engine.beat_fd, False)
 
         def on_beat() -> None:
-            if drain_beats(engine):
-                engine.last_beat, engine.beating = time.monotonic(), True
-            elif engine.proc.returncode is not None:
+            if not drain_beats(engine) and engine.proc.returncode is not None:
                 loop.remove_reader(engine.beat_fd)
 
         loop.add_reader(engine.beat_fd, on_beat)
         timeout = self.args.engine_timeout
-        if timeout and timeout > 0:
-            engine.watchdog = loop.create_task(self.engine_watchdog(engine, timeout))
+        hang = getattr(self.args, "hang_timeout", ENGINE_HANG_TIMEOUT_S)
+        if (timeout and timeout > 0) or (hang and hang > 0):
+            engine.watchdog = loop.create_task(self.engine_watchdog(engine, timeout or 0, hang or 0))
 
-    async def engine_watchdog(self, engine: EngineHandle, timeout: float) -> None:
+    async def engine_watchdog(self, engine: EngineHandle, timeout: float, hang: float = 0.0) -> None:
         while engine.proc.returncode is None:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            if drain_beats(engine):  # beats that came while this loop was busy elsewhere
-                engine.last_beat, engine.beating = time.monotonic(), True
+            await asyncio.sleep(min(1.0, (timeout or hang) / 4))
+            drain_beats(engine)  # beats that came while this loop was busy elsewhere
+            stuck = time.monotonic() - engine.last_progress
+            if hang > 0 and engine.ready and stuck > hang and engine.proc.returncode is None:
+                log.error("engine pid %d hung: alive but no progress for %.1f s (--hang-timeout %g); killing it",
+                          engine.pid, stuck, hang)
+                engine.stalled = engine.hung = True
+                engine.proc.kill()
+                return
+            if not timeout > 0:
+                continue
             silent = time.monotonic() - engine.last_beat
             # Until its first beat, a new engine is still starting Python: a short timeout must not kill it there.
             if silent > (timeout if engine.beating else max(timeout, ENGINE_FIRST_BEAT_S)) and engine.proc.returncode is None:
@@ -254,7 +266,9 @@ class Supervisor:
                 message = self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})"
                 self.sessions.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {message}")  # no request waits on a dead daemon
                 raise DaemonError(message)
-            if engine.stalled:
+            if engine.hung:
+                reason = f"the engine hung (no progress for {self.args.hang_timeout:g} s) and was killed"
+            elif engine.stalled:
                 reason = f"the engine stalled (no heartbeat for {self.args.engine_timeout:g} s) and was killed"
             else:
                 reason = f"the engine stopped (exit code {rc})"
@@ -268,7 +282,8 @@ class Supervisor:
 
 
 def drain_beats(engine: EngineHandle) -> bool:
-    """Read what the engine's heartbeat thread wrote; whether there was anything."""
+    """Read what the engine's heartbeat thread wrote and note it on ``engine``: any beat is
+    alive, a progress beat (anything but ``,``) is progress; whether there was anything."""
     got = False
     while engine.beat_fd >= 0:
         try:
@@ -280,4 +295,8 @@ def drain_beats(engine: EngineHandle) -> bool:
         if not data:
             break
         got = True
+        now = time.monotonic()
+        engine.last_beat, engine.beating = now, True
+        if data.strip(b","):
+            engine.last_progress = now
     return got

@@ -1,0 +1,89 @@
+"""Expert-major prefill (moed/experts/streaming.py): chunked prefill at partial
+residency equals stock mlx-lm for every family, and no expert is read twice for
+one layer of one forward."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import families  # noqa: E402
+
+mx = pytest.importorskip("mlx.core")
+import mlx_lm  # noqa: E402
+
+from moed.experts import load_model  # noqa: E402
+from test_experts import family_dir, num_experts, private_state  # noqa: E402,F401  (fixtures)
+
+PROMPT = "the quick brown fox jumps over the lazy dog while " * 4
+CHUNK = 16  # prefill tokens per forward: several chunks, each routing to many experts
+NEW_TOKENS = 6
+
+
+def run(model, tokenizer):
+    """Greedy tokens and the logprobs of the first one (the prefill's output)."""
+    out = list(mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=NEW_TOKENS, prefill_step_size=CHUNK))
+    return [r.token for r in out], out[0].logprobs
+
+
+@pytest.fixture(scope="module")
+def reference(family_dir):
+    return {f: run(*mlx_lm.load(str(p))) for f, p in family_dir.items()}
+
+
+def top_k(path: Path) -> int:
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    return cfg.get("num_experts_per_tok") or cfg["experts_per_token"]
+
+
+def count_reads(manager) -> Counter:
+    """(layer, forward, expert) -> reads, by wrapping every cache's fill."""
+    reads = Counter()
+    for cache in manager.caches:
+        fill = cache.fill
+
+        def counted(slot, expert, _fill=fill, _layer=cache.layer):
+            reads[(_layer, manager.forward_id, int(expert))] += 1
+            return _fill(slot, expert)
+
+        cache.fill = counted
+    return reads
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.25, "below-top-k"])
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_chunked_prefill_exact_and_reads_once(family, share, family_dir, reference):
+    path = family_dir[family]
+    cap = max(1, top_k(path) - 1) if share == "below-top-k" else max(1, int(num_experts(path) * share))
+    model, tok, manager = load_model(path, capacity=cap, prefetch=False, profile=None)
+    try:
+        reads = count_reads(manager)
+        tokens, logprobs = run(model, tok)
+        ref_tokens, ref_logprobs = reference[family]
+        assert tokens == ref_tokens
+        assert mx.array_equal(logprobs, ref_logprobs)  # same per-token arithmetic, bit for bit
+        assert not reads or max(reads.values()) == 1, [k for k, n in reads.items() if n > 1][:5]
+        if share not in (1.0,):
+            assert manager.stats()["prefill_stream"]["streamed_experts"] > 0  # the path under test ran
+    finally:
+        manager.close()
+
+
+def test_prefetcher_loads_are_not_read_again(family_dir, reference):
+    """With the prefetcher on, its loads for a layer land before the layer streams its misses."""
+    path = family_dir["qwen3_moe"]
+    model, tok, manager = load_model(path, capacity=4, prefetch=True, profile=None)
+    try:
+        reads = count_reads(manager)
+        assert run(model, tok)[0] == reference["qwen3_moe"][0]
+        assert max(reads.values()) == 1
+    finally:
+        manager.close()
