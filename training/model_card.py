@@ -154,7 +154,7 @@ a permissive license; vendored copies (`_vendor/`) are left out. Also left out:
 | steps | {rec['steps']:,} x batch {rec['batch']} x {rec['context']} tokens = {rec['tokens_seen']:,} tokens seen (about {rec['tokens_seen'] / rec['tokens_train']:.0f} passes over the training tokens); the step count was chosen by the script from the measured step time to fit a 400 s budget (`--steps {rec['steps']}` repeats it) |
 | optimizer | AdamW, peak lr {rec['learning_rate']}, {rec['warmup']} steps linear warmup then cosine to lr/10, grad clip 1.0, weight decay 0.01, float32 |
 | load balancing | Switch-style auxiliary loss, coefficient {rec['load_balance_coef']} (modest: routing stays skewed) |
-| device | one NVIDIA H100 80GB through MLX's CUDA backend (`{rec['device']}`, {rec['machine']}), MLX memory capped at 60% of the card |
+| device | one NVIDIA H100 80GB through MLX's CUDA backend (`{rec['device']}`, {rec['machine']}), MLX memory capped at 41.2 GB (60% of an assumed 64 GiB: this run read no card size; 48% of the card) |
 | time | {rec['train_seconds']:.0f} s of training steps ({rec['tokens_per_second']:,.0f} tokens/s), {rec['total_seconds']:.0f} s in all (evaluation, quantization, saving); the first 10 steps of a fresh process spend about 100 s compiling CUDA kernels (not in this run: it followed a 300 s run at lr 3e-3 on the same machine, held-out 3.816 nats/token 4-bit) |
 
 Losses at the end of training (nats per token, {rec['eval_tokens']:,} tokens of fixed windows, on the GPU):
@@ -190,6 +190,11 @@ mean top-25% share {s['mean_top25_share']:.3f}, mean token-to-token reuse {s['me
   prose, so trimmed continuations often end inside an unclosed string and do
   not parse; FIM infills are not yet code that fits.
 - Routing is skewed by design (weak load-balancing loss); see the table.
+- Decoding on the CPU is slower than with the previous model (about 4.7x the
+  active parameters per token, 6 layers instead of 4): 64 greedy tokens of the
+  four quality prompts, two rounds each, ran at a median of about 88 tok/s
+  against 150 tok/s for the previous model, measured alternately on the shared
+  2-core machine under load 5-9 (noisy: 62-168 and 90-380 tok/s).
 
 ## Load time
 

@@ -194,11 +194,12 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 def cap_memory(fraction: float) -> int | None:
     """Cap MLX's memory at a fraction of the device's: MLX CUDA allocates managed memory,
     and asking for more than the card has free can hang the GPU for everyone on it."""
-    size = mx.device_info().get("memory_size")
+    info = mx.device_info()
+    size = info.get("memory_size") or info.get("total_memory")  # Metal / CUDA
     if not size:
         if mx.default_device().type == mx.cpu:
             return None
-        size = 64 << 30  # unknown card: assume a small one
+        size = 64 << 30  # unknown card: assume a small one (what the shipped run used: no total_memory read)
     limit = int(size * fraction)
     mx.set_memory_limit(limit)
     return limit
