@@ -153,10 +153,15 @@ def main(argv=None) -> int:
     ap.add_argument("--packages", type=Path, help="folder of downloaded wheels/sdists")
     ap.add_argument("--out", type=Path, default=Path("/tmp/emb/corpus"))
     ap.add_argument("--manifest", type=Path, default=MANIFEST)
-    ap.add_argument("--list-packages", action="store_true", help="print the package names to download")
+    ap.add_argument("--list-packages", action="store_true", help="print the packages to download (pinned by the manifest)")
     a = ap.parse_args(argv)
-    if a.list_packages:
-        print(" ".join(PACKAGES))
+    if a.list_packages:  # the versions of the last build, so a rebuild reads the same files
+        if a.manifest.is_file():
+            with gzip.open(a.manifest, "rt") as f:
+                pinned = [f"{p['package']}=={p['version']}" for p in json.load(f)["packages"][1:]]
+            print(" ".join(pinned))
+        else:
+            print(" ".join(PACKAGES))
         return 0
     train, held, summary = build(a.packages)
     a.out.mkdir(parents=True, exist_ok=True)
