@@ -54,7 +54,9 @@ def test_list_shows_the_embedded_and_cached_moe_models(hub, capsys):
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert set(listed) == {"embedded", "org/tiny-moe"}
     tiny = listed["org/tiny-moe"]
-    assert (tiny["layers"], tiny["experts"], tiny["top_k"], tiny["quantization"]) == (4, 32, 2, "4-bit")
+    cfg = json.loads((EMBEDDED / "config.json").read_text())
+    expected = (cfg["num_hidden_layers"], cfg["num_experts"], cfg["num_experts_per_tok"], f'{cfg["quantization"]["bits"]}-bit')
+    assert (tiny["layers"], tiny["experts"], tiny["top_k"], tiny["quantization"]) == expected
     assert tiny["size_bytes"] == sum(f.stat().st_size for f in EMBEDDED.glob("*.safetensors"))
     assert tiny["fits_in_ram"] is True
     assert cli.main(["list"]) == 0
@@ -72,12 +74,15 @@ def test_fits_in_ram_follows_the_machine(hub):
 def test_show_reports_bytes_per_expert_and_a_budget(hub, capsys):
     assert cli.main(["show", "org/tiny-moe", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    # 3 projections (gate, up: 128x128; down: 128x128) at 4 bits with f32 scales and biases per 64 values.
-    hidden, inter, groups = 128, 128, 128 * 128 // 64
-    per_projection = hidden * inter // 2 + 2 * groups * 4
+    # 3 projections (gate, up: hidden x inter; down: inter x hidden) at 4 bits with f32 scales and biases per group.
+    cfg = json.loads((EMBEDDED / "config.json").read_text())
+    hidden, inter, group = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["quantization"]["group_size"]
+    assert cfg["quantization"]["bits"] == 4
+    per_projection = hidden * inter // 2 + 2 * (hidden * inter // group) * 4
+    layers = cfg["num_hidden_layers"]
     assert shown["bytes_per_expert"] == 3 * per_projection
-    assert shown["moe_layers"] == 4
-    assert shown["expert_bytes"] == 3 * per_projection * 32 * 4
+    assert shown["moe_layers"] == layers
+    assert shown["expert_bytes"] == 3 * per_projection * cfg["num_experts"] * layers
     assert shown["config"]["model_type"] == "qwen3_moe"
     assert shown["suggested_memory_budget"] is None  # it fits: no budget needed
     assert cli.main(["show", "org/tiny-moe"]) == 0
@@ -87,7 +92,8 @@ def test_show_reports_bytes_per_expert_and_a_budget(hub, capsys):
 def test_a_model_too_big_for_ram_gets_a_budget(hub):
     info = catalog.describe(EMBEDDED, ram=1 << 20)
     figures = catalog.expert_figures(EMBEDDED, info, ram=1 << 20)
-    floor = catalog.MIN_SLOTS_PER_TOP_K * 2 * 4 * figures["bytes_per_expert"]
+    cfg = json.loads((EMBEDDED / "config.json").read_text())
+    floor = catalog.MIN_SLOTS_PER_TOP_K * cfg["num_experts_per_tok"] * cfg["num_hidden_layers"] * figures["bytes_per_expert"]
     assert figures["suggested_memory_budget"] == floor  # 1 MiB of RAM leaves nothing: the floor
     ram = catalog.model_bytes(EMBEDDED)  # just too small to hold it all: what is left after the dense weights
     tight = catalog.expert_figures(EMBEDDED, catalog.describe(EMBEDDED, ram=ram), ram=ram)
