@@ -185,7 +185,7 @@ class Daemon:
                 msg = P.unpack(frames[1])
                 self.handle(client, msg)
             except P.ProtocolError as e:
-                self.send(client, P.error(e.code, e.message, reply_id(msg)))
+                self.send(client, P.error(e.code, e.message, reply_id(msg) if msg is not None else P.salvage_id(frames[1])))
             except Exception as e:  # a bug must not take the daemon down for everyone
                 log.exception("handling a message failed")
                 self.send(client, P.error(P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}", reply_id(msg)))
