@@ -122,6 +122,31 @@ async def test_async_closing_a_finished_but_unread_stream_leaves_nothing_behind(
         assert not c._abandoned
 
 
+def test_stream_cancel_ends_with_the_final_done_and_its_usage(shared_daemon):
+    with shared_daemon.client() as c:
+        stream = c.generate("hello world", max_tokens=30000, ignore_eos=True)
+        first = next(stream)
+        stream.cancel()
+        stream.cancel()  # idempotent: one cancel on the wire
+        rest = [ch for ch in stream]  # chunks already on the way, then the final done
+        assert stream.finish_reason == "cancelled"
+        assert stream.usage["completion_tokens"] == len(first.token_ids) + sum(len(ch.token_ids) for ch in rest)
+        assert stream.usage["completion_tokens"] < 30000 and not c._abandoned
+        stream.cancel()  # over: nothing sent
+        assert c.status()["requests"] == {"active": 0, "queued": 0}
+
+
+async def test_async_stream_cancel_ends_with_the_final_done_and_its_usage(shared_daemon):
+    async with shared_daemon.async_client() as c:
+        stream = await c.generate("hello world", max_tokens=30000, ignore_eos=True)
+        await stream.__anext__()
+        stream.cancel()
+        async for _ in stream:
+            pass
+        assert stream.finish_reason == "cancelled" and stream.usage["completion_tokens"] >= 1
+        assert (await c.status())["requests"] == {"active": 0, "queued": 0}
+
+
 async def test_async_client_concurrent_tasks(shared_daemon):
     prompts = ["hello world", "the quick brown fox", "def main():"]
     with shared_daemon.client() as sync:

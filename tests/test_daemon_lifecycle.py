@@ -142,12 +142,21 @@ def test_busy_when_queue_full(daemon):
         assert queued.collect().token_ids  # the queued one runs once a slot frees
 
 
-def test_front_killed_engine_exits(daemon):
+def test_front_killed_engine_exits_and_its_channel_is_cleaned_at_the_next_start(daemon):
     d = daemon()
     engine = d.engine_pid()
     os.kill(d.pid, signal.SIGKILL)
     d.proc.wait(timeout=10)
     wait_for(lambda: not _alive(engine), timeout=15)
+    left = sorted(p.name for p in d.runtime_dir.glob("engine-*.sock"))
+    assert left == [f"engine-{d.pid}-1.sock"]  # SIGKILL runs no cleanup (issue 18 item 9)
+    (d.runtime_dir / "engine-notours.sock").touch()  # only the engine channel's own names are removed
+    again = daemon(None, env={"MOED_RUNTIME_DIR": str(d.runtime_dir)}, ready=False)
+    again.runtime_dir, again.socket = d.runtime_dir, d.socket
+    again.wait_ready()
+    names = {p.name for p in d.runtime_dir.iterdir()}
+    assert f"engine-{d.pid}-1.sock" not in names and "engine-notours.sock" in names
+    assert f"engine-{again.pid}-1.sock" in names
 
 
 def test_tcp_needs_curve_and_loopback(daemon, tmp_path):

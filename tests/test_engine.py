@@ -202,3 +202,19 @@ def test_outbox_final_event_carries_held_tokens_and_goes_at_once():
     box.flush(now=0.002)
     assert ch.sent[-1] == [{"seq": 1, "text": "bc", "token_ids": [2, 3], "finish": "length", "usage": {"completion_tokens": 3}}]
     assert not box.pending and not box.streaming
+
+
+def test_seeded_request_gives_the_same_tokens_alone_and_when_another_joins(loaded):
+    """Issue 18 item 8: generate_step draws token n+1's key before it yields token n; a join must undraw it."""
+    seeded = dict(temperature=0.8, seed=99)
+    alone = Engine(*loaded, None, engine_args())
+    alone.submit(request(1, PROMPTS[0], 16, **seeded))
+    expected = run(alone, {1})[1]["ids"]
+
+    engine = Engine(*loaded, None, engine_args())
+    engine.submit(request(1, PROMPTS[0], 16, **seeded))
+    events = run(engine, set(), steps=1)
+    assert len(events[1]["ids"]) == 1 and engine.solo is not None
+    engine.submit(request(2, PROMPTS[1], 8, **seeded))
+    assert engine.solo is None
+    assert run(engine, {1, 2}, events)[1]["ids"] == expected

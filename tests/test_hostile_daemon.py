@@ -273,6 +273,25 @@ def test_prompt_at_the_size_limit_fails_only_itself(live, peer):
     assert_healthy(live)
 
 
+@pytest.mark.parametrize("field", [{"token_ids": list(range(300_000))}, {"prompt": "x", "stop": ["a"] * 300_000}])
+def test_an_over_long_array_fails_its_request_at_once(live, peer, field):
+    """Issue 18 item 3: msgpack refuses the array before any map exists; the error still
+    names the request, so the client fails that request instead of waiting for its timeout."""
+    from moed_client import MoedError
+
+    peer.send(P.pack({"type": P.GENERATE, "id": "long"} | field))
+    reply = peer.until(lambda m: True)
+    assert reply["type"] == P.ERROR and reply["code"] == P.ErrorCode.BAD_MESSAGE and reply["id"] == "long", reply
+    with live.client(timeout=120) as c:
+        t0 = time.monotonic()
+        with pytest.raises(MoedError) as failed:
+            c.complete(**field, max_tokens=1)
+        assert failed.value.code == P.ErrorCode.BAD_MESSAGE
+        assert time.monotonic() - t0 < 10
+        assert c.complete("hello", max_tokens=2).token_ids  # the client goes on
+    assert_healthy(live)
+
+
 def test_many_clients_flooding_do_not_stall_a_stream(live):
     """Eight clients send junk and abandoned requests as fast as they can; a
     ninth streams; its tokens keep coming and the daemon ends clean."""

@@ -177,6 +177,23 @@ def test_unpack_rejects_container_bombs(empty):
     assert isinstance(decode_or_code(ok), dict)
 
 
+def test_salvage_id_finds_the_id_of_a_frame_unpack_refuses():
+    for key in ("token_ids", "stop", "messages"):
+        frame = P.pack({"type": "generate", key: [0] * (P.MAX_ARRAY_LEN + 1), "id": "r7"})
+        with pytest.raises(ProtocolError):
+            P.unpack(frame)
+        assert P.salvage_id(frame) == "r7"
+    assert P.salvage_id(P.pack({"type": "generate", "id": ""})) is None
+    assert P.salvage_id(P.pack([{"id": "r7"}])) is None  # only a top-level map's id counts
+
+
+@FAST
+@given(data=st.binary(max_size=200))
+def test_salvage_id_never_raises(data):
+    rid = P.salvage_id(data)
+    assert rid is None or (isinstance(rid, str) and 0 < len(rid) <= P.MAX_REQUEST_ID_LEN)
+
+
 def test_unpack_accepts_a_large_legitimate_prompt():
     msg = {"type": "generate", "id": "r", "token_ids": list(range(200_000)), "max_tokens": 1}
     assert P.unpack(P.pack(msg)) == msg

@@ -18,7 +18,8 @@ from .core import CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Chunk, Completion, Core,
 
 
 class AsyncStream(StreamBase):
-    """Async iterator over a request's chunks; ``aclose()`` (or ``async with``) cancels it."""
+    """Async iterator over a request's chunks; ``aclose()`` (or ``async with``) cancels it.
+    ``cancel()`` cancels it too but lets iteration end with the final ``done`` (its usage)."""
 
     def __aiter__(self):
         return self

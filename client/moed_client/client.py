@@ -28,7 +28,9 @@ __all__ = ["AsyncClient", "AsyncStream", "Chunk", "Client", "Completion", "Strea
 
 
 class Stream(StreamBase):
-    """Iterator over a request's chunks. ``finish_reason``, ``usage``, ``timings``, ``text`` after the end."""
+    """Iterator over a request's chunks. ``finish_reason``, ``usage``, ``timings``, ``text`` after the end.
+    ``close()`` (or ``with``) cancels it and drops what is left; ``cancel()`` cancels it and
+    lets iteration end with the final ``done`` (its usage)."""
 
     def __iter__(self):
         return self

@@ -308,6 +308,7 @@ class StreamBase:
         self._timeout = timeout
         self._outcome = _Outcome()
         self._open = True
+        self._cancel_sent = False
 
     finish_reason = property(lambda self: self._outcome.finish_reason)
     usage = property(lambda self: self._outcome.usage)
@@ -329,6 +330,14 @@ class StreamBase:
     def _end(self) -> None:
         self._open = False
         self._client._forget(self.id)
+
+    def cancel(self) -> None:
+        """Ask the daemon to cancel the request and keep the stream: iteration goes on to the
+        daemon's final ``done`` (``finish_reason`` "cancelled" and the usage so far), which
+        ``close()`` would drop. Idempotent; does nothing once the stream has ended."""
+        if self._open and not self._cancel_sent and self._client._sock is not None:
+            self._cancel_sent = True
+            self._client._post(P.pack({"type": P.CANCEL, "id": self.id}))
 
     def close(self) -> None:
         """Cancel the request if it is still running."""

@@ -44,8 +44,8 @@ def endpoint(socket_path: Path | str | None = None) -> str:
     return "ipc://" + s
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` 0700, or refuse one that other users could write into."""
+def ensure_private_dir(path: Path, what: str = "sockets") -> Path:
+    """Create ``path`` 0700, or refuse one that other users could write into (``what``: what goes there)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
@@ -53,7 +53,7 @@ def ensure_private_dir(path: Path) -> Path:
     if st.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()})")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}); refusing to put sockets there")
+        raise PermissionError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}); refusing to put {what} there")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path

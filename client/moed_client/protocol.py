@@ -139,6 +139,23 @@ def unpack(data: bytes) -> dict:
     return obj
 
 
+def salvage_id(data: bytes) -> str | None:
+    """The request id of a frame ``unpack`` refused, when its top-level map has a usable one.
+
+    The other values are skipped, not built, so an array over MAX_ARRAY_LEN costs one
+    C-speed scan; this lets the sender's request fail at once instead of at its timeout."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE_BYTES, **UNPACK_LIMITS)
+        unpacker.feed(data[:MAX_MESSAGE_BYTES])
+        for _ in range(min(unpacker.read_map_header(), MAX_MAP_LEN)):
+            if unpacker.unpack() == "id":
+                return request_id({"id": unpacker.unpack()})
+            unpacker.skip()
+    except Exception:  # anything msgpack or request_id refuses: no id to give
+        return None
+    return None
+
+
 def _depth(obj: Any) -> int:
     # Iterative, so a hostile message cannot blow the Python stack; only
     # containers are pushed, so a long flat array costs one C-speed scan.

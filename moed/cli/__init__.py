@@ -21,6 +21,7 @@ from moed.cli.inventory import cmd_list, cmd_ps, cmd_rm, cmd_show
 from moed.cli.models import cmd_profile, cmd_pull
 from moed.cli.status import cmd_status
 from moed.cli.switch import cmd_load
+from moed.cli.verify import cmd_verify
 from moed.config import ConfigError
 from moed.models import ModelError  # not `models.`: the package attribute `models` is the moed.cli.models submodule
 from moed_client import MoedError
@@ -126,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the built-in set)")
     s.add_argument("--out", metavar="FILE", help="where to write the profile (default: the user profile dir, where moed looks)")
     s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("verify", help="check a model's files against their Hugging Face hashes and moed's manifest")
+    s.add_argument("model", nargs="?", default=None, help="model directory or hub repo id (default: the configured one)")
+    s.add_argument("--reset", action="store_true", help="forget the manifest (after changing the model's files on purpose)")
+    s.set_defaults(func=cmd_verify)
     return p
 
 

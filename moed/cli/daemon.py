@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from moed import config as configuration
-from moed import models, platform
+from moed import logs, models, platform
 from moed.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, CommandError
 from moed.cli.runtime import (POLL_S, READY_STATES, STATUS_TIMEOUT_S, Runtime, console_log, pid_alive, pidfile_pid, query_status,
                               remove_leftovers, wait_for_exit, wait_until_ready)
@@ -114,11 +114,14 @@ def service_alive_check(runtime: Runtime, grace_s: float = 60.0) -> Callable[[],
 
 def spawn_detached(cfg: Config) -> subprocess.Popen:
     log = console_log(cfg)
-    log.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the daemon's own log checks (moed/logs.py): a private dir, no link followed, 0600
+        logs.private_log_dir(log.parent)
+        logs.rotate_if_large(log)
+        fd = logs.open_private(log)
+    except logs.LogDirError as e:
+        raise CommandError(str(e)) from None
     env = dict(os.environ, MOED_LOG_DIR=str(cfg.log_path().parent), **import_path_env())
-    # 0600 like the daemon's own logs: with --debug this file holds prompts too.
-    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
-        os.chmod(log, 0o600)
+    with open(fd, "ab") as out:
         return subprocess.Popen(
             daemon_argv(cfg),
             stdin=subprocess.DEVNULL,

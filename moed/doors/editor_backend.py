@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import zmq
 
 from moed_client import AsyncClient
 from moed_client import errors as E
@@ -83,7 +82,7 @@ class ClientBackend:
             stream = await self.client.generate(req.prompt, messages=req.messages, token_ids=req.token_ids, **fields)
             handle.stream = stream
             if handle.cancelled:
-                self._send_cancel(stream)
+                stream.cancel()  # its final done still comes, with the usage so far
             async for chunk in stream:
                 on_event(P.chunk(handle.id, chunk.text, chunk.token_ids))
             on_event(P.done(handle.id, stream.finish_reason, stream.usage, stream.timings))
@@ -97,20 +96,7 @@ class ClientBackend:
     def cancel(self, handle: Handle) -> None:
         handle.cancelled = True
         if handle.stream is not None:
-            self._send_cancel(handle.stream)
-
-    def _send_cancel(self, stream) -> None:
-        """Ask the daemon to cancel and keep reading: its final ``done`` carries the usage so far.
-
-        (The stream's own close() would cancel too, but drop that final.) moed_client has
-        no public call for this yet, so this sends the protocol's cancel on the client's socket.
-        """
-        sock = self.client._sock
-        if sock is None:
-            return
-        sent = sock.send(P.pack({"type": P.CANCEL, "id": stream.id}), flags=zmq.NOBLOCK)
-        if sent.done():
-            sent.exception()
+            handle.stream.cancel()
 
     async def status(self) -> dict:
         try:

@@ -71,7 +71,9 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
 
     path = Path(path)
     if capacity is None and memory_budget is None:
+        ckpt = Checkpoint(path)
         model, tokenizer = mlx_lm.load(str(path))
+        _verified(path, ckpt, expert_pieces(ckpt, model, path), check=None)  # every tensor, once, at load
         return model, tokenizer, None
 
     from moed.platform import process_rss_bytes
@@ -92,6 +94,7 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     manager = make_lazy(model, path, capacity, approximate=approximate, policy=policy,
                         memory_budget=budget, nonexpert_bytes=nonexpert, ckpt=ckpt, decode_mode=decode_mode)
+    manager.reader.manifest = _verified(path, ckpt, expert_pieces(ckpt, model, path, manager), check="dense")
     manager.baseline_rss = baseline
     manager.per_layer_expert_bytes = per_layer
     del sites
@@ -107,6 +110,39 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
     if not all(c.complete for c in manager.caches):
         _seed(manager, path, profile, warm_start)
     return model, tokenizer, manager
+
+
+def expert_pieces(ckpt: Checkpoint, model, path: Path, manager=None) -> list:
+    """Each expert's slice of every stacked expert tensor (moed.integrity.Piece), as lazy experts read them."""
+    from moed.integrity import Piece
+
+    if manager is not None:
+        parts = [p for c in manager.caches for p in c.parts]
+    else:  # a plain load: the same slices, so a later lazy load of this model finds them in the manifest
+        from .lazy import expert_parts
+
+        try:
+            parts = [p for s in require_moe_sites(model, path) for p in expert_parts(ckpt, s)]
+        except NotMoEError:
+            parts = []
+    return [Piece(x.file, x.key, x.offset, x.nbytes, f" (expert {e})" if x.nbytes != ckpt.get(x.key).nbytes else "")
+            for p in parts for e, x in enumerate(p.extents)]
+
+
+def _verified(path: Path, ckpt: Checkpoint, experts: list, check: str | None):
+    """The model's manifest (moed/integrity.py), built on first load; checks every tensor
+    (``check=None``) or the dense ones, whose experts the Reader checks as it reads them."""
+    import time
+
+    from moed.integrity import Piece, ensure_manifest
+
+    in_experts = {p.key for p in experts}
+    dense = [Piece(t.file, t.key, t.offset, t.nbytes) for t in ckpt.tensors.values() if t.key not in in_experts]
+    t0 = time.perf_counter()
+    manifest = ensure_manifest(path, dense + experts)
+    checked = manifest.verify_pieces(dense if check == "dense" else dense + experts)
+    log.info("integrity: %.1f MB checked against %s in %.2f s", checked / 1e6, manifest.path, time.perf_counter() - t0)
+    return manifest
 
 
 def _seed(manager, path: Path, profile, warm_start: bool) -> None:

@@ -40,7 +40,7 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
     prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size)
     if manager is None or not manager.defers_checks() or not can_trim_prompt_cache(prompt_cache):
-        yield from generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, **kw)
+        yield from _plain(prompt, model, max_tokens, sampler, kw)
         return
 
     sampler = sampler or greedy_sampler  # generate_step's own default
@@ -53,7 +53,7 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
         key_before.append(sampler.key if keyed else None)
         return sampler(logprobs)
 
-    done, feed, steps = 0, prompt, None
+    done, handed_out, feed, steps = 0, 0, prompt, None
     try:
         while done < max_tokens:
             manager.check_in_forward()
@@ -61,6 +61,7 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
             try:
                 for token, logprobs in steps:
                     manager.check_through(made_by[done])
+                    handed_out = done + 1
                     yield token, logprobs
                     done += 1
                 return
@@ -77,4 +78,37 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
     finally:
         if steps is not None:
             steps.close()
+        if keyed and len(key_before) > handed_out:  # closed with a token drawn ahead: undraw it
+            sampler.key = key_before[handed_out]
         manager.finish()
+
+
+def _plain(prompt, model, max_tokens: int, sampler, kw: dict):
+    """``generate_step`` unchanged, except that a keyed sampler's key is put back when closed early.
+
+    generate_step samples token n+1 before it yields token n, so a stream closed
+    after n tokens has drawn one key too many. Whoever goes on from token n with
+    the same sampler (Solo.join hands it to the batch) must draw that token with
+    the key an uninterrupted run would use, or a seeded request's output would
+    depend on when other requests arrived."""
+    from mlx_lm.generate import generate_step
+
+    if not hasattr(sampler, "key"):
+        yield from generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, **kw)
+        return
+    key_before = []
+
+    def sample(logprobs):
+        key_before.append(sampler.key)
+        return sampler(logprobs)
+
+    handed_out = 0
+    steps = generate_step(prompt, model, max_tokens=max_tokens, sampler=sample, **kw)
+    try:
+        for token, logprobs in steps:
+            handed_out += 1
+            yield token, logprobs
+    finally:
+        steps.close()
+        if len(key_before) > handed_out:
+            sampler.key = key_before[handed_out]

@@ -205,6 +205,7 @@ class Reader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.uncached = uncached  # drop pages after each read, so every load hits the disk (benchmarks)
+        self.manifest = None  # moed.integrity.Manifest: each read is checked against its hash
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -238,6 +239,8 @@ class Reader:
                 )
             done += n
         elapsed = time.perf_counter() - t0
+        if self.manifest is not None:
+            self.manifest.verify(extent.file, extent.offset, extent.nbytes, view)
         if self.uncached:
             from moed.platform import evict_file_cache
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from moed_client import paths
 
 from moed.channel import EngineOptions
-from moed.logs import setup_logging
+from moed.logs import LogDirError, setup_logging
 
 log = logging.getLogger("moed.daemon")
 
@@ -110,7 +110,11 @@ def serve(args) -> int:
     except ConfigError as e:
         print(f"moed: configuration: {e}", file=sys.stderr)
         return 1
-    logfile = setup_logging("moed", args.debug)
+    try:
+        logfile = setup_logging("moed", args.debug)
+    except LogDirError as e:
+        print(f"moed: {e}", file=sys.stderr)
+        return 1
     if args.socket:
         os.environ.setdefault("MOED_RUNTIME_DIR", str(Path(args.socket).parent))
     socket_path = Path(args.socket) if args.socket else paths.daemon_socket()

@@ -5,11 +5,15 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 from pathlib import Path
 
 from moed_client import paths
 
 log = logging.getLogger("moed.daemon")
+
+# The engine channel's name (moed/front/supervisor.py): engine-<front pid>-<engine number>.sock
+ENGINE_SOCKET = re.compile(r"engine-\d+-\d+\.sock")
 
 
 class DaemonError(Exception):
@@ -45,6 +49,15 @@ class RuntimeFiles:
         if self.socket_path.exists() or self.socket_path.is_symlink():
             log.info("removing stale socket %s", self.socket_path)
             self.socket_path.unlink()
+        self.remove_stale_engine_sockets()
+
+    def remove_stale_engine_sockets(self) -> None:
+        """Engine channels a killed daemon left (SIGKILL runs no cleanup). Under our lock on the
+        pidfile no other daemon uses this dir, so every one of them is stale."""
+        for path in self.pidfile.parent.iterdir():
+            if ENGINE_SOCKET.fullmatch(path.name):
+                log.info("removing stale engine socket %s", path)
+                path.unlink(missing_ok=True)
 
     def _lock(self) -> None:
         paths.ensure_private_dir(self.pidfile.parent)

@@ -26,6 +26,7 @@ from moed_client import paths
 from moed_client import protocol as P
 
 from moed.front import status
+from moed.front.peers import DRAIN_S, PeerWatch
 from moed.front.runtime import DaemonError, RuntimeFiles, bind_private
 from moed.front.sessions import Sessions, client_name
 from moed.front.supervisor import Supervisor
@@ -65,6 +66,7 @@ class Daemon:
         self.exit_code = 0
         self.editor = None  # the editor socket (moed/doors/editor.py), a protocol v1 client of this daemon
         self.http = None  # the OpenAI-compatible gateway (moed/doors/http.py), the same
+        self.peer_watches: list[PeerWatch] = []  # one per ROUTER: which clients vanished
 
     @property
     def state(self) -> str:
@@ -176,21 +178,38 @@ class Daemon:
     # -- client messages ---------------------------------------------------
 
     async def client_loop(self, router, tcp: bool = False) -> None:
-        while True:
-            frames = await router.recv_multipart()
-            client = ("tcp", frames[0]) if tcp else frames[0]
-            if len(frames) != 2:
-                self.send(client, P.error(P.ErrorCode.BAD_MESSAGE, f"expected one frame per message, got {len(frames) - 1}"))
-                continue
-            msg = None
-            try:
-                msg = P.unpack(frames[1])
-                self.handle(client, msg)
-            except P.ProtocolError as e:
-                self.send(client, P.error(e.code, e.message, reply_id(msg)))
-            except Exception as e:  # a bug must not take the daemon down for everyone
-                log.exception("handling a message failed")
-                self.send(client, P.error(P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}", reply_id(msg)))
+        peers = PeerWatch(router, "tcp" if tcp else "ipc", self.client_vanished)
+        self.peer_watches.append(peers)  # closed by run() before the context ends, not by this task's cancel
+        watching = asyncio.ensure_future(watch_peers(peers))
+        try:
+            while True:
+                frames = await router.recv_multipart(copy=False)
+                client = ("tcp", frames[0].bytes) if tcp else frames[0].bytes
+                alive = peers.check(client, frames[-1])
+                self.receive(client, [f.bytes for f in frames[1:]])
+                if not alive:  # it sent this and left at once: what it asked for has nobody to go to
+                    self.client_vanished(client)
+        finally:
+            watching.cancel()
+
+    def client_vanished(self, client) -> None:
+        if client in self.sessions.by_client:
+            log.info("client %s disconnected; cancelling its requests", client_name(client))
+            self.sessions.drop_client(client)
+
+    def receive(self, client, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self.send(client, P.error(P.ErrorCode.BAD_MESSAGE, f"expected one frame per message, got {len(frames)}"))
+            return
+        msg = None
+        try:
+            msg = P.unpack(frames[0])
+            self.handle(client, msg)
+        except P.ProtocolError as e:
+            self.send(client, P.error(e.code, e.message, reply_id(msg) if msg is not None else P.salvage_id(frames[0])))
+        except Exception as e:  # a bug must not take the daemon down for everyone
+            log.exception("handling a message failed")
+            self.send(client, P.error(P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}", reply_id(msg)))
 
     def handle(self, client: bytes, msg: dict) -> None:
         kind = msg["type"]
@@ -297,11 +316,20 @@ class Daemon:
                 await self.http.close()
             if self.editor is not None:
                 await self.editor.close()
+            for peers in self.peer_watches:
+                peers.close()
             self.router.close(linger=EXIT_FLUSH_MS)
             if self.tcp_router is not None:
                 self.tcp_router.close(linger=EXIT_FLUSH_MS)
                 self.authenticator.stop()
             self.ctx.term()
+
+
+async def watch_peers(peers: PeerWatch) -> None:
+    """Notice disconnects while no message arrives (a message's own check notices them sooner)."""
+    while True:
+        await asyncio.sleep(DRAIN_S)
+        peers.drain()
 
 
 def send_error(sent) -> BaseException | None:

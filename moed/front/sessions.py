@@ -93,7 +93,7 @@ class Sessions:
         owned = self.by_client.get(client, {})  # a refused first request must leave no empty session behind
         if req.id in owned:
             raise P.ProtocolError(P.ErrorCode.DUPLICATE_ID, f"request {req.id!r} is still running")
-        if len(self.queue) >= self.args.max_queue:
+        if len(self.queue) >= self.args.max_queue and not self.make_room_for(client):
             raise P.ProtocolError(P.ErrorCode.BUSY, f"the queue is full ({self.args.max_queue} waiting); retry later")
         if not owned and self.clients_at(door(client)) >= self.args.max_clients:
             raise P.ProtocolError(P.ErrorCode.BUSY, f"too many clients with requests in flight on this door ({self.args.max_clients}); retry later")
@@ -107,6 +107,26 @@ class Sessions:
             log.debug("request %s/%s (seq %d): %r", client_name(client), req.id, seq, req)
         self.pump()
 
+    def queued_by(self) -> collections.Counter:
+        return collections.Counter(self.requests[seq].client for seq in self.queue)
+
+    def make_room_for(self, client) -> bool:
+        """The queue is full: make room for ``client`` if another holds more of it than it would.
+
+        The client queueing the most gives up its newest waiting request (it gets ``busy``,
+        as if it had been refused), so no client can keep others out by filling the queue."""
+        counts = self.queued_by()
+        hog, most = max(counts.items(), key=lambda item: item[1], default=(None, 0))
+        if hog is None or counts[client] + 1 >= most:
+            return False
+        newest = next(seq for seq in reversed(self.queue) if self.requests[seq].client == hog)
+        self.queue.remove(newest)
+        req = self.requests[newest]
+        log.info("queue full: %s held %d of it; its request %s gives way to %s", client_name(hog), most, req.id, client_name(client))
+        self.finish(req, P.error(P.ErrorCode.BUSY, f"the queue is full ({self.args.max_queue} waiting) and this client "
+                                                   "holds the most of it; retry later", req.id))
+        return True
+
     def clients_at(self, which: str) -> int:
         return sum(1 for c, owned in self.by_client.items() if owned and door(c) == which)
 
@@ -117,10 +137,18 @@ class Sessions:
             return
         in_engine = self.in_engine
         while self.queue and in_engine < self.args.max_batch:
-            req = self.requests[self.queue.popleft()]
+            req = self.requests[self.next_in_line()]
             req.in_engine = True
             in_engine += 1
             engine.send(req.submit)
+
+    def next_in_line(self) -> int:
+        """Take the oldest queued request of the client with the fewest in the engine, so one
+        client's burst cannot take every batch slot while others wait."""
+        running = collections.Counter(r.client for r in self.requests.values() if r.in_engine)
+        seq = min(self.queue, key=lambda s: running[self.requests[s].client])  # min keeps the first (oldest) of ties
+        self.queue.remove(seq)
+        return seq
 
     def cancel_id(self, client, rid: str) -> None:
         """A client's cancel. Idempotent and unanswered when the id is not live: it

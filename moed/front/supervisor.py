@@ -90,7 +90,7 @@ class Supervisor:
 
     async def start_engine(self) -> EngineHandle:
         self.engine_count += 1
-        path = paths.runtime_dir() / f"engine-{os.getpid()}-{self.engine_count}.sock"
+        path = paths.runtime_dir() / f"engine-{os.getpid()}-{self.engine_count}.sock"  # runtime.ENGINE_SOCKET
         sock = self.ctx.socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         bind_private(sock, path)
