@@ -82,6 +82,7 @@ def _daemon_settings() -> tuple[Setting, ...]:
         Setting("max_tokens_limit", int, None, "largest max_tokens a request may ask for (moed serve --max-tokens)", "--max-tokens"),
         Setting("shutdown_timeout", float, None, "seconds in-flight requests get on shutdown", "--shutdown-timeout"),
         Setting("engine_timeout", float, None, "seconds without an engine heartbeat before it is restarted (0: never)", "--engine-timeout"),
+        Setting("hang_timeout", float, None, "seconds a ready engine may beat without progress before it is restarted", "--hang-timeout"),
         Setting("tcp_allow_remote", bool, None, "allow tcp on a non-loopback address", "--tcp-allow-remote"),
         Setting("http_allow_remote", bool, None, "let http bind a non-loopback address (needs a token)", "--http-allow-remote"),
         Setting("no_editor", bool, None, "do not open the editor socket", "--no-editor"),

@@ -75,6 +75,7 @@ def test_vanished_clients_do_not_keep_a_well_behaved_one_out(daemon):
 
 class Engine:
     ready = True
+    model: dict = {}  # the supervisor's model info (no max_token_bytes: no byte bound)
 
     def __init__(self):
         self.sent = []
@@ -84,7 +85,7 @@ class Engine:
 
 
 def sessions(max_batch=2, max_queue=4) -> tuple[Sessions, Engine, dict]:
-    args = argparse.Namespace(max_batch=max_batch, max_queue=max_queue, max_clients=64, max_tokens=1 << 16, debug=False)
+    args = argparse.Namespace(max_batch=max_batch, max_queue=max_queue, max_clients=64, max_tokens=1 << 16, max_context=32768, debug=False)
     replies: dict = {}
     s = Sessions(args, lambda client, msg: replies.setdefault(client, []).append(msg) or True)
     s.engine = Engine()

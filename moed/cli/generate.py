@@ -8,7 +8,6 @@ from typing import TextIO
 
 from moed.cli.common import EXIT_USAGE, CommandError
 from moed.cli.runtime import READY_STATES, STATUS_TIMEOUT_S, Runtime, console_log, pidfile_pid, query_status, wait_until_ready
-from moed.cli.status import model_name
 from moed.config import Config
 from moed_client import Client, MoedError
 
