@@ -360,7 +360,8 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "readbacks_per_token": s["readbacks_per_token"],
         "redos": s["redos"],
         "mode_steps": s["mode_steps"],
-        "disk_bytes_per_token": s["disk_bytes_per_token"],
+        "disk_bytes_per_token": s["disk_bytes_per_token"],  # after the initial fill
+        "fill_bytes": s.get("fill_bytes"),  # read before the first decode step (profile seed, prefill)
         "expert_wait_share": s["expert_wait_share"],
         "recall": pf.get("recall"),
         "precision": pf.get("precision"),
@@ -524,13 +525,14 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
 
 
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
-        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, paired_rounds: int = 8,
+        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int | None = None, paired_rounds: int = 8,
         progress=print, checkpoint=None) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
 
     The embedded (or given) model: every config, ``repeats`` rounds, plus the
     approximate mode's quality. The synthetic checkpoint (real-model shapes,
-    about 1 GB): every config once, page cache dropped, for the disk figures."""
+    about 1 GB): every config ``synthetic_repeats`` rounds (default: ``repeats``),
+    page cache dropped, for the disk figures."""
     import platform as _platform
 
     from moed.models import embedded_model_path
@@ -557,7 +559,7 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
                 root = Path(os.environ.get("MOED_BENCH_DIR", tempfile.gettempdir())) / f"moed-synth-qwen3moe-{synthetic_layers}l"
                 target = synthetic_checkpoint(root, layers=synthetic_layers, progress=progress)
                 result["models"].append(bench_model(target, tokens=tokens, prompts=PROMPTS[:2], uncached=uncached,
-                                                    repeats=synthetic_repeats, progress=progress))
+                                                    repeats=synthetic_repeats or repeats, progress=progress))
         finally:
             if old_state is None:
                 os.environ.pop("MOED_STATE_DIR", None)
@@ -575,7 +577,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-synthetic", action="store_true", help="skip the larger synthetic checkpoint")
     ap.add_argument("--synthetic-layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds on the embedded model (best kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds on every model (best kept)")
     ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
     ap.add_argument("--paired-rounds", type=int, default=8,
                     help="rounds of the in-process paired prefetch/on-demand comparison (0: skip)")

@@ -69,6 +69,7 @@ class ExpertManager(PassChecks):
         self.decode_time = 0.0
         self.decode_wait = 0.0
         self.skipped = 0
+        self.fill_bytes: int | None = None  # read before the first decode step: seeding, prefill
         # where decode steps' time goes (seconds, summed): prefetcher hooks, building the
         # speculative pass's graph, waiting for its evaluation (the readback), the residency
         # check and bookkeeping (deferred: the previous pass's check, up to queueing this one),
@@ -198,6 +199,8 @@ class ExpertManager(PassChecks):
         self.forwards += 1
         self.forward_id += 1
         self.decode_steps += decode and redo is None
+        if decode and self.fill_bytes is None:
+            self.fill_bytes = self._bytes_read()
         self._step_readbacks = 0
         self._step_missed = False
         t0 = time.perf_counter()
@@ -325,6 +328,9 @@ class ExpertManager(PassChecks):
     def expert_bytes(self) -> int:
         return sum(c.capacity * c.expert_bytes for c in self.caches)
 
+    def _bytes_read(self) -> int:
+        return sum(c.bytes_read for c in self.caches)
+
     def stats(self) -> dict:
         from moed.platform import process_rss_bytes
 
@@ -341,7 +347,8 @@ class ExpertManager(PassChecks):
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else None,
-            "bytes_read": sum(c.bytes_read for c in self.caches),
+            "bytes_read": self._bytes_read(),
+            "fill_bytes": self.fill_bytes,
             "load_time_s": round(sum(c.load_time for c in self.caches), 6),
             "resident": sum(int((c.slot_of >= 0).sum()) for c in self.caches),
             "slots": sum(c.capacity for c in self.caches),
@@ -359,7 +366,9 @@ class ExpertManager(PassChecks):
             "decode_step_ms": {k: v / self.decode_steps * 1e3 for k, v in self.step_seconds.items()}
             if self.decode_steps else None,
             "expert_wait_share": (self.decode_wait / self.decode_time) if self.decode_time else None,
-            "disk_bytes_per_token": (sum(c.bytes_read for c in self.caches) / self.decode_steps) if self.decode_steps else None,
+            # the initial fill (fill_bytes) is left out: it is paid once, not per token
+            "disk_bytes_per_token": ((self._bytes_read() - (self.fill_bytes or 0)) / self.decode_steps)
+            if self.decode_steps else None,
             "memory": {
                 "budget_bytes": self.memory_budget,
                 "expert_bytes": self.expert_bytes(),
