@@ -226,3 +226,35 @@ def test_dropping_a_failed_solo_request_survives_a_failing_close(family_dir, mon
             mx.array(tok.encode(PROMPT)), mlx_lm.load(str(path))[0], max_tokens=8)]
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("redo_mode", ["resume", "sync"])
+@pytest.mark.parametrize("share", [0.5, 0.25, "below-top-k"])
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_each_redo_mode_equals_stock(family, share, redo_mode, family_dir, stock):
+    """A pass that missed is finished from its missed layer, resumed speculatively or layer by
+    layer in sync: stock's tokens either way; resumed passes run, and some miss again and resume."""
+    import json
+
+    path = family_dir[family]
+    config = json.loads((path / "config.json").read_text())
+    top_k = config.get("num_experts_per_tok") or config["text_config"]["num_experts_per_tok"]
+    cap = top_k - 1 if share == "below-top-k" else max(1, int(num_experts(path) * share))
+    model, tok, manager = load_model(path, capacity=cap, profile=None, warm_start=False, decode_mode="speculative")
+    manager.redo_mode = redo_mode
+    try:
+        ids = mx.array(tok.encode(PROMPT))
+        cache = make_prompt_cache(model)
+        assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, prompt_cache=cache)] == stock[family]["greedy"]
+        assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, sampler=seeded())] == stock[family]["seeded"]
+        stats = manager.stats()
+        assert stats["redo_mode"] == redo_mode
+        if not can_trim_prompt_cache(cache):  # not trimmable to the end: sync steps, no redo to take
+            return
+        assert stats["redos"] > 0
+        if redo_mode == "sync":
+            assert stats["resumes"] == 0
+        elif share != "below-top-k":
+            assert stats["resumes"] > 0
+    finally:
+        manager.close()

@@ -27,13 +27,14 @@ import numpy as np
 
 from .cache import LayerCache
 from .deferred import PassChecks
+from .redo import Redos
 from .families import MoESite
 from .store import Reader
 
 log = logging.getLogger("moed.experts")
 
 
-class ExpertManager(PassChecks):
+class ExpertManager(PassChecks, Redos):
     """Owns the layer caches and decides, per forward, how experts are found.
 
     ``decode_mode``: "speculative" (one readback when everything is resident,
@@ -47,7 +48,8 @@ class ExpertManager(PassChecks):
     STEP_PARTS = ("prefetch", "build", "eval", "check", "record", "sync")
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
-                 memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto"):
+                 memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto",
+                 redo_mode: str = "resume"):
         if decode_mode not in ("auto", "speculative", "sync"):
             raise ValueError(f"decode_mode must be auto, speculative or sync, not {decode_mode!r}")
         self.caches = caches
@@ -77,6 +79,7 @@ class ExpertManager(PassChecks):
         # sync-mode steps, loads included)
         self.step_seconds = dict.fromkeys(self.STEP_PARTS, 0.0)
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
+        self._init_redos(redo_mode)  # redo.py: how a pass that missed is finished
         self._init_checks()  # deferred.py: the checks of speculative passes, now or one token late
         self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
         self.mode_steps = {"speculative": 0, "sync": 0}
@@ -103,18 +106,18 @@ class ExpertManager(PassChecks):
                 self._collected.append((cache, indices))
             return inner(x, indices)
         order = self._order[id(cache)]
-        if mode == "speculative":
+        if mode in ("sync", "resume") and order < self._sync_from:
+            # same input as in the speculative pass, all experts were there: reuse
+            return self._outputs[order]
+        if mode in ("speculative", "resume"):  # resume: the rest of a redo, speculative again (redo.py)
             y = inner(x, cache.lut()[indices])
             # the slot map as this pass reads it: the check must judge the pass by it, since loads
             # may be installed (or slots evicted) before a deferred pass is checked
             self._records.append((cache, indices, cache.slot_of.copy(), cache.evictions))
             self._outputs[order] = y
-            if self.prefetcher is not None:
+            if self.prefetcher is not None and mode == "speculative":
                 self.prefetcher.trace(order, x, indices)
             return y
-        if mode == "sync" and order < self._sync_from:
-            # same input as in the speculative pass, all experts were there: reuse
-            return self._outputs[order]
         if mode == "approximate":
             self._records.append((cache, indices, None, None))
             y = inner(x, cache.lut()[indices])
@@ -214,7 +217,11 @@ class ExpertManager(PassChecks):
         parts["prefetch"] = t - t0
         try:
             if redo is not None:
-                used, (self._sync_from, self._outputs) = "speculative", redo
+                used, t = "speculative", time.perf_counter()
+                out = self._redo_from(call, *redo, cache, ntok, inputs)
+                missed = True
+                parts["sync"] = time.perf_counter() - t
+                return out
             elif all(c.complete for c in self.caches) and not self.always_check:
                 self._settle()
                 self._mode = "direct"
@@ -271,8 +278,11 @@ class ExpertManager(PassChecks):
                     parts["check"] = time.perf_counter() - t
                     if first is None:
                         return out
-                    t = time.perf_counter()
-                    self._outputs, self._sync_from = self._undo(this, first), first
+                    t, missed = time.perf_counter(), True
+                    need = self._needed_at(this, first, self._order) if decode else None  # prefill: sync
+                    out = self._redo_from(call, first, self._undo(this, first), need, cache, ntok, inputs)
+                    parts["sync"] = time.perf_counter() - t
+                    return out
             missed = True
             self._mode, self._records = "sync", []
             out = call()
@@ -357,6 +367,9 @@ class ExpertManager(PassChecks):
             "readbacks": self.readbacks,
             "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
             "redos": self.redos,
+            "redo_mode": self.redo_mode,
+            "resumes": self.resumes,
+            "resume_misses": self.resume_misses,
             "deferred_checks": self.deferred,
             "rollbacks": self.rollbacks,
             "seeded": self.seeded,
