@@ -120,7 +120,8 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
-                profile: str | None = "auto", always_check: bool = False, defer: bool = True) -> dict:
+                profile: str | None = "auto", always_check: bool = False, defer: bool = True,
+                redo_mode: str = "resume") -> dict:
     """Load (stock when ``capacity`` is None), greedy-decode each prompt, report.
     Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
     ``generate_step``, with the residency checks one token late unless ``defer``
@@ -142,6 +143,7 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
     if manager is not None:
         manager.always_check = always_check
         manager.defer_checks = defer
+        manager.redo_mode = redo_mode
     load_s = time.perf_counter() - t0
     rss_loaded = process_rss_bytes()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
@@ -273,6 +275,10 @@ INLINE = {
     "checked-100-inline": (1.0, {"prefetch": False, "profile": None, "always_check": True, "defer": False}),
     "prefetch-50-inline": (0.5, {"prefetch": True, "profile": "auto", "defer": False}),
 }
+# a pass that missed redone layer by layer in sync from the missed layer (the old scheme) instead of
+# resumed speculatively from it (redo.py): the side-by-side that chose resume
+SYNC_REDO = {f"{name}-sync-redo": (share, {**opts, "redo_mode": "sync"}) for name, (share, opts) in CONFIGS.items()
+             if share < 1.0}
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),
@@ -303,12 +309,13 @@ def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int
         order = list(names)
         rng.shuffle(order)
         for name in order:
-            share, opts = {**CONFIGS, **INLINE}[name.split("#")[0]]
+            share, opts = {**CONFIGS, **INLINE, **SYNC_REDO}[name.split("#")[0]]
             r = measure_one(model_dir, max(1, round(num_experts * share)), tokens, prompts, uncached, **opts)
             tps[name].append([x["decode_tps"] for x in r["runs"]])
             stats[name] = {k: r["stats"].get(k) for k in ("hit_rate", "redos", "readbacks_per_token",
                                                           "expert_wait_share", "mode_steps", "deferred_checks",
-                                                          "rollbacks")}
+                                                          "rollbacks", "resumes", "resume_misses",
+                                                          "ms_per_redo", "decode_step_ms")}
             stats[name]["payoff"] = (r["stats"].get("prefetch") or {}).get("payoff")
     return {"rounds": rounds, "tps": tps, "last_round_stats": stats}
 
@@ -359,6 +366,10 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "hit_rate": s["hit_rate"],
         "readbacks_per_token": s["readbacks_per_token"],
         "redos": s["redos"],
+        "rollbacks": s.get("rollbacks"),
+        "redo_mode": s.get("redo_mode"),
+        "resumes": s.get("resumes"),
+        "resume_misses": s.get("resume_misses"),
         "mode_steps": s["mode_steps"],
         "disk_bytes_per_token": s["disk_bytes_per_token"],  # after the initial fill
         "fill_bytes": s.get("fill_bytes"),  # read before the first decode step (profile seed, prefill)
@@ -524,9 +535,18 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
     return out
 
 
+def pick_configs(names: list[str]) -> dict:
+    """The named configurations (CONFIGS, INLINE, SYNC_REDO, APPROXIMATE), in the order given."""
+    every = {**CONFIGS, **INLINE, **SYNC_REDO, **APPROXIMATE}
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise SystemExit(f"unknown configs {', '.join(unknown)}: choose from {', '.join(every)}")
+    return {n: every[n] for n in names}
+
+
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
         synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int | None = None, paired_rounds: int = 8,
-        progress=print, checkpoint=None) -> dict:
+        progress=print, checkpoint=None, configs: list[str] | None = None) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
 
     The embedded (or given) model: every config, ``repeats`` rounds, plus the
@@ -548,9 +568,10 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
         os.environ["MOED_STATE_DIR"] = state  # subprocesses inherit it: nothing read from or left in the user's dirs
         try:
             if (model / "config.json").is_file():
+                chosen = {"configs": pick_configs(configs)} if configs else {"approximate_too": True}
                 result["models"].append(bench_model(model, tokens=tokens, prompts=PROMPTS, uncached=uncached,
-                                                    repeats=repeats, approximate_too=True,
-                                                    paired_rounds=paired_rounds, progress=progress))
+                                                    repeats=repeats, paired_rounds=paired_rounds, progress=progress,
+                                                    **chosen))
                 if checkpoint:  # a partial result survives a run cut short
                     checkpoint(result)
             else:
@@ -582,6 +603,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-rounds", type=int, default=8,
                     help="rounds of the in-process paired prefetch/on-demand comparison (0: skip)")
     ap.add_argument("--paired-only", action="store_true", help="only the paired comparison, on the embedded or given model")
+    ap.add_argument("--configs", type=lambda t: t.split(","), help="only these configs on the given or embedded "
+                    "model, comma-separated (e.g. on-demand-50,on-demand-50-sync-redo); no approximate runs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--paired", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -598,13 +621,17 @@ def main(argv=None) -> int:
         result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": str(model),
                   "tokens": args.tokens, "prompts": PROMPTS, "page_cache_dropped": not args.cached,
                   "paired": bench_paired(model, rounds=args.paired_rounds, tokens=args.tokens, prompts=PROMPTS,
-                                         uncached=not args.cached)}
+                                         uncached=not args.cached, **({"names": args.configs} if args.configs else {}))}
+        if args.configs:  # each config against its sync-redo twin, where both ran
+            tps = result["paired"].get("tps", {})
+            result["paired"]["resume_vs_sync_redo"] = {n: paired_ratios(tps, n, f"{n}-sync-redo") for n in args.configs
+                                                       if f"{n}-sync-redo" in args.configs}
         emit(result, args.out)
         return 0
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
                  synthetic_layers=args.synthetic_layers, repeats=args.repeats, paired_rounds=args.paired_rounds,
-                 progress=log, checkpoint=save)
+                 progress=log, checkpoint=save, configs=args.configs)
     emit(result, args.out)
     return 0
 

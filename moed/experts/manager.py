@@ -6,10 +6,12 @@ Doing that per layer costs one sync per layer per token. Instead a forward runs
 *speculatively* on whatever is resident (missing experts read slot 0) while
 recording every layer's expert ids; one evaluation at the end reads them all
 back. All resident: done, one readback. Something missing: the KV caches are
-trimmed back by the tokens just fed, and the forward is redone in *sync* mode,
-where layers before the first miss return the speculative pass's outputs
-(same input, all experts resident) and each later layer reads back its
-choice, loads what it misses, then computes. Output is exact either way.
+trimmed back by the tokens just fed, and the forward is finished from the
+first missed layer (redo.py): layers before it return the speculative pass's
+outputs (same input, all experts resident), the missed layer's experts are
+loaded and the rest runs speculatively again, or in *sync* mode, where each
+layer reads back its choice, loads what it misses, then computes. Output is
+exact either way.
 Long prefill chunks and miss-heavy decoding go to sync mode directly (see
 ``ExpertManager``); a decode loop may have the check of a decode pass done one
 token late (deferred.py). docs/experts.md has the whole scheme.
@@ -25,6 +27,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from .approximate import approximate_forward
 from .cache import LayerCache
 from .deferred import PassChecks
 from .redo import Redos
@@ -45,7 +48,7 @@ class ExpertManager(PassChecks, Redos):
     """
 
     EXPLORE_EVERY = 16
-    STEP_PARTS = ("prefetch", "build", "eval", "check", "record", "sync")
+    STEP_PARTS = ("prefetch", "build", "route", "eval", "check", "record", "sync")
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
                  memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto",
@@ -73,10 +76,10 @@ class ExpertManager(PassChecks, Redos):
         self.skipped = 0
         self.fill_bytes: int | None = None  # read before the first decode step: seeding, prefill
         # where decode steps' time goes (seconds, summed): prefetcher hooks, building the
-        # speculative pass's graph, waiting for its evaluation (the readback), the residency
-        # check and bookkeeping (deferred: the previous pass's check, up to queueing this one),
-        # recording a deferred pass's use while the next computes, sync passes (redos and
-        # sync-mode steps, loads included)
+        # speculative pass's graph ("route": the part of it that is moed's own per-layer
+        # Python), waiting for its evaluation (the readback), the residency check and
+        # bookkeeping (deferred: the previous pass's check, up to queueing this one), recording
+        # a deferred pass's use while the next computes, redos and sync-mode steps (loads included)
         self.step_seconds = dict.fromkeys(self.STEP_PARTS, 0.0)
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
         self._init_redos(redo_mode)  # redo.py: how a pass that missed is finished
@@ -110,13 +113,18 @@ class ExpertManager(PassChecks, Redos):
             # same input as in the speculative pass, all experts were there: reuse
             return self._outputs[order]
         if mode in ("speculative", "resume"):  # resume: the rest of a redo, speculative again (redo.py)
-            y = inner(x, cache.lut()[indices])
+            t0 = time.perf_counter()
+            slots = cache.lut()[indices]
+            t1 = time.perf_counter()
+            y = inner(x, slots)
+            t2 = time.perf_counter()
             # the slot map as this pass reads it: the check must judge the pass by it, since loads
             # may be installed (or slots evicted) before a deferred pass is checked
             self._records.append((cache, indices, cache.slot_of.copy(), cache.evictions))
             self._outputs[order] = y
             if self.prefetcher is not None and mode == "speculative":
                 self.prefetcher.trace(order, x, indices)
+            self._route_s += t1 - t0 + time.perf_counter() - t2  # moed's own Python, apart from the experts' graph
             return y
         if mode == "approximate":
             self._records.append((cache, indices, None, None))
@@ -182,17 +190,6 @@ class ExpertManager(PassChecks, Redos):
         with self._lock:
             return self._forward(call, args, kwargs)
 
-    def _pick_decode_mode(self) -> str:
-        if self.decode_mode != "auto":
-            return self.decode_mode
-        spec, sync = self.mode_cost["speculative"], self.mode_cost["sync"]
-        if spec is None or self.redo_rate < 0.25:  # misses are rare: one readback per token
-            return "speculative"
-        if sync is None:
-            return "sync"
-        best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
-        return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
-
     def _forward(self, call, args, kwargs):
         inputs = args[0] if args else kwargs.get("inputs")
         cache = kwargs["cache"] if "cache" in kwargs else (args[1] if len(args) > 1 else None)
@@ -206,6 +203,7 @@ class ExpertManager(PassChecks, Redos):
             self.fill_bytes = self._bytes_read()
         self._step_readbacks = 0
         self._step_missed = False
+        self._route_s = 0.0
         t0 = time.perf_counter()
         wait0 = self.wait_time
         used = None
@@ -221,6 +219,7 @@ class ExpertManager(PassChecks, Redos):
                 out = self._redo_from(call, *redo, cache, ntok, inputs)
                 missed = True
                 parts["sync"] = time.perf_counter() - t
+                self.redo_time += parts["sync"]
                 return out
             elif all(c.complete for c in self.caches) and not self.always_check:
                 self._settle()
@@ -234,7 +233,7 @@ class ExpertManager(PassChecks, Redos):
                 parts["build"] = time.perf_counter() - t
                 return out
             elif self.approximate:
-                return self._approximate(call)
+                return approximate_forward(self, call)
             else:
                 trimmable = cache is None or all(c.is_trimmable() for c in cache)
                 if decode and trimmable:
@@ -282,6 +281,7 @@ class ExpertManager(PassChecks, Redos):
                     need = self._needed_at(this, first, self._order) if decode else None  # prefill: sync
                     out = self._redo_from(call, first, self._undo(this, first), need, cache, ntok, inputs)
                     parts["sync"] = time.perf_counter() - t
+                    self.redo_time += parts["sync"]
                     return out
             missed = True
             self._mode, self._records = "sync", []
@@ -304,6 +304,7 @@ class ExpertManager(PassChecks, Redos):
                 self.decode_time += dt
                 self.decode_wait += self.wait_time - wait0
                 parts["prefetch"] += time.perf_counter() - t0 - dt
+                parts["route"] = self._route_s
                 for k, v in parts.items():
                     self.step_seconds[k] += v
                 if used is not None:
@@ -314,25 +315,6 @@ class ExpertManager(PassChecks, Redos):
     def _count_readback(self):
         self.readbacks += 1
         self._step_readbacks += 1
-
-    def _approximate(self, call):
-        self._mode, self._records = "approximate", []
-        out = call()
-        mx.eval(out, [r[1] for r in self._records])
-        self._count_readback()
-        for cache, ind, _, _ in self._records:
-            needed = np.unique(np.array(ind))
-            cache.record(needed)
-            missing = cache.missing(needed)
-            if len(missing):  # for the next tokens; this one went without them
-                ids = np.array(ind).ravel()
-                self.skipped += int((cache.slot_of[ids] < 0).sum())
-                # the most used first, as many as the unpinned slots hold
-                counts = np.bincount(ids, minlength=cache.num_experts)
-                room = cache.capacity - len(cache.pinned)
-                keep = missing[np.argsort(-counts[missing], kind="stable")][:room]
-                cache.ensure(keep)
-        return out
 
     # -- reporting -----------------------------------------------------------
     def expert_bytes(self) -> int:
@@ -370,6 +352,7 @@ class ExpertManager(PassChecks, Redos):
             "redo_mode": self.redo_mode,
             "resumes": self.resumes,
             "resume_misses": self.resume_misses,
+            "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None,  # what a miss costs, loads in
             "deferred_checks": self.deferred,
             "rollbacks": self.rollbacks,
             "seeded": self.seeded,

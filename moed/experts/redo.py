@@ -30,9 +30,10 @@ REDO_MODES = ("resume", "sync")
 
 
 class Redos:
-    """The manager's redo of a pass that missed. Uses the manager's ``caches``,
-    ``_mode``, ``_records``, ``_outputs``, ``_sync_from``, ``_load``, ``_pass``,
-    ``_check``, ``_undo`` and counters; ``redo_mode`` picks the scheme above."""
+    """The manager's redo of a pass that missed, and its choice of decode mode.
+    Uses the manager's ``caches``, ``_mode``, ``_records``, ``_outputs``,
+    ``_sync_from``, ``_load``, ``_pass``, ``_check``, ``_undo``, ``mode_cost``,
+    ``redo_rate`` and counters; ``redo_mode`` picks the scheme above."""
 
     RESUME_TRIES = 3
 
@@ -41,6 +42,21 @@ class Redos:
             raise ValueError(f"redo_mode must be one of {', '.join(REDO_MODES)}, not {redo_mode!r}")
         self.redo_mode = redo_mode
         self.resumes = self.resume_misses = 0  # resumed passes, and those that missed again
+        self.redo_time = 0.0  # seconds spent finishing passes that missed, loads included
+
+    def _pick_decode_mode(self) -> str:
+        """The decode step's mode under ``decode_mode`` "auto": speculative while
+        misses are rare (one readback per token), else the one that cost less
+        per step lately, trying the other every ``EXPLORE_EVERY``-th step."""
+        if self.decode_mode != "auto":
+            return self.decode_mode
+        spec, sync = self.mode_cost["speculative"], self.mode_cost["sync"]
+        if spec is None or self.redo_rate < 0.25:
+            return "speculative"
+        if sync is None:
+            return "sync"
+        best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
+        return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
 
     @staticmethod
     def _needed_at(p: Pass, order: int, orders: dict) -> np.ndarray:
