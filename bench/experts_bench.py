@@ -121,7 +121,7 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
                 profile: str | None = "auto", always_check: bool = False, defer: bool = True,
-                redo_mode: str = "resume") -> dict:
+                redo_mode: str = "sync") -> dict:
     """Load (stock when ``capacity`` is None), greedy-decode each prompt, report.
     Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
     ``generate_step``, with the residency checks one token late unless ``defer``
@@ -275,10 +275,12 @@ INLINE = {
     "checked-100-inline": (1.0, {"prefetch": False, "profile": None, "always_check": True, "defer": False}),
     "prefetch-50-inline": (0.5, {"prefetch": True, "profile": "auto", "defer": False}),
 }
-# a pass that missed redone layer by layer in sync from the missed layer (the old scheme) instead of
-# resumed speculatively from it (redo.py): the side-by-side that chose resume
+# a pass that missed resumed speculatively from the missed layer (redo.py) against the default, layer
+# by layer in sync from it: "NAME-sync-redo" is NAME with sync redos named explicitly, "NAME-resume" with resumes
 SYNC_REDO = {f"{name}-sync-redo": (share, {**opts, "redo_mode": "sync"}) for name, (share, opts) in CONFIGS.items()
              if share < 1.0}
+SYNC_REDO.update({f"{name}-resume": (share, {**opts, "redo_mode": "resume"}) for name, (share, opts) in CONFIGS.items()
+                  if share < 1.0})
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),
@@ -622,10 +624,10 @@ def main(argv=None) -> int:
                   "tokens": args.tokens, "prompts": PROMPTS, "page_cache_dropped": not args.cached,
                   "paired": bench_paired(model, rounds=args.paired_rounds, tokens=args.tokens, prompts=PROMPTS,
                                          uncached=not args.cached, **({"names": args.configs} if args.configs else {}))}
-        if args.configs:  # each config against its sync-redo twin, where both ran
+        if args.configs:  # NAME-resume against NAME (sync redos, the default), where both ran
             tps = result["paired"].get("tps", {})
-            result["paired"]["resume_vs_sync_redo"] = {n: paired_ratios(tps, n, f"{n}-sync-redo") for n in args.configs
-                                                       if f"{n}-sync-redo" in args.configs}
+            result["paired"]["resume_vs_sync_redo"] = {n: paired_ratios(tps, f"{n}-resume", n) for n in args.configs
+                                                       if f"{n}-resume" in args.configs}
         emit(result, args.out)
         return 0
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None

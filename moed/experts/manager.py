@@ -52,7 +52,7 @@ class ExpertManager(PassChecks, Redos):
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
                  memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto",
-                 redo_mode: str = "resume"):
+                 redo_mode: str = "sync"):
         if decode_mode not in ("auto", "speculative", "sync"):
             raise ValueError(f"decode_mode must be auto, speculative or sync, not {decode_mode!r}")
         self.caches = caches
