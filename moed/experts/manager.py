@@ -113,10 +113,8 @@ class ExpertManager(PassChecks, Redos):
             # same input as in the speculative pass, all experts were there: reuse
             return self._outputs[order]
         if mode in ("speculative", "resume"):  # resume: the rest of a redo, speculative again (redo.py)
-            t0 = time.perf_counter()
-            slots = cache.lut()[indices]
-            t1 = time.perf_counter()
-            y = inner(x, slots)
+            t0, slots = time.perf_counter(), cache.lut()[indices]
+            t1, y = time.perf_counter(), inner(x, slots)
             t2 = time.perf_counter()
             # the slot map as this pass reads it: the check must judge the pass by it, since loads
             # may be installed (or slots evicted) before a deferred pass is checked
@@ -199,8 +197,7 @@ class ExpertManager(PassChecks, Redos):
         self.forwards += 1
         self.forward_id += 1
         self.decode_steps += decode and redo is None
-        if decode and self.fill_bytes is None:
-            self.fill_bytes = self._bytes_read()
+        self.fill_bytes = self._bytes_read() if decode and self.fill_bytes is None else self.fill_bytes
         self._step_readbacks = 0
         self._step_missed = False
         self._route_s = 0.0
@@ -349,10 +346,7 @@ class ExpertManager(PassChecks, Redos):
             "readbacks": self.readbacks,
             "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
             "redos": self.redos,
-            "redo_mode": self.redo_mode,
-            "resumes": self.resumes,
-            "resume_misses": self.resume_misses,
-            "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None,  # what a miss costs, loads in
+            **self._redo_stats(),
             "deferred_checks": self.deferred,
             "rollbacks": self.rollbacks,
             "seeded": self.seeded,

@@ -47,6 +47,11 @@ class Redos:
         self.resumes = self.resume_misses = 0  # resumed passes, and those that missed again
         self.redo_time = 0.0  # seconds spent finishing passes that missed, loads included
 
+    def _redo_stats(self) -> dict:
+        return {"redo_mode": self.redo_mode, "resumes": self.resumes, "resume_misses": self.resume_misses,
+                # what a miss costs, loads included
+                "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None}
+
     def _pick_decode_mode(self) -> str:
         """The decode step's mode under ``decode_mode`` "auto": speculative while
         misses are rare (one readback per token), else the one that cost less
