@@ -212,7 +212,7 @@ def _expert_summary(status: dict) -> dict | None:
     stats = status.get("experts") or (status.get("model") or {}).get("experts")
     if not isinstance(stats, dict):
         return None
-    keep = ("hit_rate", "bytes_read", "load_time_s", "disk_bytes_per_token", "readbacks_per_token",
+    keep = ("hit_rate", "bytes_read", "fill_bytes", "load_time_s", "disk_bytes_per_token", "readbacks_per_token",
             "expert_wait_share", "capacity", "num_experts", "memory")
     return {k: stats[k] for k in keep if k in stats}
 
@@ -291,7 +291,8 @@ def bench_model(path: Path, label: str, args, limits_common: dict, save=lambda r
 def experts_bench(eb, path: Path, tokens: int, prompts: list[str], args) -> dict:
     """experts_bench.bench_model at the run's residencies, with whichever arguments its version takes."""
     params = inspect.signature(eb.bench_model).parameters
-    kw = {"tokens": tokens, "prompts": prompts, "uncached": True, "progress": log}
+    # repeats: the md says "median of N", so the in-process section runs N rounds too
+    kw = {"tokens": tokens, "prompts": prompts, "uncached": True, "progress": log, "repeats": args.repeats}
     if "configs" in params:
         kw["configs"] = {k: v for k, v in eb.CONFIGS.items()
                          if v[0] in args.residency and (v[0] >= 1.0 or bool(v[1].get("prefetch")) in args.prefetch_modes)}

@@ -120,7 +120,8 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
-                profile: str | None = "auto", always_check: bool = False, defer: bool = True) -> dict:
+                profile: str | None = "auto", always_check: bool = False, defer: bool = True,
+                redo_mode: str = "sync") -> dict:
     """Load (stock when ``capacity`` is None), greedy-decode each prompt, report.
     Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
     ``generate_step``, with the residency checks one token late unless ``defer``
@@ -142,6 +143,7 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
     if manager is not None:
         manager.always_check = always_check
         manager.defer_checks = defer
+        manager.redo_mode = redo_mode
     load_s = time.perf_counter() - t0
     rss_loaded = process_rss_bytes()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
@@ -273,6 +275,12 @@ INLINE = {
     "checked-100-inline": (1.0, {"prefetch": False, "profile": None, "always_check": True, "defer": False}),
     "prefetch-50-inline": (0.5, {"prefetch": True, "profile": "auto", "defer": False}),
 }
+# a pass that missed resumed speculatively from the missed layer (redo.py) against the default, layer
+# by layer in sync from it: "NAME-sync-redo" is NAME with sync redos named explicitly, "NAME-resume" with resumes
+SYNC_REDO = {f"{name}-sync-redo": (share, {**opts, "redo_mode": "sync"}) for name, (share, opts) in CONFIGS.items()
+             if share < 1.0}
+SYNC_REDO.update({f"{name}-resume": (share, {**opts, "redo_mode": "resume"}) for name, (share, opts) in CONFIGS.items()
+                  if share < 1.0})
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),
@@ -303,12 +311,13 @@ def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int
         order = list(names)
         rng.shuffle(order)
         for name in order:
-            share, opts = {**CONFIGS, **INLINE}[name.split("#")[0]]
+            share, opts = {**CONFIGS, **INLINE, **SYNC_REDO}[name.split("#")[0]]
             r = measure_one(model_dir, max(1, round(num_experts * share)), tokens, prompts, uncached, **opts)
             tps[name].append([x["decode_tps"] for x in r["runs"]])
             stats[name] = {k: r["stats"].get(k) for k in ("hit_rate", "redos", "readbacks_per_token",
                                                           "expert_wait_share", "mode_steps", "deferred_checks",
-                                                          "rollbacks")}
+                                                          "rollbacks", "resumes", "resume_misses",
+                                                          "ms_per_redo", "decode_step_ms")}
             stats[name]["payoff"] = (r["stats"].get("prefetch") or {}).get("payoff")
     return {"rounds": rounds, "tps": tps, "last_round_stats": stats}
 
@@ -359,8 +368,13 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "hit_rate": s["hit_rate"],
         "readbacks_per_token": s["readbacks_per_token"],
         "redos": s["redos"],
+        "rollbacks": s.get("rollbacks"),
+        "redo_mode": s.get("redo_mode"),
+        "resumes": s.get("resumes"),
+        "resume_misses": s.get("resume_misses"),
         "mode_steps": s["mode_steps"],
-        "disk_bytes_per_token": s["disk_bytes_per_token"],
+        "disk_bytes_per_token": s["disk_bytes_per_token"],  # after the initial fill
+        "fill_bytes": s.get("fill_bytes"),  # read before the first decode step (profile seed, prefill)
         "expert_wait_share": s["expert_wait_share"],
         "recall": pf.get("recall"),
         "precision": pf.get("precision"),
@@ -523,14 +537,24 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
     return out
 
 
+def pick_configs(names: list[str]) -> dict:
+    """The named configurations (CONFIGS, INLINE, SYNC_REDO, APPROXIMATE), in the order given."""
+    every = {**CONFIGS, **INLINE, **SYNC_REDO, **APPROXIMATE}
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise SystemExit(f"unknown configs {', '.join(unknown)}: choose from {', '.join(every)}")
+    return {n: every[n] for n in names}
+
+
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
-        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int = 1, paired_rounds: int = 8,
-        progress=print, checkpoint=None) -> dict:
+        synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int | None = None, paired_rounds: int = 8,
+        progress=print, checkpoint=None, configs: list[str] | None = None) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
 
     The embedded (or given) model: every config, ``repeats`` rounds, plus the
     approximate mode's quality. The synthetic checkpoint (real-model shapes,
-    about 1 GB): every config once, page cache dropped, for the disk figures."""
+    about 1 GB): every config ``synthetic_repeats`` rounds (default: ``repeats``),
+    page cache dropped, for the disk figures."""
     import platform as _platform
 
     from moed.models import embedded_model_path
@@ -546,9 +570,10 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
         os.environ["MOED_STATE_DIR"] = state  # subprocesses inherit it: nothing read from or left in the user's dirs
         try:
             if (model / "config.json").is_file():
+                chosen = {"configs": pick_configs(configs)} if configs else {"approximate_too": True}
                 result["models"].append(bench_model(model, tokens=tokens, prompts=PROMPTS, uncached=uncached,
-                                                    repeats=repeats, approximate_too=True,
-                                                    paired_rounds=paired_rounds, progress=progress))
+                                                    repeats=repeats, paired_rounds=paired_rounds, progress=progress,
+                                                    **chosen))
                 if checkpoint:  # a partial result survives a run cut short
                     checkpoint(result)
             else:
@@ -557,7 +582,7 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
                 root = Path(os.environ.get("MOED_BENCH_DIR", tempfile.gettempdir())) / f"moed-synth-qwen3moe-{synthetic_layers}l"
                 target = synthetic_checkpoint(root, layers=synthetic_layers, progress=progress)
                 result["models"].append(bench_model(target, tokens=tokens, prompts=PROMPTS[:2], uncached=uncached,
-                                                    repeats=synthetic_repeats, progress=progress))
+                                                    repeats=synthetic_repeats or repeats, progress=progress))
         finally:
             if old_state is None:
                 os.environ.pop("MOED_STATE_DIR", None)
@@ -575,11 +600,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-synthetic", action="store_true", help="skip the larger synthetic checkpoint")
     ap.add_argument("--synthetic-layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds on the embedded model (best kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds on every model (best kept)")
     ap.add_argument("--cached", action="store_true", help="leave the OS page cache alone")
     ap.add_argument("--paired-rounds", type=int, default=8,
                     help="rounds of the in-process paired prefetch/on-demand comparison (0: skip)")
     ap.add_argument("--paired-only", action="store_true", help="only the paired comparison, on the embedded or given model")
+    ap.add_argument("--configs", type=lambda t: t.split(","), help="only these configs on the given or embedded "
+                    "model, comma-separated (e.g. on-demand-50,on-demand-50-sync-redo); no approximate runs")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--paired", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -596,13 +623,17 @@ def main(argv=None) -> int:
         result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": str(model),
                   "tokens": args.tokens, "prompts": PROMPTS, "page_cache_dropped": not args.cached,
                   "paired": bench_paired(model, rounds=args.paired_rounds, tokens=args.tokens, prompts=PROMPTS,
-                                         uncached=not args.cached)}
+                                         uncached=not args.cached, **({"names": args.configs} if args.configs else {}))}
+        if args.configs:  # NAME-resume against NAME (sync redos, the default), where both ran
+            tps = result["paired"].get("tps", {})
+            result["paired"]["resume_vs_sync_redo"] = {n: paired_ratios(tps, f"{n}-resume", n) for n in args.configs
+                                                       if f"{n}-resume" in args.configs}
         emit(result, args.out)
         return 0
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
                  synthetic_layers=args.synthetic_layers, repeats=args.repeats, paired_rounds=args.paired_rounds,
-                 progress=log, checkpoint=save)
+                 progress=log, checkpoint=save, configs=args.configs)
     emit(result, args.out)
     return 0
 

@@ -3,7 +3,8 @@
 #
 #   bench/gpu_run.sh parts DIR        copy carried MLX parts/wheels from DIR into /root/moed-bench/parts
 #   bench/gpu_run.sh setup            install MLX (CUDA) + wheels into /root/moed-bench/site, cap MLX memory, fill the JIT cache
-#   bench/gpu_run.sh synth SIZE       generate qwen3-next-shaped checkpoints (uniform, and skewed sharing its experts)
+#   bench/gpu_run.sh synth SIZE [ROUTING...]  generate qwen3-next-shaped checkpoints, one per ROUTING (uniform,
+#                                     skewed; default both); skewed shares uniform's experts when both are made
 #   bench/gpu_run.sh bench NAME ARGS  python -m bench ARGS --out $OUT/NAME.json, in the foreground (nothing of
 #                                     ours runs between calls, when the GPU may be someone else's)
 #   bench/gpu_run.sh module NAME MOD ARGS  python -m MOD ARGS --out $OUT/NAME.json (one bench module alone)
@@ -13,7 +14,7 @@
 # asking for more than the card has free can hang the GPU. Default: the smaller of 32% of the card and
 # half of what is free under 70% of it, so two processes holding a model at once (daemon_bench) fit.
 set -euo pipefail
-ROOT=/root/moed-bench
+ROOT=${MOED_GPU_ROOT:-/root/moed-bench}
 SITE=$ROOT/site
 PARTS=$ROOT/parts
 SYNTH=$ROOT/synth
@@ -75,12 +76,22 @@ EOF
     ;;
 synth)
     size=${2:-32GB}
+    shift $(( $# < 2 ? $# : 2 ))
+    routings=${*:-uniform skewed}
+    shape=${MOED_SYNTH_SHAPE:-qwen3-next}
     need=$(python3 -c "from bench.synth import parse_size; print(int(parse_size('$size') * 1.2))")
+    mkdir -p "$SYNTH"
     avail=$(df --output=avail -B1 "$SYNTH" | tail -1)
     [ "$avail" -gt "$need" ] || { echo "not enough disk for $size: $avail bytes free, $need needed"; exit 1; }
-    python3 -m bench.synth --shape qwen3-next --size "$size" --routing uniform --no-measure --out "$SYNTH/synth-qwen3-next-$size-uniform-stacked" | tail -20
-    python3 -m bench.synth --shape qwen3-next --size "$size" --routing skewed --no-measure \
-        --variant-of "$SYNTH/synth-qwen3-next-$size-uniform-stacked" --out "$SYNTH/synth-qwen3-next-$size-skewed-stacked" | tail -3
+    base=$SYNTH/synth-$shape-$size-uniform-stacked
+    for routing in $routings; do
+        case "$routing" in uniform | skewed) ;; *) echo "unknown routing $routing: uniform or skewed"; exit 2 ;; esac
+        variant=()
+        # another routing of the same experts, hard-linked, when the uniform one is made in this call too
+        if [ "$routing" != uniform ] && [[ " $routings " == *" uniform "* ]]; then variant=(--variant-of "$base"); fi
+        python3 -m bench.synth --shape "$shape" --size "$size" --routing "$routing" --no-measure "${variant[@]}" \
+            --out "$SYNTH/synth-$shape-$size-$routing-stacked" | tail -3
+    done
     du -sh "$SYNTH"/*; df -h "$SYNTH"
     ;;
 bench)

@@ -36,7 +36,7 @@ def rows(result: dict, label: str) -> list[dict]:
                     "tok_s": r.get("decode_tok_s"), "ttft_s": r.get("ttft_s"),
                     "clients": {c["clients"]: c["aggregate_tok_s"] for c in r.get("concurrency", [])},
                     "disk_per_token": dig(r, "experts", "disk_bytes_per_token"), "hit_rate": dig(r, "experts", "hit_rate"),
-                    "exact": r.get("exact"), "note": r.get("not_measured", "")})
+                    "fill_bytes": dig(r, "experts", "fill_bytes"), "exact": r.get("exact"), "note": r.get("not_measured", "")})
     if "not_measured" in (moed.get("daemon_residency") or {}):
         out.append({"name": "moed daemon, lazy experts", "note": moed["daemon_residency"]["not_measured"]})
     for m in dig(moed, "experts", "models") or []:
@@ -47,7 +47,7 @@ def rows(result: dict, label: str) -> list[dict]:
             out.append({"name": f"moed in process, {r.get('residency', 0):.0%} resident{', prefetch' if r['prefetch'] else ''}"
                                 f"{', check on' if r['checked'] else ''}",
                         "tok_s": r.get("decode_tps"), "disk_per_token": r.get("disk_bytes_per_token"),
-                        "hit_rate": r.get("hit_rate"), "load_gb_s": r.get("load_gb_s"),
+                        "hit_rate": r.get("hit_rate"), "load_gb_s": r.get("load_gb_s"), "fill_bytes": r.get("fill_bytes"),
                         "exact": r.get("exact"), "note": (r.get("error") or "")[:80]})
     if "not_measured" in (moed.get("experts") or {}):
         out.append({"name": "moed in process, lazy experts", "note": moed["experts"]["not_measured"]})
@@ -93,6 +93,8 @@ def markdown(result: dict) -> str:
             note = r.get("note") or ""
             if r.get("exact") is False:
                 note = ("OUTPUT DIFFERS FROM STOCK " + note).strip()
+            if r.get("fill_bytes"):  # the disk column counts decode steps' reads only
+                note = (f"initial fill {r['fill_bytes'] / 1e6:.0f} MB " + note).strip()
             if r.get("load_gb_s"):
                 note = (f"loads {r['load_gb_s']:.2f} GB/s " + note).strip()
             lines.append(f"| {r['name']} | {_f(r.get('tok_s'))} | {_f(r.get('ttft_s'), 1, 1e3)} | "

@@ -133,3 +133,89 @@ def test_paired_section_runs_and_reports_the_oracle(tmp_path):
     for key in ("prefetch_vs_on_demand", "oracle_vs_on_demand"):
         assert len(out[key]["50"]["median"]) == 2 and out[key]["25"] is None
     assert out["last_round_stats"]["prefetch-50"]["payoff"]["arms"].keys() == {"off", "runahead", "ahead"}
+
+
+def test_gpu_run_synth_writes_only_the_routings_asked_for(tmpdir_short):
+    """`gpu_run.sh synth SIZE skewed` writes the skewed checkpoint alone; with both, skewed shares uniform's experts."""
+    import os
+
+    env = dict(os.environ, MOED_GPU_ROOT=str(tmpdir_short), MOED_SYNTH_SHAPE="tiny", MOED_MLX_MEMORY_LIMIT="0",
+               PYTHONPATH=str(REPO))
+    script = str(REPO / "bench" / "gpu_run.sh")
+    proc = subprocess.run(["bash", script, "synth", "4MB", "skewed"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmpdir_short / "synth").iterdir()) == ["synth-tiny-4MB-skewed-stacked"]
+    proc = subprocess.run(["bash", script, "synth", "4MB", "uniform", "skewed"], cwd=REPO, env=dict(env, MOED_GPU_ROOT=str(tmpdir_short / "both")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    both = tmpdir_short / "both" / "synth"
+    assert sorted(p.name for p in both.iterdir()) == ["synth-tiny-4MB-skewed-stacked", "synth-tiny-4MB-uniform-stacked"]
+    shard = "model-00002-of-00003.safetensors"
+    assert (both / "synth-tiny-4MB-uniform-stacked" / shard).stat().st_ino == \
+        (both / "synth-tiny-4MB-skewed-stacked" / shard).stat().st_ino
+
+
+def test_one_client_aggregate_rate_is_the_decode_rate():
+    """The concurrency section's 1-client figure uses the single section's definition (prefill left out)."""
+    from bench.daemon_bench import aggregate_decode_rate, rate
+
+    one = {"tokens": list(range(33)), "first_at": 10.0, "last_at": 10.32}  # 32 tokens after the first in 0.32 s
+    assert aggregate_decode_rate([one]) == pytest.approx(rate(33, 10.0, 10.32)) == pytest.approx(100.0)
+    two = [one, {"tokens": list(range(17)), "first_at": 10.1, "last_at": 10.42}]
+    assert aggregate_decode_rate(two) == pytest.approx((32 + 16) / 0.42)
+    assert aggregate_decode_rate([{"tokens": [], "first_at": None, "last_at": None}]) is None
+
+
+def test_token_overhead_compares_the_daemon_with_its_own_engine():
+    """Per request, the client's time per token minus the engine's: a faster in-process loop elsewhere cannot make it negative."""
+    from bench.daemon_bench import token_overhead_us
+
+    served = [{"decode_tok_s": 95.0, "daemon_timings": {"engine_decode_tok_s": 100.0}},
+              {"decode_tok_s": 90.0, "daemon_timings": {"engine_decode_tok_s": 100.0}},
+              {"decode_tok_s": 99.0, "daemon_timings": {"engine_decode_tok_s": 100.0}}]
+    assert token_overhead_us(served) == pytest.approx((1 / 95 - 1 / 100) * 1e6)
+    assert token_overhead_us([{"decode_tok_s": 95.0, "daemon_timings": {}}]) is None
+
+
+def test_experts_section_runs_the_rounds_asked_for(monkeypatch):
+    """`python -m bench --repeats N` gives experts_bench N rounds (the md says "median of N")."""
+    import argparse
+
+    import bench.__main__ as suite
+    from bench import experts_bench as eb
+
+    seen = {}
+
+    def bench_model(model_dir, *, tokens, prompts, uncached, repeats=1, configs=eb.CONFIGS, progress=print):
+        seen.update(repeats=repeats, configs=configs)
+        return {}
+
+    monkeypatch.setattr(eb, "bench_model", bench_model)
+    args = argparse.Namespace(repeats=4, residency=[0.5], prefetch_modes=[True])
+    suite.experts_bench(eb, Path("/nonexistent"), 8, ["p"], args)
+    assert seen["repeats"] == 4
+    monkeypatch.setattr(eb, "synthetic_checkpoint", lambda root, **kw: Path(root))
+    monkeypatch.setattr(eb, "bench_model", lambda path, **kw: {"repeats": kw["repeats"]})
+    out = eb.run(model=Path("/nonexistent"), repeats=3, progress=lambda m: None)
+    assert [m["repeats"] for m in out["models"]] == [3]
+
+
+def test_disk_per_token_leaves_the_initial_fill_out(tmp_path):
+    """Bytes read before the first decode step are the fill, reported apart from the per-token figure."""
+    import mlx.core as mx
+
+    from moed.experts import load_model
+    from moed.experts.decode import generate
+    from moed.models import embedded_model_path
+
+    model, tok, manager = load_model(embedded_model_path(), capacity=8, prefetch=False, profile=None, warm_start=False)
+    try:
+        ids = tok.encode("The capital of France is")
+        for _ in generate(mx.array(ids), model, manager, max_tokens=6):
+            pass
+        s = manager.stats()
+        assert s["fill_bytes"] > 0  # the prompt's prefill loaded experts
+        assert s["disk_bytes_per_token"] == pytest.approx((s["bytes_read"] - s["fill_bytes"]) / s["decode_steps"])
+    finally:
+        manager.close()

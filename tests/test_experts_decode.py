@@ -45,6 +45,15 @@ def stock(family_dir):
     return out
 
 
+def assert_greedy_and_seeded_are_stock(model, tok, manager, stock_tokens):
+    """Decode PROMPT greedy, then seeded, through ``generate``; both must be stock's. Returns the greedy run's KV cache."""
+    ids = mx.array(tok.encode(PROMPT))
+    cache = make_prompt_cache(model)
+    assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, prompt_cache=cache)] == stock_tokens["greedy"]
+    assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, sampler=seeded())] == stock_tokens["seeded"]
+    return cache
+
+
 @pytest.mark.parametrize("share", [0.5, 0.25])
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_deferred_decode_equals_stock(family, share, family_dir, stock):
@@ -52,10 +61,7 @@ def test_deferred_decode_equals_stock(family, share, family_dir, stock):
     model, tok, manager = load_model(path, capacity=max(1, int(num_experts(path) * share)), profile=None,
                                      warm_start=False, decode_mode="speculative")
     try:
-        ids = mx.array(tok.encode(PROMPT))
-        cache = make_prompt_cache(model)
-        assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, prompt_cache=cache)] == stock[family]["greedy"]
-        assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS, sampler=seeded())] == stock[family]["seeded"]
+        cache = assert_greedy_and_seeded_are_stock(model, tok, manager, stock[family])
         stats = manager.stats()
         if can_trim_prompt_cache(cache):  # trimmable to the end (a sliding window that filled up is not)
             # the deferred path ran, and so did its rollbacks: the test can tell a wrong redo
@@ -224,5 +230,36 @@ def test_dropping_a_failed_solo_request_survives_a_failing_close(family_dir, mon
         engine.submit(request(2, PROMPT, 8))
         assert run(engine, {2})[2]["ids"] == [t for t, _ in generate_step(
             mx.array(tok.encode(PROMPT)), mlx_lm.load(str(path))[0], max_tokens=8)]
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize("redo_mode", ["resume", "sync"])
+@pytest.mark.parametrize("share", [0.5, 0.25, "below-top-k"])
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_each_redo_mode_equals_stock(family, share, redo_mode, family_dir, stock):
+    """A pass that missed is finished from its missed layer, resumed speculatively or layer by
+    layer in sync: stock's tokens either way, and resumed passes do run."""
+    import json
+
+    path = family_dir[family]
+    config = json.loads((path / "config.json").read_text())
+    top_k = config.get("num_experts_per_tok") or config["text_config"]["num_experts_per_tok"]
+    cap = top_k - 1 if share == "below-top-k" else max(1, int(num_experts(path) * share))
+    model, tok, manager = load_model(path, capacity=cap, profile=None, warm_start=False, decode_mode="speculative")
+    manager.redo_mode = redo_mode
+    try:
+        cache = assert_greedy_and_seeded_are_stock(model, tok, manager, stock[family])
+        stats = manager.stats()
+        assert stats["redo_mode"] == redo_mode
+        if not can_trim_prompt_cache(cache):  # not trimmable to the end: sync steps, no redo to take
+            return
+        assert stats["redos"] > 0 and stats["ms_per_redo"] > 0
+        # moed's own per-layer Python is shown apart, as a part of building the graph
+        assert 0 < stats["decode_step_ms"]["route"] < stats["decode_step_ms"]["build"]
+        if redo_mode == "sync":
+            assert stats["resumes"] == 0
+        elif share != "below-top-k":
+            assert stats["resumes"] > 0
     finally:
         manager.close()

@@ -273,8 +273,8 @@ def test_decode_step_breakdown_and_checked_full_residency(family_dir, reference)
         stats = manager.stats()
         assert stats["readbacks_per_token"] == 1.0 and stats["redos"] == 0
         parts = stats["decode_step_ms"]
-        assert set(parts) == {"prefetch", "build", "eval", "check", "record", "sync"}
+        assert set(parts) == {"prefetch", "build", "route", "eval", "check", "record", "sync"}
         assert parts["record"] == 0  # checks inside their forward: nothing recorded after queueing
-        assert parts["eval"] > 0 and parts["build"] > 0
+        assert parts["eval"] > 0 and parts["build"] > parts["route"] > 0
     finally:
         manager.close()

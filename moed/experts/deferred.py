@@ -169,7 +169,8 @@ class PassChecks:
         if first is None:
             return
         self.rollbacks += 1
-        self._redo = (first, self._undo(p, first, built_on))
+        # what the redo needs (redo.py): the exact outputs so far, and the missed layer's experts
+        self._redo = (first, self._undo(p, first, built_on), self._needed_at(p, first, self._order))
         raise Rollback(p.id, p.inputs)
 
     def _undo(self, p: Pass, first: int, built_on: int = 0) -> dict:

@@ -6,10 +6,12 @@ Doing that per layer costs one sync per layer per token. Instead a forward runs
 *speculatively* on whatever is resident (missing experts read slot 0) while
 recording every layer's expert ids; one evaluation at the end reads them all
 back. All resident: done, one readback. Something missing: the KV caches are
-trimmed back by the tokens just fed, and the forward is redone in *sync* mode,
-where layers before the first miss return the speculative pass's outputs
-(same input, all experts resident) and each later layer reads back its
-choice, loads what it misses, then computes. Output is exact either way.
+trimmed back by the tokens just fed, and the forward is finished from the
+first missed layer (redo.py): layers before it return the speculative pass's
+outputs (same input, all experts resident), the missed layer's experts are
+loaded and the rest runs speculatively again, or in *sync* mode, where each
+layer reads back its choice, loads what it misses, then computes. Output is
+exact either way.
 Long prefill chunks and miss-heavy decoding go to sync mode directly (see
 ``ExpertManager``); a decode loop may have the check of a decode pass done one
 token late (deferred.py). docs/experts.md has the whole scheme.
@@ -25,8 +27,10 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from .approximate import approximate_forward
 from .cache import LayerCache
 from .deferred import PassChecks
+from .redo import Redos
 from .families import MoESite
 from .store import Reader
 from .streaming import ExpertStream
@@ -34,7 +38,7 @@ from .streaming import ExpertStream
 log = logging.getLogger("moed.experts")
 
 
-class ExpertManager(PassChecks):
+class ExpertManager(PassChecks, Redos):
     """Owns the layer caches and decides, per forward, how experts are found.
 
     ``decode_mode``: "speculative" (one readback when everything is resident,
@@ -45,10 +49,11 @@ class ExpertManager(PassChecks):
     """
 
     EXPLORE_EVERY = 16
-    STEP_PARTS = ("prefetch", "build", "eval", "check", "record", "sync")
+    STEP_PARTS = ("prefetch", "build", "route", "eval", "check", "record", "sync")
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
-                 memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto"):
+                 memory_budget: int | None = None, nonexpert_bytes: int = 0, decode_mode: str = "auto",
+                 redo_mode: str = "sync"):
         if decode_mode not in ("auto", "speculative", "sync"):
             raise ValueError(f"decode_mode must be auto, speculative or sync, not {decode_mode!r}")
         self.caches = caches
@@ -70,13 +75,15 @@ class ExpertManager(PassChecks):
         self.decode_time = 0.0
         self.decode_wait = 0.0
         self.skipped = 0
+        self.fill_bytes: int | None = None  # read before the first decode step: seeding, prefill
         # where decode steps' time goes (seconds, summed): prefetcher hooks, building the
-        # speculative pass's graph, waiting for its evaluation (the readback), the residency
-        # check and bookkeeping (deferred: the previous pass's check, up to queueing this one),
-        # recording a deferred pass's use while the next computes, sync passes (redos and
-        # sync-mode steps, loads included)
+        # speculative pass's graph ("route": the part of it that is moed's own per-layer
+        # Python), waiting for its evaluation (the readback), the residency check and
+        # bookkeeping (deferred: the previous pass's check, up to queueing this one), recording
+        # a deferred pass's use while the next computes, redos and sync-mode steps (loads included)
         self.step_seconds = dict.fromkeys(self.STEP_PARTS, 0.0)
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
+        self._init_redos(redo_mode)  # redo.py: how a pass that missed is finished
         self._init_checks()  # deferred.py: the checks of speculative passes, now or one token late
         self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
         self.mode_steps = {"speculative": 0, "sync": 0}
@@ -104,18 +111,21 @@ class ExpertManager(PassChecks):
                 self._collected.append((cache, indices))
             return inner(x, indices)
         order = self._order[id(cache)]
-        if mode == "speculative":
-            y = inner(x, cache.lut()[indices])
+        if mode in ("sync", "resume") and order < self._sync_from:
+            # same input as in the speculative pass, all experts were there: reuse
+            return self._outputs[order]
+        if mode in ("speculative", "resume"):  # resume: the rest of a redo, speculative again (redo.py)
+            t0, slots = time.perf_counter(), cache.lut()[indices]
+            t1, y = time.perf_counter(), inner(x, slots)
+            t2 = time.perf_counter()
             # the slot map as this pass reads it: the check must judge the pass by it, since loads
             # may be installed (or slots evicted) before a deferred pass is checked
             self._records.append((cache, indices, cache.slot_of.copy(), cache.evictions))
             self._outputs[order] = y
-            if self.prefetcher is not None:
+            if self.prefetcher is not None and mode == "speculative":
                 self.prefetcher.trace(order, x, indices)
+            self._route_s += t1 - t0 + time.perf_counter() - t2  # moed's own Python, apart from the experts' graph
             return y
-        if mode == "sync" and order < self._sync_from:
-            # same input as in the speculative pass, all experts were there: reuse
-            return self._outputs[order]
         if mode == "approximate":
             self._records.append((cache, indices, None, None))
             y = inner(x, cache.lut()[indices])
@@ -186,17 +196,6 @@ class ExpertManager(PassChecks):
         with self._lock:
             return self._forward(call, args, kwargs)
 
-    def _pick_decode_mode(self) -> str:
-        if self.decode_mode != "auto":
-            return self.decode_mode
-        spec, sync = self.mode_cost["speculative"], self.mode_cost["sync"]
-        if spec is None or self.redo_rate < 0.25:  # misses are rare: one readback per token
-            return "speculative"
-        if sync is None:
-            return "sync"
-        best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
-        return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
-
     def _forward(self, call, args, kwargs):
         inputs = args[0] if args else kwargs.get("inputs")
         cache = kwargs["cache"] if "cache" in kwargs else (args[1] if len(args) > 1 else None)
@@ -206,8 +205,10 @@ class ExpertManager(PassChecks):
         self.forwards += 1
         self.forward_id += 1
         self.decode_steps += decode and redo is None
+        self.fill_bytes = self._bytes_read() if decode and self.fill_bytes is None else self.fill_bytes
         self._step_readbacks = 0
         self._step_missed = False
+        self._route_s = 0.0
         t0 = time.perf_counter()
         wait0 = self.wait_time
         used = None
@@ -219,7 +220,12 @@ class ExpertManager(PassChecks):
         parts["prefetch"] = t - t0
         try:
             if redo is not None:
-                used, (self._sync_from, self._outputs) = "speculative", redo
+                used, t = "speculative", time.perf_counter()
+                out = self._redo_from(call, *redo, cache, ntok, inputs)
+                missed = True
+                parts["sync"] = time.perf_counter() - t
+                self.redo_time += parts["sync"]
+                return out
             elif all(c.complete for c in self.caches) and not self.always_check:
                 self._settle()
                 self._mode = "direct"
@@ -232,7 +238,7 @@ class ExpertManager(PassChecks):
                 parts["build"] = time.perf_counter() - t
                 return out
             elif self.approximate:
-                return self._approximate(call)
+                return approximate_forward(self, call)
             else:
                 trimmable = cache is None or all(c.is_trimmable() for c in cache)
                 if decode and trimmable:
@@ -276,8 +282,12 @@ class ExpertManager(PassChecks):
                     parts["check"] = time.perf_counter() - t
                     if first is None:
                         return out
-                    t = time.perf_counter()
-                    self._outputs, self._sync_from = self._undo(this, first), first
+                    t, missed = time.perf_counter(), True
+                    need = self._needed_at(this, first, self._order) if decode else None  # prefill: sync
+                    out = self._redo_from(call, first, self._undo(this, first), need, cache, ntok, inputs)
+                    parts["sync"] = time.perf_counter() - t
+                    self.redo_time += parts["sync"]
+                    return out
             missed = True
             self._mode, self._records = "sync", []
             out = call()
@@ -299,6 +309,7 @@ class ExpertManager(PassChecks):
                 self.decode_time += dt
                 self.decode_wait += self.wait_time - wait0
                 parts["prefetch"] += time.perf_counter() - t0 - dt
+                parts["route"] = self._route_s
                 for k, v in parts.items():
                     self.step_seconds[k] += v
                 if used is not None:
@@ -310,28 +321,12 @@ class ExpertManager(PassChecks):
         self.readbacks += 1
         self._step_readbacks += 1
 
-    def _approximate(self, call):
-        self._mode, self._records = "approximate", []
-        out = call()
-        mx.eval(out, [r[1] for r in self._records])
-        self._count_readback()
-        for cache, ind, _, _ in self._records:
-            needed = np.unique(np.array(ind))
-            cache.record(needed)
-            missing = cache.missing(needed)
-            if len(missing):  # for the next tokens; this one went without them
-                ids = np.array(ind).ravel()
-                self.skipped += int((cache.slot_of[ids] < 0).sum())
-                # the most used first, as many as the unpinned slots hold
-                counts = np.bincount(ids, minlength=cache.num_experts)
-                room = cache.capacity - len(cache.pinned)
-                keep = missing[np.argsort(-counts[missing], kind="stable")][:room]
-                cache.ensure(keep)
-        return out
-
     # -- reporting -----------------------------------------------------------
     def expert_bytes(self) -> int:
         return sum(c.capacity * c.expert_bytes for c in self.caches)
+
+    def _bytes_read(self) -> int:
+        return sum(c.bytes_read for c in self.caches)
 
     def stats(self) -> dict:
         from moed.platform import process_rss_bytes
@@ -349,7 +344,8 @@ class ExpertManager(PassChecks):
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else None,
-            "bytes_read": sum(c.bytes_read for c in self.caches),
+            "bytes_read": self._bytes_read(),
+            "fill_bytes": self.fill_bytes,
             "load_time_s": round(sum(c.load_time for c in self.caches), 6),
             "resident": sum(int((c.slot_of >= 0).sum()) for c in self.caches),
             "slots": sum(c.capacity for c in self.caches),
@@ -358,6 +354,7 @@ class ExpertManager(PassChecks):
             "readbacks": self.readbacks,
             "readbacks_per_token": self.decode_readbacks / self.decode_steps if self.decode_steps else None,
             "redos": self.redos,
+            **self._redo_stats(),
             "deferred_checks": self.deferred,
             "rollbacks": self.rollbacks,
             "seeded": self.seeded,
@@ -368,7 +365,9 @@ class ExpertManager(PassChecks):
             "decode_step_ms": {k: v / self.decode_steps * 1e3 for k, v in self.step_seconds.items()}
             if self.decode_steps else None,
             "expert_wait_share": (self.decode_wait / self.decode_time) if self.decode_time else None,
-            "disk_bytes_per_token": (sum(c.bytes_read for c in self.caches) / self.decode_steps) if self.decode_steps else None,
+            # the initial fill (fill_bytes) is left out: it is paid once, not per token
+            "disk_bytes_per_token": ((self._bytes_read() - (self.fill_bytes or 0)) / self.decode_steps)
+            if self.decode_steps else None,
             "memory": {
                 "budget_bytes": self.memory_budget,
                 "expert_bytes": self.expert_bytes(),

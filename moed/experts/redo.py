@@ -1,0 +1,108 @@
+"""Redoing a speculative pass that missed, from the layer that missed.
+
+A speculative pass (manager.py) that read a missing expert at layer position
+``first`` is exact up to that layer: those outputs are reused. Two ways to
+compute the rest:
+
+- ``sync`` (default): every layer from ``first`` on reads its routing back,
+  loads what it misses, then computes: one device->host sync per remaining
+  layer, each a stall of the whole pipeline (also the fallback below);
+- ``resume``: layer ``first``'s experts are loaded first (its routing
+  is known exactly: same input as in the pass that missed), then the rest of
+  the forward runs speculatively again, with one readback at its end. Another
+  miss, at a later layer, resumes from there; after ``RESUME_TRIES`` such passes
+  the remaining layers go sync. A miss costs about its load and one pass over
+  the remaining layers, not a readback per layer.
+
+Either way every layer's output is computed with all its experts resident and
+the check proves it: the output is exactly what stock mlx-lm computes.
+On the CPU, resume gave 1.04x sync at 50% residency and 0.61-0.92x at 25%
+(a resumed pass that misses again throws its compute away, and a CPU readback
+is cheap), so sync stays the default; docs/experts.md has the figures. Where a
+readback costs more than a layer's compute (GPUs), resume is the one to measure.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .deferred import Pass
+
+REDO_MODES = ("sync", "resume")
+
+
+class Redos:
+    """The manager's redo of a pass that missed, and its choice of decode mode.
+    Uses the manager's ``caches``, ``_mode``, ``_records``, ``_outputs``,
+    ``_sync_from``, ``_load``, ``_pass``, ``_check``, ``_undo``, ``mode_cost``,
+    ``redo_rate`` and counters; ``redo_mode`` picks the scheme above."""
+
+    RESUME_TRIES = 3
+
+    def _init_redos(self, redo_mode: str = "sync") -> None:
+        if redo_mode not in REDO_MODES:
+            raise ValueError(f"redo_mode must be one of {', '.join(REDO_MODES)}, not {redo_mode!r}")
+        self.redo_mode = redo_mode
+        self.resumes = self.resume_misses = 0  # resumed passes, and those that missed again
+        self.redo_time = 0.0  # seconds spent finishing passes that missed, loads included
+
+    def _redo_stats(self) -> dict:
+        return {"redo_mode": self.redo_mode, "resumes": self.resumes, "resume_misses": self.resume_misses,
+                # what a miss costs, loads included
+                "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None}
+
+    def _pick_decode_mode(self) -> str:
+        """The decode step's mode under ``decode_mode`` "auto": speculative while
+        misses are rare (one readback per token), else the one that cost less
+        per step lately, trying the other every ``EXPLORE_EVERY``-th step."""
+        if self.decode_mode != "auto":
+            return self.decode_mode
+        spec, sync = self.mode_cost["speculative"], self.mode_cost["sync"]
+        if spec is None or self.redo_rate < 0.25:
+            return "speculative"
+        if sync is None:
+            return "sync"
+        best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
+        return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
+
+    @staticmethod
+    def _needed_at(p: Pass, order: int, orders: dict) -> np.ndarray:
+        """The distinct experts layer position ``order`` routed to in checked pass ``p``."""
+        flat = np.array(p.routing)
+        start = 0
+        for cache, ind, _, _ in p.records:
+            if orders[id(cache)] == order:
+                return np.unique(flat[start:start + ind.size])
+            start += ind.size
+        raise KeyError(order)
+
+    def _redo_from(self, call, first: int, outputs: dict, need, kv, ntok: int, inputs):
+        """Finish a forward (``call``, fed ``inputs``: ``ntok`` tokens into KV caches
+        ``kv``) whose layers before position ``first`` are ``outputs`` (exact), the
+        KV caches already trimmed back to before it. ``need``: layer ``first``'s
+        experts (None: unknown, redo sync)."""
+        if self.redo_mode == "resume" and need is not None:
+            for _ in range(self.RESUME_TRIES):
+                cache = self.caches[first]
+                if len(np.setdiff1d(need, list(cache.pinned))) > cache.capacity - len(cache.pinned):
+                    break  # more experts than slots: sync mode computes that layer in groups
+                cache.in_use = set(need.tolist())  # replaces the guesses of the pass that missed
+                self._load(cache, need)
+                self._mode, self._records, self._outputs, self._sync_from = "resume", [], dict(outputs), first
+                out = call()
+                this = self._pass(out, kv, ntok, inputs, None)
+                mx.eval(out, this.routing)
+                self.resumes += 1
+                missed = self._check(this, decode=False)
+                if missed is None:
+                    return out
+                self.resume_misses += 1
+                need = self._needed_at(this, missed, self._order)
+                outputs, first = self._undo(this, missed), missed
+                self.redos -= 1  # _undo counts a redo; this is still the first one
+        self._mode, self._records, self._outputs, self._sync_from = "sync", [], dict(outputs), first
+        out = call()
+        mx.eval(out)
+        self._count_readback()
+        return out
