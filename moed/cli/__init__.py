@@ -17,7 +17,7 @@ from moed.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandE
 from moed.cli.daemon import cmd_logs, cmd_service, cmd_start, cmd_stop
 from moed.cli.generate import cmd_chat, cmd_run
 from moed.cli.models import cmd_profile, cmd_pull
-from moed.cli.status import cmd_status
+from moed.cli.status import cmd_http_token, cmd_status
 from moed.config import ConfigError
 from moed.models import ModelError  # not `models.`: the package attribute `models` is the moed.cli.models submodule
 from moed_client import MoedError
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="is the daemon running, and how is it doing (exit 3: not running)")
     s.add_argument("--json", action="store_true", help="one JSON object (keys in the README)")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("http-token", help="print the HTTP gateway's bearer token (made at the gateway's first start)")
+    s.set_defaults(func=cmd_http_token)
 
     s = sub.add_parser("run", help="stream the answer to a prompt (stdin when none is given)")
     s.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
