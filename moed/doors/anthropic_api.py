@@ -7,7 +7,7 @@ prompt first). Fields: ``max_tokens`` (required, as Anthropic's), ``messages``
 ``stop_sequences``, ``temperature`` (default 1, as Anthropic's), ``top_p``,
 ``top_k``, ``stream``. Unknown fields are ignored and named in the reply's
 ``X-Moed-Ignored-Fields`` header; fields moed cannot honour (``tools``,
-``tool_choice``, ``thinking`` enabled, non-text blocks) get 400. Errors use
+``tool_choice``, ``output_config``, ``thinking`` enabled, non-text blocks) get 400. Errors use
 Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}``.
 
 The protocol's ``done`` does not say whether a stop string or the end-of-sequence
@@ -27,7 +27,7 @@ from moed_client import errors as E
 
 _KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
           408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
-UNSUPPORTED = ("tools", "tool_choice", "mcp_servers", "container")
+UNSUPPORTED = ("tools", "tool_choice", "mcp_servers", "container", "output_config")
 KNOWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream", "metadata",
          "thinking", "service_tier", *UNSUPPORTED}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
