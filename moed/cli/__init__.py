@@ -39,6 +39,12 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the top tokens holding P of the mass")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P times the likeliest one's probability")
+    p.add_argument("--repetition-penalty", type=float, metavar="X", help="divide repeated tokens' logits by X (1: off)")
+    p.add_argument("--presence-penalty", type=float, metavar="X", help="subtract X from tokens seen recently (-2..2)")
+    p.add_argument("--frequency-penalty", type=float, metavar="X", help="subtract X per recent occurrence (-2..2)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,11 +14,12 @@ import json
 from moed_client import protocol as P
 
 # OpenAI parameters this gateway cannot honour: refused, never silently ignored.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities", "prediction")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction")
 # Honoured only at their neutral value (what OpenAI does when they are left out).
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}}
+NEUTRAL = {"response_format": {"type": "text"}}
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # the last is an extension, as in vLLM
 COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-          "seed", "stop", "logprobs", "top_logprobs", "user", "parallel_tool_calls", *UNSUPPORTED, *NEUTRAL}
+          "seed", "stop", "logprobs", "top_logprobs", "user", "parallel_tool_calls", "logit_bias", *PENALTIES, *UNSUPPORTED, *NEUTRAL}
 KNOWN = {True: COMMON | {"messages"}, False: COMMON | {"prompt", "suffix", "echo", "best_of"}}  # by chat
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -66,9 +67,14 @@ def sampling_args(body: dict) -> dict:
         "seed": field(body, "seed", int),
         "stop": body.get("stop"),  # a string or a list; the daemon validates it
     }
-    for extra in ("top_k", "min_p"):  # accepted by several OpenAI-compatible servers
+    for extra in ("top_k", "min_p", *PENALTIES):  # top_k, min_p, repetition_penalty: accepted by several OpenAI-compatible servers
         if body.get(extra) is not None:
             args[extra] = field(body, extra, (int, float))
+    bias = field(body, "logit_bias", dict, {})
+    if bias:  # OpenAI's {"token id": bias} (JSON keys are strings) as the protocol's [[id, bias], ...]
+        if not all(isinstance(k, str) and k.isdigit() for k in bias):
+            raise BadRequest("'logit_bias' keys must be token ids", "logit_bias")
+        args["logit_bias"] = [[int(k), v] for k, v in bias.items()]
     return {k: v for k, v in args.items() if v is not None}
 
 
