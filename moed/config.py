@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import platformdirs
 
 from moed.channel import ENGINE_DEFAULTS as ENGINE
+from moed.channel import EngineOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,12 +35,18 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: type  # str, int, float, bool or "size" (bytes, parsed by parse_size)
+    kind: type  # str, int, float, bool, "size" (bytes, parsed by parse_size) or "duration" (parse_duration)
     default: Any
     help: str
+    serve_flag: str | None = None  # a daemon setting moed serve takes as this flag and defaults itself (DAEMON)
 
 
 SIZE = "size"
+DURATION = "duration"  # seconds, from 30, 30s, 5m, 1h; negative: never
+# Keep the model loaded however long the daemon idles (ollama's default is 5m): moed exists to keep one
+# model warm for many clients, and a reload costs the load time plus the experts' cache warmth and
+# the prompt caches. Set keep_alive (e.g. 10m) where the RAM matters more than the next answer's latency.
+KEEP_ALIVE_NEVER = -1.0
 MAX_CLIENTS = 64  # per door (ZeroMQ, editor socket, HTTP), before 'busy'; docs/limits.md
 
 SETTINGS = (
@@ -52,12 +59,40 @@ SETTINGS = (
     Setting("tcp", str, None, "also listen on HOST:PORT for protocol v1 (off unless set)"),
     Setting("http", str, None, "serve the OpenAI-compatible gateway on HOST:PORT (off unless set)"),
     Setting("max_clients", int, MAX_CLIENTS, "clients each door serves at once before answering 'busy' (see docs/limits.md)"),
+    Setting("keep_alive", DURATION, KEEP_ALIVE_NEVER, "unload the model after this long idle (0: after each request, -1: never), e.g. 5m"),
+    Setting("allow_switching", bool, False, "let a request naming another model switch the daemon to it (else: model_not_found)"),
     Setting("log_dir", str, None, "where the daemon's log goes (default: the platform log dir)"),
     Setting("start_timeout", float, 1800.0, "seconds moectl start waits for the model to be ready"),
     Setting("stop_timeout", float, 40.0, "seconds moectl stop waits for a graceful exit (the daemon drains for 30) before signalling"),
     Setting("max_tokens", int, 512, "moectl run/chat: most tokens per answer"),
     Setting("temperature", float, 0.0, "moectl run/chat: sampling temperature (0 = greedy)"),
 )
+
+def _daemon_settings() -> tuple[Setting, ...]:
+    """The rest of ``moed serve``'s options, for moectl start and config.toml. Their defaults stay where they
+    are written once (EngineOptions, moed serve's parser): None here means "the daemon's default"."""
+    shared = {"capacity", "memory_budget", "approximate", "no_prefetch"}  # above, under their moectl names
+    engine = tuple(
+        Setting(f.name, bool if f.metadata["flag"] == "switch" else SIZE if f.metadata["kind"] == "size" else f.metadata["kind"],
+                None, f"{f.metadata['help']} (default {f.default})", "--" + f.name.replace("_", "-"))
+        for f in fields(EngineOptions) if f.name not in shared
+    )
+    return engine + (
+        Setting("max_queue", int, None, "requests waiting beyond the batch before 'busy'", "--max-queue"),
+        Setting("max_tokens_limit", int, None, "largest max_tokens a request may ask for (moed serve --max-tokens)", "--max-tokens"),
+        Setting("shutdown_timeout", float, None, "seconds in-flight requests get on shutdown", "--shutdown-timeout"),
+        Setting("engine_timeout", float, None, "seconds without an engine heartbeat before it is restarted (0: never)", "--engine-timeout"),
+        Setting("tcp_allow_remote", bool, None, "allow tcp on a non-loopback address", "--tcp-allow-remote"),
+        Setting("http_allow_remote", bool, None, "let http bind a non-loopback address (needs a token)", "--http-allow-remote"),
+        Setting("http_no_auth", bool, None, "serve http without its bearer token: every local account can use it (moectl status warns)",
+                "--http-no-auth"),
+        Setting("no_editor", bool, None, "do not open the editor socket", "--no-editor"),
+        # Not http_token: a secret does not belong in a file other tools read; MOED_HTTP_TOKEN carries it.
+    )
+
+
+DAEMON = _daemon_settings()
+SETTINGS = SETTINGS + DAEMON
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
@@ -72,11 +107,14 @@ class Config:
     tcp: str | None = None
     http: str | None = None
     max_clients: int = MAX_CLIENTS
+    keep_alive: float = KEEP_ALIVE_NEVER
+    allow_switching: bool = False
     log_dir: str | None = None
     start_timeout: float = 1800.0
     stop_timeout: float = 40.0
     max_tokens: int = 512
     temperature: float = 0.0
+    daemon: Mapping[str, Any] | None = None  # the DAEMON settings: name -> value (None: the daemon's default)
     source: Mapping[str, str] | None = None  # setting -> "default" | "file" | "env" | "flag"
 
     def serve_args(self, sources: frozenset[str] | None = None) -> list[str]:
@@ -97,17 +135,28 @@ class Config:
             args += ["--memory-budget", str(self.memory_budget)]
         if given("capacity"):
             args += ["--capacity", str(self.capacity)]
+        if given("max_clients") and (self.source or {}).get("max_clients", "default") != "default":
+            args += ["--max-clients", str(self.max_clients)]
+        if given("keep_alive") and self.keep_alive != KEEP_ALIVE_NEVER:
+            args += ["--keep-alive", f"{self.keep_alive:g}"]
+        if self.allow_switching and given("allow_switching"):
+            args.append("--allow-switching")
         if self.approximate and given("approximate"):
             args.append("--approximate")
         if not self.prefetch and given("prefetch"):
             args.append("--no-prefetch")
+        for setting in DAEMON:
+            value = (self.daemon or {}).get(setting.name)
+            if value is None or value is False or (sources is not None and (self.source or {}).get(setting.name) not in sources):
+                continue
+            args += [setting.serve_flag] if value is True else [setting.serve_flag, f"{value:g}" if isinstance(value, float) else str(value)]
         return args
 
     def log_path(self) -> Path:
         return Path(self.log_dir).expanduser() / "moed.log" if self.log_dir else default_log_dir() / "moed.log"
 
 
-assert [f.name for f in fields(Config)][:-1] == [s.name for s in SETTINGS], "Config fields and SETTINGS disagree"
+assert [f.name for f in fields(Config)][:-2] == [s.name for s in SETTINGS if s.serve_flag is None], "Config fields and SETTINGS disagree"
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -156,6 +205,24 @@ def format_size(n: int | float | None) -> str:
     return f"{n:.1f} TiB"
 
 
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from ``30``, ``30s``, ``5m``, ``1h`` or ``500ms`` (ollama's keep_alive spellings); any negative: -1 (never)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"not a duration: {value!r} (use seconds or a number with ms, s, m or h, e.g. 5m; -1: never)")
+        seconds = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower()]
+    return KEEP_ALIVE_NEVER if seconds < 0 else seconds
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -165,6 +232,8 @@ def _convert(setting: Setting, value: Any, where: str) -> Any:
     try:
         if setting.kind == SIZE:
             return parse_size(value)
+        if setting.kind == DURATION:
+            return parse_duration(value)
         if setting.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -228,7 +297,8 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
             raise ConfigError(f"unknown setting {name!r}")
         values[name], source[name] = _convert(BY_NAME[name], value, f"--{name.replace('_', '-')}"), "flag"
     _check(values)
-    return Config(**values, source=source)
+    daemon = {s.name: values.pop(s.name) for s in DAEMON}
+    return Config(**values, daemon=daemon, source=source)
 
 
 def _check(values: dict[str, Any]) -> None:

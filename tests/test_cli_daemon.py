@@ -82,12 +82,13 @@ def test_start_status_run_stop(env, started, tiny_model, capsys, monkeypatch):  
         expected = c.complete(prompt, max_tokens=12, temperature=0.0)
     assert expected.text
 
+    ended = expected.text if expected.text.endswith("\n") else expected.text + "\n"  # run ends its output with a newline
     assert cli.main(["run", prompt, "--max-tokens", "12"]) == 0
-    assert capsys.readouterr().out == expected.text
+    assert capsys.readouterr().out == ended
 
     monkeypatch.setattr("sys.stdin", io.StringIO(prompt))
     assert cli.main(["run", "--max-tokens", "12"]) == 0
-    assert capsys.readouterr().out == expected.text
+    assert capsys.readouterr().out == ended
 
     assert cli.main(["run", prompt, "--max-tokens", "12", "--json"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

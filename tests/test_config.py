@@ -130,3 +130,68 @@ def test_serve_args_from_chosen_sources(toml):
     assert c.serve_args() == ["--model", "/m", "--capacity", "3", "--approximate"]
     assert c.serve_args(frozenset({"flag"})) == ["--model", "/m"]
     assert c.serve_args(frozenset({"env", "file"})) == ["--capacity", "3", "--approximate"]
+
+
+# Every `moed serve` option is reachable from moectl start and config.toml (issue 19).
+CORE_SERVE_DESTS = {"model": "model", "socket": "socket", "tcp": "tcp", "http": "http", "capacity": "capacity",
+                    "memory_budget": "memory_budget", "approximate": "approximate", "no_prefetch": "prefetch",
+                    "max_clients": "max_clients", "keep_alive": "keep_alive", "allow_switching": "allow_switching"}
+
+
+def serve_actions():
+    from moed.front import main
+
+    parser = main.build_parser()
+    serve = next(a for a in parser._subparsers._group_actions).choices["serve"]
+    return [a for a in serve._actions if a.option_strings and a.dest not in ("help", "http_token")]
+
+
+def test_every_serve_option_is_a_setting_and_a_moectl_start_flag():
+    from moed import cli
+
+    daemon = {s.serve_flag: s.name for s in config.DAEMON}
+    moectl = cli.build_parser()
+    start = next(a for a in moectl._subparsers._group_actions).choices["start"]
+    start_dests = {a.dest for p in (moectl, start) for a in p._actions}  # --socket is moectl's own
+    for action in serve_actions():
+        flag = action.option_strings[0]
+        name = CORE_SERVE_DESTS.get(action.dest) or daemon.get(flag)
+        assert name in config.BY_NAME, f"moed serve {flag} has no config.toml setting"
+        assert name in start_dests, f"moed serve {flag} cannot be given to moectl start"
+
+
+def test_config_file_reaches_moed_serve_and_its_flags_win(tmp_path, monkeypatch):
+    from moed.front import main
+
+    path = tmp_path / "config.toml"
+    path.write_text("max_batch = 3\nmax_tokens_limit = 100\ndebug = true\nprompt_cache_bytes = '64M'\nshutdown_timeout = 5\n")
+    monkeypatch.setenv("MOED_CONFIG", str(path))
+    for name in list(__import__("os").environ):
+        if name.startswith("MOED_") and name != "MOED_CONFIG":
+            monkeypatch.delenv(name)
+
+    def serve(*argv):
+        parser = main.build_parser()
+        args = parser.parse_args(["serve", *argv])
+        args.given = main.given_options(parser, ["serve", *argv])
+        main.apply_config(args)
+        return args
+
+    args = serve()
+    assert (args.max_batch, args.max_tokens, args.debug, args.prompt_cache_bytes, args.shutdown_timeout) == (3, 100, True, 64 << 20, 5.0)
+    args = serve("--max-batch", "8", "--max-tok=7")  # a flag wins, at its default value or abbreviated too
+    assert (args.max_batch, args.max_tokens, args.max_queue) == (8, 7, 64)
+
+
+def test_moectl_start_carries_daemon_settings_to_moed_serve(tmp_path):
+    c = config.load({"max_batch": "2", "no_solo": True, "max_tokens_limit": "9", "engine_timeout": "0", "keep_alive": "5m",
+                     "max_clients": 3}, env={}, path=tmp_path / "none.toml")
+    args = c.serve_args()
+    assert args == ["--max-clients", "3", "--keep-alive", "300", "--max-batch", "2", "--no-solo", "--max-tokens", "9", "--engine-timeout", "0"]
+    assert c.serve_args(frozenset({"file"})) == []
+
+
+def test_durations():
+    assert [config.parse_duration(v) for v in ("5m", "30", "1.5s", "500ms", "1h", 0, "-1", -5)] == [300, 30, 1.5, 0.5, 3600, 0, -1, -1]
+    with pytest.raises(ConfigError, match="not a duration"):
+        config.parse_duration("soon")

@@ -91,7 +91,9 @@ scalars = (
     | st.floats() | st.text(max_size=30) | st.binary(max_size=30)
 )
 values = st.recursive(scalars, lambda v: st.lists(v, max_size=4) | st.dictionaries(st.text(max_size=8), v, max_size=4), max_leaves=20)
-SAFE_TYPES = sorted(P.CLIENT_TYPES - {P.SHUTDOWN, P.GENERATE, P.CANCEL})
+# load, like shutdown, changes the daemon for everyone: only its hostile (non-string) models are sent, below.
+SAFE_TYPES = sorted(P.CLIENT_TYPES - {P.SHUTDOWN, P.GENERATE, P.CANCEL, P.LOAD})
+bad_loads = st.builds(lambda v: {"type": P.LOAD, "model": v}, values.filter(lambda v: v is not None and not isinstance(v, str)))
 generate_fields = st.fixed_dictionaries(
     {"type": st.just(P.GENERATE), "id": st.just("h")},
     optional={
@@ -108,6 +110,7 @@ messages = (
     | st.dictionaries(st.text(max_size=8), values, max_size=5).map(lambda d: d | {"type": "x" + d.get("type", "") if isinstance(d.get("type"), str) else 3})
     | st.builds(lambda t, d: d | {"type": t}, st.sampled_from(SAFE_TYPES), st.dictionaries(st.text(max_size=8), values, max_size=4))
     | generate_fields
+    | bad_loads
 )
 
 

@@ -205,6 +205,8 @@ def test_clients_per_door_on_the_editor_socket_and_the_http_gateway(daemon):
         with streaming:
             streaming.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
                               f"Content-Length: {len(long_body)}\r\nConnection: close\r\n\r\n".encode() + long_body)
+            # its answer has begun, so it holds the slot (polling /health before then could take the slot from it)
+            assert streaming.recv(300).startswith(b"HTTP/1.1 200")
             refused = wait_for(lambda: (r := http_get(url, "/health"))[0] == 429 and r, timeout=10)
             assert refused[1]["error"]["code"] == P.ErrorCode.BUSY and "in flight" in refused[1]["error"]["message"]
         wait_for(lambda: http_get(url, "/health")[0] == 200, timeout=30)  # the slot freed when the stream's client left

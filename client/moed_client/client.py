@@ -119,6 +119,12 @@ class Client(Core):
         self.connect()
         return self._request({"type": P.SHUTDOWN, "now": now}, P.SHUTDOWN, self.timeout)
 
+    def load(self, model: str | None, drain: bool = True) -> dict:
+        """Ask the daemon to serve ``model`` (None: the embedded one) instead: in-flight requests finish first
+        (``drain``) or are cancelled. The reply says it accepted; ``status`` shows the load's progress."""
+        self.connect()
+        return self._request({"type": P.LOAD, "model": model, "drain": drain}, P.LOAD, self.timeout)
+
     # -- the driver: blocking pyzmq ------------------------------------------------
 
     def _request(self, msg: dict, kind: str, timeout: float | None) -> dict:

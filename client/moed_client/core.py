@@ -151,6 +151,8 @@ class Core:
         self.connect_timeout = connect_timeout
         self.name = name
         self.server: dict | None = None  # the daemon's hello reply
+        # `model_changed` notices (protocol.MODEL_CHANGED), newest last; server["model"] follows them.
+        self.model_changes: collections.deque = collections.deque(maxlen=16)
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
         self._sock = None
@@ -241,6 +243,11 @@ class Core:
             if self.server and msg.get("instance_id") and msg["instance_id"] != self.server.get("instance_id"):
                 # Another daemon instance answers: ours restarted and its requests are gone.
                 self._failure = DaemonNotRunning("moed restarted (a new instance answers); requests in flight were lost", code="restarted")
+            return None
+        if kind == P.MODEL_CHANGED:  # unasked, never a reply: remember it, wake nobody
+            self.model_changes.append(msg)
+            if self.server is not None and isinstance(msg.get("model"), dict):
+                self.server["model"] = msg["model"]
             return None
         if isinstance(rid, str) and rid in self._abandoned:
             if kind in FINAL:

@@ -40,7 +40,8 @@ CANCEL = "cancel"
 STATUS = "status"
 PING = "ping"
 SHUTDOWN = "shutdown"
-CLIENT_TYPES = frozenset({HELLO, GENERATE, CANCEL, STATUS, PING, SHUTDOWN})
+LOAD = "load"  # swap the served model: {model, drain}; answered with {type: load, accepted, model}
+CLIENT_TYPES = frozenset({HELLO, GENERATE, CANCEL, STATUS, PING, SHUTDOWN, LOAD})
 
 # Daemon -> client message types (``hello`` and ``status`` are also replies).
 CHUNK = "chunk"
@@ -48,6 +49,8 @@ DONE = "done"
 ERROR = "error"
 PONG = "pong"
 PROGRESS = "progress"
+# Sent unasked to every client the daemon has heard from once another model is loaded: {model, previous}.
+MODEL_CHANGED = "model_changed"
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -67,6 +70,7 @@ class ErrorCode:
     ENGINE_ERROR = "engine_error"  # the engine raised while serving this request
     SHUTTING_DOWN = "shutting_down"
     NOT_READY = "not_ready"  # the model is still loading
+    MODEL_NOT_FOUND = "model_not_found"  # a request or load names a model this daemon does not serve or cannot find
     INTERNAL = "internal"
 
 

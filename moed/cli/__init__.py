@@ -15,9 +15,12 @@ from moed import config as configuration
 from moed import platform
 from moed.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, CommandError
 from moed.cli.daemon import cmd_logs, cmd_service, cmd_start, cmd_stop
-from moed.cli.generate import cmd_chat, cmd_run
+from moed.cli.chat import cmd_chat
+from moed.cli.generate import cmd_run
+from moed.cli.inventory import cmd_list, cmd_ps, cmd_rm, cmd_show
 from moed.cli.models import cmd_profile, cmd_pull
 from moed.cli.status import cmd_http_token, cmd_status
+from moed.cli.switch import cmd_load
 from moed.config import ConfigError
 from moed.models import ModelError  # not `models.`: the package attribute `models` is the moed.cli.models submodule
 from moed_client import MoedError
@@ -31,7 +34,16 @@ def add_daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None, help="do not prefetch experts")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen for protocol v1 on TCP")
     p.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible gateway")
+    p.add_argument("--max-clients", type=int, metavar="N", help="clients per door before 'busy'")
+    p.add_argument("--keep-alive", metavar="DURATION", help="unload the model after this long idle, e.g. 5m (0: after each request, -1: never)")
+    p.add_argument("--allow-switching", action="store_true", default=None, help="let a request naming another model switch to it")
     p.add_argument("--timeout", dest="start_timeout", type=float, metavar="S", help="seconds to wait for the model to be ready")
+    for setting in configuration.DAEMON:  # every other `moed serve` option, under its config.toml name
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=setting.help)
+        else:
+            p.add_argument(flag, metavar=setting.name.upper(), help=setting.help)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -79,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(s)
     s.set_defaults(func=cmd_chat)
 
+    s = sub.add_parser("load", help="switch the running daemon to another model (with progress)")
+    s.add_argument("model", help="embedded, a hub repo id or a model directory")
+    s.add_argument("--cancel", action="store_true", help="cancel in-flight requests instead of letting them finish")
+    s.add_argument("--timeout", dest="start_timeout", type=float, metavar="S", help="seconds to wait for the new model")
+    s.set_defaults(func=cmd_load)
+
     s = sub.add_parser("logs", help="print the daemon's log")
     s.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     s.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="last N lines (default 50)")
@@ -87,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pull", help="download a model from the Hugging Face hub")
     s.add_argument("repo", help="repo id, e.g. mlx-community/Qwen3-30B-A3B-4bit")
     s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("list", aliases=["ls"], help="models on this machine: the embedded one and MoE models in the Hugging Face cache")
+    s.add_argument("--json", action="store_true", help="a JSON list")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="a model's config, bytes per expert and a suggested memory budget")
+    s.add_argument("model", help="embedded, a repo id from `moectl list`, or a model directory")
+    s.add_argument("--json", action="store_true", help="one JSON object, config.json included")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("rm", help="remove a model from the Hugging Face cache")
+    s.add_argument("model", help="repo id, as `moectl list` shows it")
+    s.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("ps", help="the model the daemon has loaded: memory, residency, clients, since when")
+    s.add_argument("--json", action="store_true", help="a JSON list")
+    s.set_defaults(func=cmd_ps)
 
     s = sub.add_parser("service", help="install or remove moed as a launchd/systemd user service")
     s.add_argument("action", choices=("install", "uninstall"))

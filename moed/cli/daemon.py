@@ -14,15 +14,17 @@ from typing import Callable, TextIO
 from moed import config as configuration
 from moed import models, platform
 from moed.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, CommandError
-from moed.cli.runtime import (POLL_S, STATUS_TIMEOUT_S, Runtime, console_log, pid_alive, pidfile_pid, query_status,
+from moed.cli.runtime import (POLL_S, READY_STATES, STATUS_TIMEOUT_S, Runtime, console_log, pid_alive, pidfile_pid, query_status,
                               remove_leftovers, wait_for_exit, wait_until_ready)
 from moed.cli.status import model_name
+from moed.cli.switch import check_serves
 from moed.config import Config
 from moed_client import Client, MoedError
 
 TERM_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
 KILL_GRACE_S = 5.0
-DAEMON_SETTINGS = ("model", "memory_budget", "capacity", "approximate", "prefetch", "socket", "tcp", "http")
+DAEMON_SETTINGS = ("model", "memory_budget", "capacity", "approximate", "prefetch", "socket", "tcp", "http", "keep_alive",
+                   "allow_switching", *(s.name for s in configuration.DAEMON))
 
 
 def daemon_argv(cfg: Config, sources: frozenset[str] | None = None) -> list[str]:
@@ -63,7 +65,9 @@ def import_path_env(environ: dict | None = None) -> dict[str, str]:
 def cmd_start(args, cfg: Config) -> int:
     runtime = Runtime.of(cfg)
     status = query_status(runtime)
-    if status is not None and status.get("state") == "ready":
+    if status is not None:
+        check_serves(cfg, status)
+    if status is not None and status.get("state") in READY_STATES:
         print(f"moed is already running (pid {status.get('pid')}, model {model_name(status)})")
         return 0
     # Loading, or started a moment ago (the daemon writes its pidfile before it binds the socket).
@@ -71,6 +75,7 @@ def cmd_start(args, cfg: Config) -> int:
     if pid is not None:
         print(f"moed (pid {pid}) is already starting; waiting for it", file=sys.stderr)
         status = wait_until_ready(runtime, cfg.start_timeout, lambda: pidfile_pid(runtime) is not None, console_log(cfg))
+        check_serves(cfg, status)
         return report_ready(status, runtime)
 
     t0 = time.monotonic()

@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from moed.cli.common import EXIT_USAGE, CommandError
-from moed.cli.runtime import Runtime, console_log, pidfile_pid, query_status, wait_until_ready
+from moed.cli.runtime import READY_STATES, STATUS_TIMEOUT_S, Runtime, console_log, pidfile_pid, query_status, wait_until_ready
 from moed.cli.status import model_name
 from moed.config import Config
 from moed_client import Client, MoedError
@@ -19,7 +19,7 @@ def connect_ready(cfg: Config) -> Client:
     status = query_status(runtime)
     if status is None:
         raise CommandError("moed is not running; start it with `moectl start`")
-    if status.get("state") != "ready":
+    if status.get("state") not in READY_STATES:
         wait_until_ready(runtime, cfg.start_timeout, lambda: pidfile_pid(runtime) is not None, console_log(cfg))
     client = Client(runtime.socket, name="moectl")
     client.connect()
@@ -38,8 +38,30 @@ def sampling(args, cfg: Config) -> dict:
     return params
 
 
-def stream(client: Client, out: TextIO, as_json: bool, **request) -> str:
-    """Stream one answer to ``out`` (text, or one JSON event per line); the whole text."""
+class CutShort(CommandError):
+    """The daemon cancelled the answer (``moectl stop --now``, ``moectl load --cancel``)."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text
+
+
+def why_cancelled(client: Client) -> str:
+    client.timeout = STATUS_TIMEOUT_S  # a daemon that exits right after the final answers nothing more
+    try:
+        state = client.status().get("state")
+    except MoedError:
+        return "moed stopped (`moectl stop --now`)"
+    if state in ("stopping", None):
+        return "moed is stopping (`moectl stop --now`)"
+    return f"the daemon cancelled it (state {state}: `moectl load --cancel` switches models that way)"
+
+
+def stream(client: Client, out: TextIO, as_json: bool, shown: list | None = None, **request) -> str:
+    """Stream one answer to ``out`` (text, or one JSON event per line); the whole text.
+
+    An answer the daemon cancelled raises CutShort once what came is written; ``shown`` collects the text
+    written so far, for a caller that must end the line after an error."""
     with client.generate(**request) as s:
         for chunk in s:
             if as_json:
@@ -47,8 +69,12 @@ def stream(client: Client, out: TextIO, as_json: bool, **request) -> str:
             else:
                 out.write(chunk.text)
             out.flush()
+            if shown is not None:
+                shown.append(chunk.text)
         if as_json:
             out.write(json.dumps({"type": "done", "finish_reason": s.finish_reason, "usage": s.usage, "timings": s.timings}) + "\n")
+        if s.finish_reason == "cancelled":
+            raise CutShort(f"the answer was cut short: {why_cancelled(client)}", s.text)
         return s.text
 
 
@@ -61,66 +87,25 @@ def cmd_run(args, cfg: Config) -> int:
     if not prompt.strip():
         raise CommandError("the prompt is empty", EXIT_USAGE)
     client = connect_ready(cfg)
+    shown: list[str] = []
     try:
-        text = stream(client, sys.stdout, args.json, prompt=prompt, **sampling(args, cfg))
+        text = stream(client, sys.stdout, args.json, shown, prompt=prompt, **sampling(args, cfg))
+    except CutShort as e:
+        end_line(args, e.text)
+        raise
     except MoedError as e:
+        if shown:
+            end_line(args, "".join(shown))
         if args.json:
             print(json.dumps({"type": "error", "code": e.code, "message": e.message}), flush=True)
         raise
     finally:
         client.close()
-    if not args.json and sys.stdout.isatty() and not text.endswith("\n"):
-        print()
+    end_line(args, text)
     return 0
 
 
-CHAT_HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
-
-
-def read_turn() -> str:
-    """The next user message: with line editing and a prompt on a terminal, a plain line from a pipe."""
-    if sys.stdin.isatty():
-        return input("> ")
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line.rstrip("\n")
-
-
-def cmd_chat(args, cfg: Config) -> int:
-    client = connect_ready(cfg)
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"moed chat with {model_name(client.status())}. {CHAT_HELP}", file=sys.stderr)
-    try:
-        while True:
-            try:
-                line = read_turn()
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-            except KeyboardInterrupt:
-                print(file=sys.stderr)
-                return 0
-            if not line.strip():
-                continue
-            if line.strip() in ("/exit", "/quit"):
-                return 0
-            if line.strip() == "/reset":
-                messages = messages[:1] if args.system else []
-                print("(conversation reset)", file=sys.stderr)
-                continue
-            messages.append({"role": "user", "content": line})
-            try:
-                answer = stream(client, sys.stdout, False, messages=messages, **sampling(args, cfg))
-            except KeyboardInterrupt:
-                print("\n(answer stopped)", file=sys.stderr)
-                messages.pop()
-                continue
-            except MoedError as e:
-                print(f"\nmoectl: {e}", file=sys.stderr)
-                messages.pop()
-                continue
-            print()
-            messages.append({"role": "assistant", "content": answer})
-    finally:
-        client.close()
+def end_line(args, text: str) -> None:
+    """Output ends with a newline (a shell prompt after it starts on its own line); JSON lines already do."""
+    if not args.json and not text.endswith("\n"):
+        print(flush=True)

@@ -15,6 +15,7 @@ from moed.config import Config
 from moed_client import Client, DaemonNotRunning, Timeout, paths
 
 POLL_S = 0.2  # how often start/stop look at the daemon (5 Hz)
+READY_STATES = ("ready", "unloaded")  # unloaded (keep-alive): the next request loads the model again
 STATUS_TIMEOUT_S = 5.0
 
 
@@ -147,7 +148,7 @@ def wait_until_ready(runtime: Runtime, timeout: float, alive: Callable[[], bool]
             elapsed = time.monotonic() - start
             status = query_status(runtime, timeout=2.0)
             if status is not None:
-                if status.get("state") == "ready":
+                if status.get("state") in READY_STATES:
                     return status
                 if status.get("state") == "stopping":
                     raise CommandError("moed is stopping; run `moectl start` again once it has exited")

@@ -30,6 +30,15 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def parse_duration(text: str) -> float:
+    from moed import config
+
+    try:
+        return config.parse_duration(text)
+    except config.ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def apply_config(args) -> None:
     """Settings shared with moectl come from config.toml < MOED_* environment < these flags."""
     from moed import config
@@ -38,11 +47,19 @@ def apply_config(args) -> None:
         "model": args.model, "memory_budget": args.memory_budget, "capacity": args.capacity,
         "approximate": True if args.approximate else None, "prefetch": False if args.no_prefetch else None,
         "socket": args.socket, "tcp": args.tcp, "http": getattr(args, "http", None), "max_clients": args.max_clients,
+        "keep_alive": getattr(args, "keep_alive", None), "allow_switching": True if getattr(args, "allow_switching", False) else None,
     }
     cfg = config.load(flags)
+    given = getattr(args, "given", set())
+    for setting in config.DAEMON:  # the rest of the flags: config.toml and MOED_* fill those not on the command line
+        dest = setting.serve_flag[2:].replace("-", "_")
+        value = cfg.daemon[setting.name]
+        if dest not in given and value is not None and hasattr(args, dest):
+            setattr(args, dest, value)
     args.model, args.memory_budget, args.capacity = cfg.model, cfg.memory_budget, cfg.capacity
     args.approximate, args.no_prefetch = cfg.approximate, not cfg.prefetch
     args.socket, args.tcp, args.max_clients = cfg.socket, cfg.tcp, cfg.max_clients
+    args.keep_alive, args.allow_switching = cfg.keep_alive, cfg.allow_switching
     if hasattr(args, "http"):
         args.http = cfg.http
     if cfg.log_dir:
@@ -64,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-clients", type=int, default=None,
                    help="clients per door before 'busy': ZeroMQ clients with requests in flight, editor connections, "
                         "HTTP requests in flight (default 64; config max_clients)")
+    s.add_argument("--keep-alive", type=parse_duration, default=None, metavar="DURATION",
+                   help="unload the model after this long idle, e.g. 5m (0: after each request; -1: never, the default; "
+                        "config keep_alive); the next request loads it again")
+    s.add_argument("--allow-switching", action="store_true", default=None,
+                   help="let a request naming another model switch the daemon to it (default: model_not_found)")
     s.add_argument("--max-tokens", type=int, default=1 << 16, help="largest max_tokens a request may ask for")
     s.add_argument("--shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_S, help="seconds in-flight requests get on shutdown")
     s.add_argument("--engine-timeout", type=float, default=ENGINE_STALL_TIMEOUT_S,
@@ -105,8 +127,19 @@ def serve(args) -> int:
         runtime.release()
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the ``moed serve`` options written on the command line (argparse's prefixes too)."""
+    serve = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    tokens = [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+    return {action.dest for action in serve._actions
+            if any(o.startswith(t) for t in tokens for o in action.option_strings if o.startswith("--"))}
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.given = given_options(parser, argv)
     if args.command == "serve":
         return serve(args)
     return 2

@@ -29,6 +29,7 @@ from moed.front import status
 from moed.front.runtime import DaemonError, RuntimeFiles, bind_private
 from moed.front.sessions import Sessions, client_name
 from moed.front.supervisor import Supervisor
+from moed.front.switching import ModelKeeper
 from moed.net import is_loopback
 
 __all__ = ["Daemon", "DaemonError", "RuntimeFiles"]
@@ -58,6 +59,7 @@ class Daemon:
         self.sessions = Sessions(args, self.send)
         self.supervisor = Supervisor(args, self.ctx, self.sessions, self.meters)
         self.sessions.engine = self.supervisor
+        self.keeper = ModelKeeper(self)  # `load`, model names on requests, keep-alive
         self.stopping = asyncio.Event()
         self.drain_deadline: float | None = None
         self.exit_code = 0
@@ -194,6 +196,7 @@ class Daemon:
         kind = msg["type"]
         if "version" in msg:
             P.check_version(msg)
+        self.keeper.heard_from(client)
         if kind == P.HELLO:
             if "version" not in msg:
                 P.check_version(msg)
@@ -206,7 +209,10 @@ class Daemon:
         elif kind == P.STATUS:
             self.send(client, {"type": P.STATUS, **self.status()})
         elif kind == P.GENERATE:
+            self.keeper.check_request(client, msg)
             self.sessions.admit(client, msg)
+        elif kind == P.LOAD:
+            self.keeper.load(client, msg)
         elif kind == P.CANCEL:
             self.sessions.cancel_id(client, P.request_id(msg))
         elif kind == P.SHUTDOWN:
@@ -268,7 +274,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown, False)
-        tasks = [asyncio.ensure_future(self.client_loop(self.router)), asyncio.ensure_future(self.watch_socket())]
+        tasks = [asyncio.ensure_future(self.client_loop(self.router)), asyncio.ensure_future(self.watch_socket()),
+                 asyncio.ensure_future(self.keeper.idle_loop())]
         if self.tcp_router is not None:
             tasks.append(asyncio.ensure_future(self.client_loop(self.tcp_router, tcp=True)))
         if platform.rss_probe_blocks():

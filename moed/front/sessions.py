@@ -17,6 +17,7 @@ from typing import Callable
 from moed_client import protocol as P
 
 from moed.channel import Cancel, Event, Submit
+from moed.front.requestlog import log_request
 
 log = logging.getLogger("moed.daemon")
 
@@ -165,6 +166,7 @@ class Sessions:
                 del self.by_client[req.client]
         if final is not None:
             self.send(req.client, final)
+        log_request(req, final, client_name(req.client))
         self.pump()
         self.when_idle()
 

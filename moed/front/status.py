@@ -68,6 +68,9 @@ def report(daemon) -> dict:
         "engine_pid": engine_pid,
         "uptime_s": now - daemon.started,
         "model": sup.model,
+        "model_ready_at": sup.model_ready_at,
+        "switch": daemon.keeper.report(),  # the last `load`: model, state (resolving/draining/loading/done/failed), error
+        "keep_alive_s": daemon.keeper.keep_alive,
         "memory": {
             "rss_bytes": (front_rss + engine_rss) if front_rss is not None and engine_rss is not None else None,
             "front_rss_bytes": front_rss,

@@ -56,15 +56,22 @@ class Supervisor:
         self.state = "loading"  # loading, ready, restarting, stopping
         self.progress = {"stage": "starting", "message": "starting the engine", "fraction": 0.0}
         self.model: dict = {"name": args.model or "embedded", "path": None}
+        self.model_ready_at: float | None = None
         self.model_path: Path | None = None  # set by resolve_model() once the socket answers
         self.engine: EngineHandle | None = None
         self.engine_stats: dict = {}
         self.engine_count = 0
         self.fatal_message: str | None = None
+        # Model swaps and keep-alive (moed.front.switching): set `swap` to stop this engine on purpose;
+        # `between_engines(stopping)` then says whether another starts; `held` keeps requests queued.
+        self.swap = asyncio.Event()
+        self.held = False
+        self.between_engines = None
+        self.on_ready = None
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.ready
+        return self.engine is not None and self.engine.ready and not self.held and self.state != "unloading"
 
     def send(self, msg) -> None:
         if self.engine is not None:
@@ -149,6 +156,7 @@ class Supervisor:
             self.progress = {"stage": msg.stage, "message": msg.message, "fraction": msg.fraction}
         elif isinstance(msg, Ready):
             self.model = msg.model
+            self.model_ready_at = time.time()  # wall clock, for `moectl ps` (since when this model is loaded)
             engine.ready = True
             self.state = "ready" if self.state != "stopping" else self.state
             self.progress = {"stage": "ready", "message": "model loaded", "fraction": 1.0}
@@ -156,6 +164,8 @@ class Supervisor:
             from moed import platform
 
             platform.notify("READY=1")
+            if self.on_ready is not None:
+                self.on_ready()
             self.sessions.pump()
         elif isinstance(msg, Fatal):
             self.progress = {"stage": "failed", "message": msg.message, "fraction": None}
@@ -216,10 +226,19 @@ class Supervisor:
             reader = asyncio.ensure_future(self.engine_loop(engine))
             waiter = asyncio.ensure_future(engine.proc.wait())
             stopper = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait({reader, waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            swapper = asyncio.ensure_future(self.swap.wait())
+            await asyncio.wait({reader, waiter, stopper, swapper}, return_when=asyncio.FIRST_COMPLETED)
+            swapper.cancel()
             if stopper.done():
                 await self.stop_engine(engine, reader, waiter)
                 return
+            if swapper.done() and not waiter.done():  # a swap or an unload: this engine stops on purpose
+                stopper.cancel()
+                await self.stop_engine(engine, reader, waiter)
+                self.swap.clear()
+                if not await self.between_engines(stopping):
+                    return
+                continue
             stopper.cancel()
             if reader.done() and reader.exception() is not None:
                 log.error("engine channel failed: %r", reader.exception())
