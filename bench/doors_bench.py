@@ -74,15 +74,18 @@ class Editor:
 class Http:
     def __init__(self, url: str):
         host, port = url.removeprefix("http://").split(":")
+        from bench.launch import http_auth
+
         self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.auth = http_auth()
 
     def get(self, path: str):
-        self.conn.request("GET", path)
+        self.conn.request("GET", path, headers=self.auth)
         r = self.conn.getresponse()
         return json.loads(r.read())
 
     def post(self, path: str, body: dict):
-        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **self.auth})
         r = self.conn.getresponse()
         if not body.get("stream"):
             return json.loads(r.read())

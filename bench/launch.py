@@ -20,6 +20,14 @@ from pathlib import Path
 from bench.tokenizer import write_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def http_auth() -> dict:
+    """The header the HTTP gateway's token asks for (the token file of this user, or of the tests' private dirs)."""
+    from moed.doors import http_token
+
+    token = http_token.load()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 TINY_CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, this is moed serving a model.",

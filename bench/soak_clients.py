@@ -143,6 +143,8 @@ def http_worker(base_url: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
     """One client of the OpenAI-compatible gateway: completions and chat, SSE and plain JSON.
     A cancel is a disconnect (what an HTTP client can do); the daemon must then drop the request."""
     import http.client
+
+    from bench.launch import http_auth
     from urllib.parse import urlparse
 
     u = urlparse(base_url)
@@ -163,7 +165,7 @@ def http_worker(base_url: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=final_timeout)
         try:
-            conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **http_auth()})
             if cancel_after is not None and (not stream or cancel_after == -1):
                 time.sleep(random.random() * 0.05)
                 result["outcome"] = "disconnected"  # hang up before the answer: the gateway cancels it

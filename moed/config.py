@@ -85,6 +85,8 @@ def _daemon_settings() -> tuple[Setting, ...]:
         Setting("hang_timeout", float, None, "seconds a ready engine may beat without progress before it is restarted", "--hang-timeout"),
         Setting("tcp_allow_remote", bool, None, "allow tcp on a non-loopback address", "--tcp-allow-remote"),
         Setting("http_allow_remote", bool, None, "let http bind a non-loopback address (needs a token)", "--http-allow-remote"),
+        Setting("http_no_auth", bool, None, "serve http without its bearer token: every local account can use it (moectl status warns)",
+                "--http-no-auth"),
         Setting("no_editor", bool, None, "do not open the editor socket", "--no-editor"),
         # Not http_token: a secret does not belong in a file other tools read; MOED_HTTP_TOKEN carries it.
     )

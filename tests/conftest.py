@@ -61,10 +61,11 @@ def private_user_dirs():
     """Keep every test (and every daemon it starts) away from the user's own config,
     profiles and warm-start state: a test run must neither read nor leave them."""
     root = Path(tempfile.mkdtemp(prefix="moed-user-"))
-    saved = {k: os.environ.get(k) for k in ("MOED_STATE_DIR", "MOED_PROFILE_DIR", "MOED_CONFIG")}
+    saved = {k: os.environ.get(k) for k in ("MOED_STATE_DIR", "MOED_PROFILE_DIR", "MOED_CONFIG", "MOED_HTTP_TOKEN_FILE")}
     os.environ["MOED_STATE_DIR"] = str(root / "state")
     os.environ["MOED_PROFILE_DIR"] = str(root / "profiles")
     os.environ["MOED_CONFIG"] = str(root / "config.toml")
+    os.environ["MOED_HTTP_TOKEN_FILE"] = str(root / "config" / "http-token")
     try:
         yield root
     finally:

@@ -283,10 +283,11 @@ def test_parse_generate_max_tokens_bounds(max_tokens, code):
 
 
 def test_parse_generate_ignores_unknown_sampling_fields():
-    msg = {"type": "generate", "id": "a", "prompt": "hi", "max_tokens": 3, "logit_bias": {"1": 5},
-           "presence_penalty": "x", "future_field": [[[1]]]}
+    # (logit_bias and the penalties are protocol fields now, validated: tests/test_penalties.py)
+    msg = {"type": "generate", "id": "a", "prompt": "hi", "max_tokens": 3, "typical_p": {"1": 5},
+           "mirostat_penalty": "x", "future_field": [[[1]]]}
     req = P.parse_generate(msg)
-    assert req.sampling.max_tokens == 3 and "logit_bias" not in req.to_dict()
+    assert req.sampling.max_tokens == 3 and not {"typical_p", "mirostat_penalty", "future_field"} & set(req.to_dict())
 
 
 @pytest.mark.parametrize("stop", [0, False, {}, [1], [""], ["a" * (P.MAX_STOP_STRING_LEN + 1)], ["s"] * (P.MAX_STOP_STRINGS + 1)])

@@ -10,8 +10,10 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
+from bench.launch import http_auth
 from conftest import DaemonProcess, find_long_generation
 from moed.doors import http as gateway
+from moed.doors import http_token
 
 PROMPT = "1 2 3 4 5 6 7 8 9 10 11 12"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello there"}]
@@ -29,14 +31,16 @@ def served(test_model):
         d.kill()
 
 
-def oai(url: str, key: str = "unused", **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60, **kwargs)
+def oai(url: str, key: str | None = None, **kwargs) -> openai.OpenAI:
+    """An SDK client with the gateway's token (from the tests' private token file) unless told another key."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=key or http_token.load(), max_retries=0, timeout=60, **kwargs)
 
 
 def raw(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict | str]:
     """One HTTP/1.1 request on a fresh socket; (status, parsed JSON body or text)."""
     u = urlparse(url)
-    head = {"Host": u.netloc, "Content-Type": "application/json", "Content-Length": str(len(body)), "Connection": "close", **(headers or {})}
+    head = {"Host": u.netloc, "Content-Type": "application/json", "Content-Length": str(len(body)), "Connection": "close", **http_auth(),
+            **(headers or {})}
     data = f"{method} {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode() + b"\r\n" + body
     with socket.create_connection((u.hostname, u.port), timeout=60) as s:
         try:
@@ -200,7 +204,8 @@ def test_bearer_token(daemon):
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert [m.id for m in oai(url, key="s3cret").models.list().data]
     assert oai(url, key="s3cret").completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text is not None
-    assert raw(url, "GET", "/health")[0] == 200
+    assert raw(url, "GET", "/health")[0] == 401  # every route needs it
+    assert raw(url, "GET", "/health", headers={"Authorization": "Bearer s3cret"})[0] == 200
 
 
 def test_gateway_refuses_network_addresses_unless_told(daemon):
@@ -210,7 +215,7 @@ def test_gateway_refuses_network_addresses_unless_told(daemon):
         args = gateway_args("0.0.0.0:0")
         asyncio.run(gateway.open_gateway(args, "/nonexistent"))
     with pytest.raises(gateway.GatewayError, match="needs a token"):
-        asyncio.run(gateway.open_gateway(gateway_args("0.0.0.0:0", allow_remote=True), "/nonexistent"))
+        asyncio.run(gateway.open_gateway(gateway_args("0.0.0.0:0", allow_remote=True, no_auth=True), "/nonexistent"))
     with pytest.raises(gateway.GatewayError, match="HOST:PORT"):
         asyncio.run(gateway.open_gateway(gateway_args("localhost"), "/nonexistent"))
     d = daemon(None, "--http", "0.0.0.0:0", ready=False)
@@ -218,10 +223,10 @@ def test_gateway_refuses_network_addresses_unless_told(daemon):
     assert "not a loopback address" in d.output()
 
 
-def gateway_args(listen: str, allow_remote: bool = False, token: str | None = None):
+def gateway_args(listen: str, allow_remote: bool = False, token: str | None = None, no_auth: bool = False):
     from types import SimpleNamespace
 
-    return SimpleNamespace(http=listen, http_token=token, http_allow_remote=allow_remote)
+    return SimpleNamespace(http=listen, http_token=token, http_allow_remote=allow_remote, http_no_auth=no_auth)
 
 
 # --------------------------------------------------------------------------
@@ -243,7 +248,8 @@ def test_client_disconnect_cancels_generation(served, long_generation, stream):
     u = urlparse(url)
     body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}).encode()
     s = socket.create_connection((u.hostname, u.port), timeout=30)
-    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {http_token.load()}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     if stream:
         seen = b""
         while b"data: " not in seen:  # a token has been streamed: the request is generating

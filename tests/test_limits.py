@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import zmq
 
+from bench.launch import http_auth
+from conftest import find_long_generation
 from moed import config
 from moed.front import main as moed_daemon
 from moed.doors import editor, editor_connection, http
@@ -201,13 +203,26 @@ def test_clients_per_door_on_the_editor_socket_and_the_http_gateway(daemon):
         pass
 
     host, port = url.removeprefix("http://").split(":")
+    auth = f"Authorization: {http_auth()['Authorization']}\r\n"
     body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 1}).encode()
-    hanging = socket.create_connection((host, int(port)), timeout=30)  # in flight until its body arrives
+    hanging = socket.create_connection((host, int(port)), timeout=30)  # its body is not in yet: it holds no slot
     with hanging:
-        hanging.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        hanging.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:5])
-        refused = wait_for(lambda: (r := http_get(url, "/health"))[0] == 429 and r, timeout=10)
-        assert refused[1]["error"]["code"] == P.ErrorCode.BUSY and "in flight" in refused[1]["error"]["message"]
+        time.sleep(0.3)
+        assert http_get(url, "/health")[0] == 200
+        with d.client(timeout=120) as c:
+            prompt, max_tokens, _ = find_long_generation(c, seconds=2.0)
+        long_body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+        streaming = socket.create_connection((host, int(port)), timeout=30)  # a generation in flight holds the one slot
+        with streaming:
+            streaming.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
+                              f"Content-Length: {len(long_body)}\r\nConnection: close\r\n\r\n".encode() + long_body)
+            # its answer has begun, so it holds the slot (polling /health before then could take the slot from it)
+            assert streaming.recv(300).startswith(b"HTTP/1.1 200")
+            refused = wait_for(lambda: (r := http_get(url, "/health"))[0] == 429 and r, timeout=10)
+            assert refused[1]["error"]["code"] == P.ErrorCode.BUSY and "in flight" in refused[1]["error"]["message"]
+        wait_for(lambda: http_get(url, "/health")[0] == 200, timeout=30)  # the slot freed when the stream's client left
         hanging.sendall(body[5:])
         reply = b""
         while chunk := hanging.recv(65536):
@@ -221,7 +236,7 @@ def http_get(url: str, path: str) -> tuple[int, dict]:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url + path, timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + path, headers=http_auth()), timeout=10) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())

@@ -19,6 +19,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.launch import http_auth
 from moed_client import protocol as P
 
 
@@ -101,7 +102,7 @@ def _post(url: str, path: str, body: dict, headers: dict | None = None) -> tuple
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})})
+        conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json", **http_auth(), **(headers or {})})
         resp = conn.getresponse()
         data = resp.read()
         try:
@@ -221,7 +222,7 @@ def test_http_undecodable_bodies(gated, payload):
     host, port = gated.status["http"].removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
+        conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json", **http_auth()})
         resp = conn.getresponse()
         assert 400 <= resp.status < 500, resp.status
         assert json.loads(resp.read())["error"]["message"]

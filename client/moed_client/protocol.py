@@ -30,6 +30,7 @@ MAX_DEPTH = 32
 MAX_CONTAINERS = 65536
 MAX_REQUEST_ID_LEN = 128
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (OpenAI allows 300)
 MAX_STOP_STRING_LEN = 256
 
 # Client -> daemon message types.
@@ -234,6 +235,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate max_tokens tokens even past EOS (benchmarks, tests)
+    # Logits processors (mlx-lm's make_logits_processors), each over the last PENALTY_CONTEXT tokens.
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: list = field(default_factory=list)  # [[token_id, bias], ...]
 
 
 @dataclass
@@ -295,6 +301,22 @@ def request_id(msg: dict) -> str:
     return rid
 
 
+def _logit_bias(msg: dict) -> list:
+    """``logit_bias``: [[token_id, bias], ...] (a map would need integer keys, which msgpack maps here refuse)."""
+    pairs = msg.get("logit_bias")
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list) or len(pairs) > MAX_LOGIT_BIAS:
+        raise _invalid(f"'logit_bias' must be a list of at most {MAX_LOGIT_BIAS} [token_id, bias] pairs")
+    out = []
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool) and pair[0] >= 0
+                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and -100 <= pair[1] <= 100):
+            raise _invalid("each 'logit_bias' entry must be [token_id >= 0, bias in -100..100]")
+        out.append([pair[0], float(pair[1])])
+    return out
+
+
 def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateRequest:
     """Validate a ``generate`` map. Unknown fields are ignored by design."""
     rid = request_id(msg)
@@ -339,6 +361,10 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
         seed=seed,
         stop=list(stop),
         ignore_eos=flag(msg, "ignore_eos"),
+        repetition_penalty=_number(msg, "repetition_penalty", 1.0, float, 0.01, 10.0),
+        presence_penalty=_number(msg, "presence_penalty", 0.0, float, -2.0, 2.0),
+        frequency_penalty=_number(msg, "frequency_penalty", 0.0, float, -2.0, 2.0),
+        logit_bias=_logit_bias(msg),
     )
     if sampling.max_tokens > max_tokens_limit:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")

@@ -19,7 +19,7 @@ from moed.cli.chat import cmd_chat
 from moed.cli.generate import cmd_run
 from moed.cli.inventory import cmd_list, cmd_ps, cmd_rm, cmd_show
 from moed.cli.models import cmd_profile, cmd_pull
-from moed.cli.status import cmd_status
+from moed.cli.status import cmd_http_token, cmd_status
 from moed.cli.switch import cmd_load
 from moed.cli.verify import cmd_verify
 from moed.config import ConfigError
@@ -52,6 +52,12 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the top tokens holding P of the mass")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P times the likeliest one's probability")
+    p.add_argument("--repetition-penalty", type=float, metavar="X", help="divide repeated tokens' logits by X (1: off)")
+    p.add_argument("--presence-penalty", type=float, metavar="X", help="subtract X from tokens seen recently (-2..2)")
+    p.add_argument("--frequency-penalty", type=float, metavar="X", help="subtract X per recent occurrence (-2..2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="is the daemon running, and how is it doing (exit 3: not running)")
     s.add_argument("--json", action="store_true", help="one JSON object (keys in the README)")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("http-token", help="print the HTTP gateway's bearer token (made at the gateway's first start)")
+    s.set_defaults(func=cmd_http_token)
 
     s = sub.add_parser("run", help="stream the answer to a prompt (stdin when none is given)")
     s.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")

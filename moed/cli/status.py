@@ -6,7 +6,7 @@ import json
 
 from moed import config as configuration
 from moed import platform
-from moed.cli.common import EXIT_FAILURE, EXIT_NOT_RUNNING
+from moed.cli.common import EXIT_FAILURE, EXIT_NOT_RUNNING, CommandError
 from moed.cli.runtime import Runtime, pidfile_pid, query_status
 from moed.config import Config
 
@@ -47,6 +47,18 @@ def cmd_status(args, cfg: Config) -> int:
     return EXIT_FAILURE if obj["state"] == "unresponsive" else EXIT_NOT_RUNNING
 
 
+def cmd_http_token(args, cfg: Config) -> int:
+    """``moectl http-token``: the HTTP gateway's token from its 0600 file, for ``Authorization: Bearer``."""
+    from moed.doors import http_token
+
+    token = http_token.load()
+    if token is None:
+        raise CommandError(f"no HTTP token yet in {http_token.token_file()}: start the daemon with --http once "
+                           "(a token given by --http-token or MOED_HTTP_TOKEN is yours to know)")
+    print(token)
+    return 0
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     d, rest = divmod(seconds, 86400)
@@ -83,6 +95,10 @@ def format_status(obj: dict) -> str:
     if isinstance(experts, dict) and experts:
         rows.append(("experts", format_experts(experts)))
     rows.append(("socket", obj["socket"]))
+    if obj.get("http"):
+        no_auth = obj.get("http_auth") == "none"
+        rows.append(("http", obj["http"] + (" WARNING: no token (--http-no-auth), every account on this machine can use it" if no_auth
+                                            else " (token: `moectl http-token`)")))
     if obj.get("editor_socket"):
         rows.append(("editor", obj["editor_socket"]))
     rows.append(("log", obj["log"]))

@@ -1,11 +1,32 @@
-"""OpenAI's request bodies as protocol v1 generate arguments, and protocol usage as OpenAI's."""
+"""OpenAI's request bodies as protocol v1 generate arguments, and protocol usage as OpenAI's.
+
+Unknown fields: a top-level field this module does not know is ignored (SDKs and
+frameworks send vendor extras such as ``user``, ``metadata`` or ``store``), and its
+name is listed in the reply's ``X-Moed-Ignored-Fields`` header. A field moed knows
+but cannot honour (``UNSUPPORTED``, or a penalty / ``response_format`` other than
+the neutral value) gets 400, never silent ignoring; so does an unknown message role.
+"""
 
 from __future__ import annotations
+
+import json
 
 from moed_client import protocol as P
 
 # OpenAI parameters this gateway cannot honour: refused, never silently ignored.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities", "prediction")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction")
+# Honoured only at their neutral value (what OpenAI does when they are left out).
+NEUTRAL = {"response_format": {"type": "text"}}
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # the last is an extension, as in vLLM
+COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+          "seed", "stop", "logprobs", "top_logprobs", "user", "parallel_tool_calls", "logit_bias", *PENALTIES, *UNSUPPORTED, *NEUTRAL}
+KNOWN = {True: COMMON | {"messages"}, False: COMMON | {"prompt", "suffix", "echo", "best_of"}}  # by chat
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def ignored_fields(body: dict, chat: bool) -> list[str]:
+    """The body's top-level fields this gateway does not know (so ignores), for the reply's header."""
+    return sorted(str(k)[:100] for k in body if k not in KNOWN[chat])
 
 
 class BadRequest(Exception):
@@ -30,6 +51,9 @@ def sampling_args(body: dict) -> dict:
     for name in UNSUPPORTED:
         if body.get(name) not in (None, [], {}):
             raise BadRequest(f"'{name}' is not supported by moed", name)
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) not in (None, neutral):
+            raise BadRequest(f"'{name}' is not supported by moed (only {json.dumps(neutral)})", name)
     if field(body, "n", int, 1) != 1:
         raise BadRequest("only n=1 is supported", "n")
     if field(body, "logprobs", (bool, int), False) or field(body, "top_logprobs", int, 0):
@@ -43,9 +67,14 @@ def sampling_args(body: dict) -> dict:
         "seed": field(body, "seed", int),
         "stop": body.get("stop"),  # a string or a list; the daemon validates it
     }
-    for extra in ("top_k", "min_p"):  # accepted by several OpenAI-compatible servers
+    for extra in ("top_k", "min_p", *PENALTIES):  # top_k, min_p, repetition_penalty: accepted by several OpenAI-compatible servers
         if body.get(extra) is not None:
             args[extra] = field(body, extra, (int, float))
+    bias = field(body, "logit_bias", dict, {})
+    if bias:  # OpenAI's {"token id": bias} (JSON keys are strings) as the protocol's [[id, bias], ...]
+        if not all(isinstance(k, str) and k.isdigit() for k in bias):
+            raise BadRequest("'logit_bias' keys must be token ids", "logit_bias")
+        args["logit_bias"] = [[int(k), v] for k, v in bias.items()]
     return {k: v for k, v in args.items() if v is not None}
 
 
@@ -57,6 +86,8 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a string 'role'", "messages")
+        if m["role"] not in ROLES:
+            raise BadRequest(f"messages[{i}].role {m['role'][:50]!r} is not one of {', '.join(ROLES)}", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is understood
             parts = []

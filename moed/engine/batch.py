@@ -23,7 +23,7 @@ from moed_client import protocol as P
 from moed.channel import EngineOptions, Event, Submit
 from moed.engine.loading import encode_prompt
 from moed.engine.prefill import ChunkClock, Prefill
-from moed.engine.sampling import StopText, make_request_sampler
+from moed.engine.sampling import StopText, make_request_processors, make_request_sampler
 
 log = logging.getLogger("moed.engine")
 
@@ -64,12 +64,15 @@ class Solo:
     def start(self, model, manager, prefill_step: int) -> None:
         import mlx.core as mx
 
-        from moed.experts.decode import generate
+        from moed.experts.decode import generate, with_history
 
         (rest,) = self.insert["prompts"]
+        processors = (self.insert.get("logits_processors") or [None])[0]
+        if processors:  # generate_step sees only `rest`; the penalties also look at the cached prefix, as stock's see the whole prompt
+            processors = with_history(processors, self.tokens[:len(self.tokens) - len(rest)])
         self.steps = generate(mx.array(rest), model, manager, max_tokens=self.insert["max_tokens"][0],
                               sampler=self.insert["samplers"][0], prompt_cache=self.cache,
-                              prefill_step_size=prefill_step)
+                              prefill_step_size=prefill_step, logits_processors=processors)
 
     def next_token(self) -> int:
         token, _ = next(self.steps)
@@ -192,12 +195,14 @@ class Engine:
             else:
                 cache, rest = None, tokens
         cached = len(tokens) - len(rest)
+        processors = make_request_processors(sampling, self.model_vocab())
         insert = dict(
             prompts=[rest],
             max_tokens=[sampling.max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[tokens[:cached]],
             samplers=[make_request_sampler(sampling)],
+            logits_processors=[processors] if processors else None,
             stop_sequences=[self.no_stop] if sampling.ignore_eos else None,
         )
         active = Active(seq, 0, len(tokens), cached, self.tokenizer.detokenizer, StopText(sampling.stop),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from moed_client import protocol as P
 from moed_client.protocol import SamplingParams
+
+PENALTY_CONTEXT = 20  # tokens each penalty looks back over (mlx-lm's default, so output equals stock's)
 
 
 class SeededSampler:
@@ -53,6 +56,23 @@ def make_request_sampler(sampling: SamplingParams):
     if sampling.seed is None:
         return make_sampler(sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=sampling.top_k)
     return SeededSampler(sampling)
+
+
+def make_request_processors(sampling: SamplingParams, vocab_size: int) -> list | None:
+    """mlx-lm's logits processors for the request's penalties and logit bias, or None when it has none."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    bias = {int(t): float(b) for t, b in sampling.logit_bias}
+    if bias and max(bias) >= vocab_size:
+        raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, f"logit_bias token id {max(bias)} is outside the vocabulary")
+    processors = make_logits_processors(
+        logit_bias=bias or None,
+        repetition_penalty=None if sampling.repetition_penalty == 1.0 else sampling.repetition_penalty,
+        repetition_context_size=PENALTY_CONTEXT,
+        presence_penalty=sampling.presence_penalty or None, presence_context_size=PENALTY_CONTEXT,
+        frequency_penalty=sampling.frequency_penalty or None, frequency_context_size=PENALTY_CONTEXT,
+    )
+    return processors or None
 
 
 class StopText:

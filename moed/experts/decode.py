@@ -26,8 +26,17 @@ import mlx.core as mx
 from .deferred import DeferredCheck, Rollback
 
 
+def with_history(processors: list, before: list[int]) -> list:
+    """Logits processors that see ``before`` (tokens this generate_step was not fed: a cached prompt prefix,
+    or what came before a restart) ahead of the tokens generate_step passes them, as a stock run's see them."""
+    if not before:
+        return processors
+    head = mx.array(before)
+    return [lambda tokens, logits, p=p: p(mx.concatenate([head, tokens]), logits) for p in processors]
+
+
 def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, max_tokens: int = 256, sampler=None,
-             prompt_cache=None, prefill_step_size: int = 2048):
+             prompt_cache=None, prefill_step_size: int = 2048, logits_processors=None):
     """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
     residency checks of ``manager``'s lazy experts deferred by one token.
 
@@ -40,8 +49,9 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
     prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size)
     if manager is None or not manager.defers_checks() or not can_trim_prompt_cache(prompt_cache):
-        yield from _plain(prompt, model, max_tokens, sampler, kw)
+        yield from _plain(prompt, model, max_tokens, sampler, {**kw, "logits_processors": logits_processors})
         return
+    seen = prompt.tolist() if logits_processors else []  # what generate_step's logits processors have been shown: the prompt, then each token out
 
     sampler = sampler or greedy_sampler  # generate_step's own default
     keyed = hasattr(sampler, "key")
@@ -57,12 +67,16 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
     try:
         while done < max_tokens:
             manager.check_in_forward()
-            steps = generate_step(feed, model, max_tokens=max_tokens - done, sampler=sample, **kw)
+            # a restart feeds only the rolled-back inputs: its processors are shown what came before them too
+            processors = logits_processors and with_history(logits_processors, seen[:len(seen) - feed.size] if feed is not prompt else [])
+            steps = generate_step(feed, model, max_tokens=max_tokens - done, sampler=sample, logits_processors=processors, **kw)
             try:
                 for token, logprobs in steps:
                     manager.check_through(made_by[done])
                     handed_out = done + 1
                     yield token, logprobs
+                    if logits_processors:
+                        seen.append(token)
                     done += 1
                 return
             except Rollback as rollback:

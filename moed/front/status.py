@@ -86,6 +86,7 @@ def report(daemon) -> dict:
         "prompt_cache": sup.engine_stats.get("prompt_cache"),
         "editor_socket": str(daemon.editor.path) if daemon.editor else None,
         "http": daemon.http.url if daemon.http else None,
+        "http_auth": daemon.http.auth if daemon.http else None,  # "token", or "none" under --http-no-auth
         "progress": sup.progress,
         "instance_id": daemon.instance_id,
         "version": VERSION,
