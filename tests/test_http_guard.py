@@ -289,3 +289,16 @@ def test_gateway_errors_never_500_in_plain_text(served):
     for path, body in (("/v1/completions", b'{"prompt": 5}'), ("/v1/messages", b'{"messages": 5}'), ("/v1/chat/completions", b'{"messages": [5]}')):
         status, reply = raw(url, "POST", path, body)
         assert status == 400 and isinstance(reply, dict), reply
+
+
+@pytest.mark.parametrize("field", [{"stop": ["a"] * 300_000}, {"prompt": list(range(300_000))}])
+def test_an_over_long_array_gets_400_at_once(served, field):
+    """Issue 18.3 through the gateway: the daemon's rejection carries the request id, so the gateway's
+    client fails the request at once and the answer is a 400 (it used to be a 504 after 120 s)."""
+    _, url = served
+    body = json.dumps({"model": "m", "prompt": "x", "max_tokens": 4, **field}).encode()
+    start = time.monotonic()
+    status, reply = raw(url, "POST", "/v1/completions", body)
+    assert status == 400, reply
+    assert isinstance(reply, dict) and "error" in reply
+    assert time.monotonic() - start < 30
