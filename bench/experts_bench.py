@@ -121,8 +121,8 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
                 profile: str | None = "auto", always_check: bool = False, defer: bool = True,
-                redo_mode: str = "sync") -> dict:
-    """Load (stock when ``capacity`` is None), greedy-decode each prompt, report.
+                redo_mode: str = "sync", memory_budget: str | None = None) -> dict:
+    """Load (stock when ``capacity`` and ``memory_budget`` are None), greedy-decode each prompt, report.
     Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
     ``generate_step``, with the residency checks one token late unless ``defer``
     is off). Always a cold start: no warm-start state is read or written."""
@@ -136,8 +136,8 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         _evict_shards(Path(model_dir))
     rss0 = process_rss_bytes()
     t0 = time.perf_counter()
-    model, tok, manager = load_model(model_dir, capacity=capacity, prefetch=prefetch, approximate=approximate,
-                                     profile=profile, warm_start=False)
+    model, tok, manager = load_model(model_dir, capacity=capacity, memory_budget=memory_budget, prefetch=prefetch,
+                                     approximate=approximate, profile=profile, warm_start=False)
     if manager is not None and uncached:
         manager.reader.uncached = True
     if manager is not None:
@@ -172,7 +172,7 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         if nll is not None:
             runs[-1]["nll_of_reference"] = nll[len(runs) - 1]
     result = {
-        "capacity": capacity,
+        "capacity": manager.caches[0].capacity if manager is not None else capacity,
         "load_s": load_s,
         "rss_before_load": rss0,
         "rss_loaded": rss_loaded,
