@@ -114,7 +114,9 @@ class Event(TypedDict, total=False):
     seq: int
     text: str
     token_ids: list[int]
-    finish: str  # "stop", "length" or "cancelled"
+    finish: str  # "stop", "length", "cancelled" or "tool_calls"
+    tool_calls: list[dict]  # calls completed at this step, each {id, name, arguments (JSON text)}
+    stop_sequence: str  # the final event's: the stop string that ended the answer
     usage: dict  # prompt_tokens, completion_tokens, cached_tokens
     max_batch: int
     engine_decode_tok_s: float | None
@@ -134,7 +136,8 @@ class Submit:
     def from_map(cls, m: dict) -> Submit:
         sampling = P.SamplingParams(**{f.name: m[f.name] for f in fields(P.SamplingParams) if f.name in m})
         request = P.GenerateRequest(id=m.get("id", str(m["seq"])), prompt=m.get("prompt"), messages=m.get("messages"),
-                                    token_ids=m.get("token_ids"), sampling=sampling)
+                                    token_ids=m.get("token_ids"), sampling=sampling, tools=m.get("tools"),
+                                    tool_choice=m.get("tool_choice") or "auto")
         return cls(m["seq"], request)
 
 

@@ -32,6 +32,7 @@ MAX_REQUEST_ID_LEN = 128
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (OpenAI allows 300)
 MAX_STOP_STRING_LEN = 256
+MAX_TOOLS = 128  # tools offered in one request, and tool calls in one message
 
 # Client -> daemon message types.
 HELLO = "hello"
@@ -52,7 +53,9 @@ PROGRESS = "progress"
 # Sent unasked to every client the daemon has heard from once another model is loaded: {model, previous}.
 MODEL_CHANGED = "model_changed"
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# "tool_calls": the answer ended after the model called tools (done's ``tool_calls``).
+FINISH_REASONS = ("stop", "length", "cancelled", "error", "tool_calls")
+TOOL_CHOICES = ("auto", "none", "required")  # or {"name": NAME}: call that tool
 
 
 class ErrorCode:
@@ -189,13 +192,24 @@ def hello_reply(instance_id: str, model: dict, ready: bool) -> dict:
     return {"type": HELLO, "version": list(PROTOCOL_VERSION), "instance_id": instance_id, "model": model, "ready": ready}
 
 
-def chunk(request_id: str, text: str, token_ids: list[int]) -> dict:
-    return {"type": CHUNK, "id": request_id, "text": text, "token_ids": token_ids}
+def chunk(request_id: str, text: str, token_ids: list[int], tool_calls: list[dict] | None = None) -> dict:
+    """``tool_calls``: the calls completed in this chunk, each {id, name, arguments (a JSON string)}."""
+    msg = {"type": CHUNK, "id": request_id, "text": text, "token_ids": token_ids}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
 
 
-def done(request_id: str, finish_reason: str, usage: dict, timings: dict) -> dict:
+def done(request_id: str, finish_reason: str, usage: dict, timings: dict, *, tool_calls: list[dict] | None = None,
+         stop_sequence: str | None = None) -> dict:
+    """``tool_calls``: every call of the answer (as in the chunks); ``stop_sequence``: the stop string that ended it."""
     assert finish_reason in FINISH_REASONS, finish_reason
-    return {"type": DONE, "id": request_id, "finish_reason": finish_reason, "usage": usage, "timings": timings}
+    msg = {"type": DONE, "id": request_id, "finish_reason": finish_reason, "usage": usage, "timings": timings}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    if stop_sequence is not None:
+        msg["stop_sequence"] = stop_sequence
+    return msg
 
 
 def error(code: str, message: str, request_id: str | None = None) -> dict:
@@ -240,6 +254,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: list = field(default_factory=list)  # [[token_id, bias], ...]
+    # Constrained decoding (moed/engine/structured.py): None, {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    response_format: dict | None = None
 
 
 @dataclass
@@ -249,9 +265,13 @@ class GenerateRequest:
     messages: list[dict] | None = None
     token_ids: list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Tools offered to the chat template (OpenAI's [{"type": "function", "function": {name, description, parameters}}]).
+    tools: list[dict] | None = None
+    tool_choice: str | dict = "auto"  # TOOL_CHOICES or {"name": NAME}
 
     def to_dict(self) -> dict:
-        d = {"id": self.id, "prompt": self.prompt, "messages": self.messages, "token_ids": self.token_ids}
+        d = {"id": self.id, "prompt": self.prompt, "messages": self.messages, "token_ids": self.token_ids,
+             "tools": self.tools, "tool_choice": self.tool_choice}
         d.update(self.sampling.__dict__)
         return d
 
@@ -317,6 +337,67 @@ def _logit_bias(msg: dict) -> list:
     return out
 
 
+def _message(m) -> dict:
+    """One chat message: string ``role`` and ``content``; an assistant's ``tool_calls``
+    ([{id, type, function: {name, arguments: map}}]); a tool result's ``tool_call_id`` and ``name``."""
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+        raise _invalid("each message must be a map with string 'role' and 'content'")
+    out = {"role": m["role"], "content": m["content"]}
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+            raise _invalid(f"a message's 'tool_calls' must be a list of at most {MAX_TOOLS} calls")
+        for c in calls:
+            f = c.get("function") if isinstance(c, dict) else None
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), dict)
+                    and isinstance(c.get("id", ""), str)):
+                raise _invalid("each tool call must be {id, function: {name: string, arguments: map}}")
+        out["tool_calls"] = [{"id": c.get("id", ""), "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                             for c in calls]
+    for name in ("tool_call_id", "name"):
+        if m.get(name) is not None:
+            if not isinstance(m[name], str):
+                raise _invalid(f"a message's '{name}' must be a string")
+            out[name] = m[name]
+    return out
+
+
+def _tools(msg: dict) -> tuple[list[dict] | None, str | dict]:
+    tools, choice = msg.get("tools"), msg.get("tool_choice")
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise _invalid(f"'tools' must be a list of at most {MAX_TOOLS} tools")
+        for t in tools:
+            f = t.get("function") if isinstance(t, dict) else None
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] and isinstance(f.get("parameters", {}), dict)):
+                raise _invalid("each tool must be {type: 'function', function: {name, description, parameters (a JSON schema map)}}")
+        tools = tools or None
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        if not isinstance(choice.get("name"), str):
+            raise _invalid("'tool_choice' as a map must be {name: TOOL}")
+        choice = {"name": choice["name"]}
+        if not any(t["function"]["name"] == choice["name"] for t in tools or []):
+            raise _invalid(f"'tool_choice' names {choice['name'][:100]!r}, which is not one of 'tools'")
+    elif choice not in TOOL_CHOICES:
+        raise _invalid(f"'tool_choice' must be one of {', '.join(TOOL_CHOICES)} or {{name: TOOL}}")
+    if choice == "required" and not tools:
+        raise _invalid("'tool_choice' required needs 'tools'")
+    return tools, choice
+
+
+def _response_format(msg: dict) -> dict | None:
+    fmt = msg.get("response_format")
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        return {"type": "json_schema", "schema": fmt["schema"]}
+    raise _invalid("'response_format' must be {type: 'text'}, {type: 'json_object'} or {type: 'json_schema', schema: {...}}")
+
+
 def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateRequest:
     """Validate a ``generate`` map. Unknown fields are ignored by design."""
     rid = request_id(msg)
@@ -331,10 +412,7 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
     if messages is not None:
         if not isinstance(messages, list) or not messages:
             raise _invalid("'messages' must be a non-empty list of {role, content} maps")
-        for m in messages:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise _invalid("each message must be a map with string 'role' and 'content'")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = [_message(m) for m in messages]
     if token_ids is not None:
         if not isinstance(token_ids, list) or not token_ids:
             raise _invalid("'token_ids' must be a non-empty list of integers")
@@ -365,7 +443,11 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
         presence_penalty=_number(msg, "presence_penalty", 0.0, float, -2.0, 2.0),
         frequency_penalty=_number(msg, "frequency_penalty", 0.0, float, -2.0, 2.0),
         logit_bias=_logit_bias(msg),
+        response_format=_response_format(msg),
     )
     if sampling.max_tokens > max_tokens_limit:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")
-    return GenerateRequest(id=rid, prompt=prompt, messages=messages, token_ids=token_ids, sampling=sampling)
+    tools, tool_choice = _tools(msg)
+    if tools and messages is None:
+        raise _invalid("'tools' need 'messages' (the chat template offers them to the model)")
+    return GenerateRequest(id=rid, prompt=prompt, messages=messages, token_ids=token_ids, sampling=sampling, tools=tools, tool_choice=tool_choice)

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from moed.config import MAX_CLIENTS  # requests served at once (moed serve: --max-clients / config max_clients)
 from moed.doors import anthropic_api, http_token, openai_routes
-from moed.doors.openai_api import BadRequest
+from moed.doors.bodies import BadRequest
 from moed.net import is_loopback
 from moed_client import AsyncClient, paths
 from moed_client import errors as E

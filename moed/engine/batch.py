@@ -24,6 +24,8 @@ from moed.channel import EngineOptions, Event, Submit
 from moed.engine.loading import encode_prompt
 from moed.engine.prefill import ChunkClock, Prefill
 from moed.engine.sampling import StopText, make_request_processors, make_request_sampler
+from moed.engine.structured import Grammars
+from moed.engine.tool_calls import ToolCalls, check_tools, make_tool_calls
 
 log = logging.getLogger("moed.engine")
 
@@ -45,6 +47,7 @@ class Active:
     max_tokens: int = 0
     first_token_at: float = 0.0  # engine clock (perf_counter) of the first and the latest token
     last_token_at: float = 0.0
+    tools: ToolCalls | None = None  # finds the calls in the text when the request offers tools
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Engine:
         chunk_ms = getattr(args, "prefill_chunk_ms", EngineOptions.prefill_chunk_ms)
         self.chunk_clock = ChunkClock(chunk_ms / 1e3, args.prefill_step)
         self.progress = 0  # steps and prefill chunks done: what the watchdog judges (loop.py)
+        self.grammars = Grammars(tokenizer, self.model_vocab())  # constrained decoding (structured.py)
 
     @property
     def busy(self) -> bool:
@@ -168,7 +172,7 @@ class Engine:
         if req.messages is not None:
             if not getattr(tok, "has_chat_template", False):
                 raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "this model has no chat template; send 'prompt' instead")
-            return list(tok.apply_chat_template(req.messages, add_generation_prompt=True))
+            return list(tok.apply_chat_template(req.messages, tools=check_tools(req, tok), add_generation_prompt=True))
         return encode_prompt(tok, req.prompt)
 
     def model_vocab(self) -> int:
@@ -196,6 +200,9 @@ class Engine:
                 cache, rest = None, tokens
         cached = len(tokens) - len(rest)
         processors = make_request_processors(sampling, self.model_vocab())
+        constrained = self.grammars.processor(msg.request)
+        if constrained is not None:  # last, so the penalties and bias cannot bring back a token it masked
+            processors = (processors or []) + [constrained]
         insert = dict(
             prompts=[rest],
             max_tokens=[sampling.max_tokens],
@@ -206,7 +213,7 @@ class Engine:
             stop_sequences=[self.no_stop] if sampling.ignore_eos else None,
         )
         active = Active(seq, 0, len(tokens), cached, self.tokenizer.detokenizer, StopText(sampling.stop),
-                        ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens)
+                        ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens, tools=make_tool_calls(msg.request, self.tokenizer))
         if self.solo is not None:
             self._join_batch()  # the solo loop defers its checks: no other forward may run beside it
         if len(rest) - 1 > self.chunk_clock.size():
@@ -365,11 +372,24 @@ class Engine:
         stopped = hit and finish is None
         if stopped:
             finish = "stop"
-        if finish is None:
-            return {"seq": a.seq, "text": text, "token_ids": a.pending_ids}, False
-        if not hit:
+        if finish is not None and not hit:
             text += a.stop.flush()
-        return self._final(a, finish, text), stopped
+        calls = []
+        if a.tools is not None:
+            text, calls = a.tools.feed(text)
+            if finish is not None:
+                rest, more = a.tools.flush()
+                text, calls = text + rest, calls + more
+        if finish is None:
+            return {"seq": a.seq, "text": text, "token_ids": a.pending_ids, **({"tool_calls": calls} if calls else {})}, False
+        if finish == "stop" and a.tools is not None and a.tools.count:
+            finish = "tool_calls"
+        event = self._final(a, finish, text)
+        if calls:
+            event["tool_calls"] = calls
+        if a.stop.hit is not None:
+            event["stop_sequence"] = a.stop.hit
+        return event, stopped
 
     def stats(self) -> dict:
         import mlx.core as mx
