@@ -61,7 +61,12 @@ def test_stop_sequences_and_max_tokens(served):
     stop = whole[1:3]
     got = claude(url).messages.create(model="any", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=[stop])
     assert got.content[0].text == protocol_answer(d, max_tokens=16, temperature=0, stop=[stop]).text
-    assert stop not in got.content[0].text and got.stop_reason == "end_turn"
+    assert stop not in got.content[0].text and got.stop_reason == "stop_sequence" and got.stop_sequence == stop
+    with claude(url).messages.stream(model="any", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=["\x00never", stop]) as s:
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence, final.content[0].text) == ("stop_sequence", stop, got.content[0].text)
+    plain = claude(url).messages.create(model="any", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=["\x00never"])
+    assert plain.stop_sequence is None and plain.stop_reason in ("end_turn", "max_tokens")
 
 
 def test_streaming_events_equal_the_whole_message(served):

@@ -187,3 +187,16 @@ def test_bad_tool_fields_get_400(served, extra, words):
     with pytest.raises(openai.BadRequestError) as e:
         oai(url).chat.completions.create(**{"model": "m", "messages": ASK, "tools": [WEATHER], "max_tokens": 4, **extra})
     assert words in str(e.value)
+
+
+def test_moectl_run_json_schema(served, capsys, monkeypatch, tmp_path):
+    from moed import cli
+
+    d, _ = served
+    monkeypatch.setenv("MOED_RUNTIME_DIR", str(d.runtime_dir))
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    assert cli.main(["run", "hi", "--max-tokens", "20", "--temperature", "0", "--json-schema", f"@{tmp_path / 's.json'}"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["ok"], bool)
+    assert cli.main(["run", "hi", "--json-schema", "{not json"]) == 2
+    assert "--json-schema" in capsys.readouterr().err
