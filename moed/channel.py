@@ -58,6 +58,12 @@ class EngineOptions:
     # an engine started by hand, and on a small machine the expert caches need that memory more.
     prompt_cache_bytes: int = _option(512 << 20, "memory for those caches, e.g. 512M", kind="size")
     no_solo: bool = _option(False, "always decode through BatchGenerator, even a lone request", "switch")
+    # mlx-lm's BatchGenerator has no quantized KV cache: with kv_bits every request decodes solo through
+    # generate_step (its kv_bits, kv_group_size, quantized_kv_start), one at a time (max_batch 1).
+    kv_bits: int | None = _option(None, "quantize the KV cache to 4 or 8 bits (mlx-lm's QuantizedKVCache); requests "
+                                        "then decode one at a time")
+    kv_group_size: int = _option(64, "group size of the quantized KV cache (mlx-lm's default)")
+    quantized_kv_start: int = _option(5000, "tokens in the KV cache before it is quantized (mlx-lm's default: 5000)")
     debug: bool = _option(False, "verbose logs, including prompts", "switch")
 
     @staticmethod

@@ -264,9 +264,10 @@ def test_unknown_fields_are_ignored_and_named(served):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "xml"}}, "response_format"),  # json_object and json_schema: tests/test_http_tools.py
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"functions": [{"name": "f"}]}, "functions"),  # the legacy form of tools
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
 ])
