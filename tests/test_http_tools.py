@@ -25,11 +25,12 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "The
     "type": "object", "properties": {}, "additionalProperties": False}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 FORCE = {"type": "function", "function": {"name": "get_weather"}}
+MODEL = "tools-model"  # the checkpoint's directory name: the id the gateway serves it under
 
 
 @pytest.fixture(scope="module")
 def tool_model(test_model, tmp_path_factory):
-    return make_tool_model(test_model, tmp_path_factory.mktemp("tools") / "model")
+    return make_tool_model(test_model, tmp_path_factory.mktemp("tools") / MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def claude(url: str) -> anthropic.Anthropic:
 
 def test_openai_forced_call_whole_and_streamed(served):
     _, url = served
-    kw = dict(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice=FORCE, max_tokens=60, temperature=0)
+    kw = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=FORCE, max_tokens=60, temperature=0)
     got = oai(url).chat.completions.create(**kw)
     choice = got.choices[0]
     assert choice.finish_reason == "tool_calls", choice
@@ -75,7 +76,7 @@ def test_openai_forced_call_whole_and_streamed(served):
 
 def test_required_picks_one_of_the_tools(served):
     _, url = served
-    got = oai(url).chat.completions.create(model="m", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=60, temperature=0)
+    got = oai(url).chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=60, temperature=0)
     assert got.choices[0].finish_reason == "tool_calls"
     assert [c.function.name for c in got.choices[0].message.tool_calls][0] in ("get_weather", "get_time")
 
@@ -85,7 +86,7 @@ def test_tool_results_go_through_the_template(served, tokenizer):
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
-    got = oai(url).chat.completions.create(model="m", messages=history, tools=[WEATHER], max_tokens=3, temperature=0)
+    got = oai(url).chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=3, temperature=0)
     rendered = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
@@ -97,7 +98,7 @@ def test_tool_results_go_through_the_template(served, tokenizer):
 def test_anthropic_tool_use_whole_and_streamed(served, tokenizer):
     _, url = served
     tools = [{"name": "get_weather", "description": "The weather in a city.", "input_schema": WEATHER["function"]["parameters"]}]
-    kw = dict(model="m", max_tokens=60, messages=ASK, tools=tools, tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    kw = dict(model=MODEL, max_tokens=60, messages=ASK, tools=tools, tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
     got = claude(url).messages.create(**kw)
     assert got.stop_reason == "tool_use" and got.stop_sequence is None
     (use,) = [b for b in got.content if b.type == "tool_use"]
@@ -111,7 +112,7 @@ def test_anthropic_tool_use_whole_and_streamed(served, tokenizer):
     # the call and its result back in the conversation, through the template
     history = [*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
-    again = claude(url).messages.create(model="m", max_tokens=2, messages=history, tools=tools, extra_body={"temperature": 0})
+    again = claude(url).messages.create(model=MODEL, max_tokens=2, messages=history, tools=tools, extra_body={"temperature": 0})
     rendered = [*ASK, {"role": "assistant", "content": "", "tool_calls": [{"id": use.id, "type": "function", "function": {"name": use.name, "arguments": use.input}}]},
                 {"role": "tool", "tool_call_id": use.id, "content": "sunny"}]
     assert again.usage.input_tokens == len(tokenizer.apply_chat_template(rendered, tools=[WEATHER], add_generation_prompt=True))
@@ -121,7 +122,7 @@ def test_langchain_bind_tools(served):
     from langchain_openai import ChatOpenAI
 
     _, url = served
-    llm = ChatOpenAI(base_url=url + "/v1", api_key=http_token.load(), model="m", temperature=0, max_tokens=60, max_retries=0, timeout=60)
+    llm = ChatOpenAI(base_url=url + "/v1", api_key=http_token.load(), model=MODEL, temperature=0, max_tokens=60, max_retries=0, timeout=60)
     got = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("What is the weather in Paris?")
     (call,) = got.tool_calls
     assert call["name"] == "get_weather" and call["args"] in ({"city": "Paris"}, {"city": "Oslo"})
@@ -137,8 +138,8 @@ def test_protocol_client_gets_calls(served):
 
 def test_no_tools_means_plain_text(served):
     _, url = served
-    plain = oai(url).chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0)
-    none = oai(url).chat.completions.create(model="m", messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0)
+    plain = oai(url).chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, temperature=0)
+    none = oai(url).chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0)
     assert none.choices[0].message.content == plain.choices[0].message.content and not none.choices[0].message.tool_calls
 
 
@@ -146,17 +147,17 @@ def test_json_schema_response_format(served):
     _, url = served
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
-    got = oai(url).chat.completions.create(model="m", messages=ASK, response_format=fmt, max_tokens=40, temperature=0)
+    got = oai(url).chat.completions.create(model=MODEL, messages=ASK, response_format=fmt, max_tokens=40, temperature=0)
     value = json.loads(got.choices[0].message.content)
     assert set(value) == {"n", "ok"} and isinstance(value["n"], int) and isinstance(value["ok"], bool)
     streamed = "".join(c.choices[0].delta.content or "" for c in oai(url).chat.completions.create(
-        model="m", messages=ASK, response_format=fmt, max_tokens=40, temperature=0, stream=True) if c.choices)
+        model=MODEL, messages=ASK, response_format=fmt, max_tokens=40, temperature=0, stream=True) if c.choices)
     assert streamed == got.choices[0].message.content
 
 
 def test_json_object_starts_an_object(served):
     _, url = served
-    got = oai(url).chat.completions.create(model="m", messages=ASK, response_format={"type": "json_object"}, max_tokens=6, temperature=0)
+    got = oai(url).chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"}, max_tokens=6, temperature=0)
     assert got.choices[0].message.content.startswith("{")
 
 
@@ -167,10 +168,10 @@ def test_a_template_without_tools_gets_400(test_model):
     try:
         url = d.wait_ready()["http"]
         with pytest.raises(openai.BadRequestError) as e:
-            oai(url).chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=4)
+            oai(url).chat.completions.create(model="embedded", messages=ASK, tools=[WEATHER], max_tokens=4)
         assert "no tool calling support" in str(e.value)
         with pytest.raises(anthropic.BadRequestError) as e:
-            claude(url).messages.create(model="m", max_tokens=4, messages=ASK, tools=[{"name": "f", "input_schema": {"type": "object"}}])
+            claude(url).messages.create(model="embedded", max_tokens=4, messages=ASK, tools=[{"name": "f", "input_schema": {"type": "object"}}])
         assert "no tool calling support" in str(e.value)
     finally:
         d.kill()
@@ -185,7 +186,7 @@ def test_a_template_without_tools_gets_400(test_model):
 def test_bad_tool_fields_get_400(served, extra, words):
     _, url = served
     with pytest.raises(openai.BadRequestError) as e:
-        oai(url).chat.completions.create(**{"model": "m", "messages": ASK, "tools": [WEATHER], "max_tokens": 4, **extra})
+        oai(url).chat.completions.create(**{"model": MODEL, "messages": ASK, "tools": [WEATHER], "max_tokens": 4, **extra})
     assert words in str(e.value)
 
 
@@ -200,3 +201,14 @@ def test_moectl_run_json_schema(served, capsys, monkeypatch, tmp_path):
     assert isinstance(json.loads(capsys.readouterr().out)["ok"], bool)
     assert cli.main(["run", "hi", "--json-schema", "{not json"]) == 2
     assert "--json-schema" in capsys.readouterr().err
+
+
+def test_a_wrong_model_is_model_not_found_in_each_apis_shape(served):
+    _, url = served
+    with pytest.raises(openai.NotFoundError) as e:
+        oai(url).chat.completions.create(model="gpt-nope", messages=ASK, max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and "gpt-nope" in e.value.body["message"]
+    with pytest.raises(anthropic.NotFoundError) as e:
+        claude(url).messages.create(model="claude-nope", max_tokens=2, messages=ASK)
+    assert e.value.body["error"]["type"] == "not_found_error" and "claude-nope" in e.value.body["error"]["message"]
+    assert oai(url).completions.create(model=MODEL, prompt="x", max_tokens=1).choices  # its own name is fine

@@ -21,7 +21,7 @@ import uuid
 
 from aiohttp import web
 
-from moed.doors.bodies import BadRequest, field
+from moed.doors.bodies import BadRequest, field, model_arg
 from moed.doors.tools import anthropic_message, anthropic_tool_use, anthropic_tools
 from moed_client import errors as E
 
@@ -104,7 +104,7 @@ async def messages(gw, request: web.Request) -> web.StreamResponse:
     ignored = sorted(str(k)[:100] for k in body if k not in KNOWN)
     headers = {"X-Moed-Ignored-Fields": ",".join(ignored)[:1000]} if ignored else {}
     message = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": model_id}
-    gen = await gw.client.generate(None, **args)
+    gen = await gw.client.generate(None, **args, **model_arg(body))
     async with gen:  # leaving it early (disconnect, error) cancels the request on the daemon
         if not field(body, "stream", bool, False):
             done = await gen.collect()

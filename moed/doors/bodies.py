@@ -20,3 +20,11 @@ def field(body: dict, name: str, kinds, default=None):
     if not isinstance(value, kinds):
         raise BadRequest(f"'{name}' has the wrong type", name)
     return value
+
+
+def model_arg(body: dict) -> dict:
+    """The body's ``model`` as the protocol's (the daemon answers model_not_found for another one)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string", "model")
+    return {"model": model} if model else {}

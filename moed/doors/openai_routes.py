@@ -12,7 +12,7 @@ import uuid
 
 from aiohttp import web
 
-from moed.doors.bodies import BadRequest, field
+from moed.doors.bodies import BadRequest, field, model_arg
 from moed.doors.openai_api import chat_args, completion_prompt, ignored_fields, sampling_args, usage
 from moed.doors.tools import openai_calls
 from moed_client import errors as E
@@ -34,7 +34,7 @@ async def models(gw, request: web.Request) -> web.Response:
 
 
 async def model(gw, request: web.Request) -> web.Response:
-    """``GET /v1/models/{id}``: the served model under its own id; any other id is 404 (requests still accept any ``model``)."""
+    """``GET /v1/models/{id}``: the served model under its own id; any other id is 404 (as a request naming it is)."""
     wanted, served = request.match_info["id"], await gw.model()
     if wanted != served:
         raise BadRequest(f"the model '{wanted[:200]}' does not exist; this daemon serves '{served}'", "model", status=404, code="model_not_found")
@@ -74,7 +74,7 @@ async def _generate(gw, request: web.Request, body: dict, args: dict, chat: bool
     kind = "chat.completion" if chat else "text_completion"
     prompt = args.pop("prompt", None)
     headers = _headers(body, chat)
-    gen = await gw.client.generate(prompt, **args)
+    gen = await gw.client.generate(prompt, **args, **model_arg(body))
     async with gen:  # leaving it early (disconnect, error) cancels the request on the daemon
         if not stream:
             done = await gen.collect()
