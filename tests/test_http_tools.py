@@ -212,3 +212,29 @@ def test_a_wrong_model_is_model_not_found_in_each_apis_shape(served):
         claude(url).messages.create(model="claude-nope", max_tokens=2, messages=ASK)
     assert e.value.body["error"]["type"] == "not_found_error" and "claude-nope" in e.value.body["error"]["message"]
     assert oai(url).completions.create(model=MODEL, prompt="x", max_tokens=1).choices  # its own name is fine
+
+
+def test_constraints_hold_in_the_batch_too(served):
+    """A constrained request that joins BatchGenerator (a second one arrives) decodes as it does solo."""
+    import threading
+
+    d, _ = served
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False}
+    ask = dict(messages=ASK, response_format={"type": "json_schema", "schema": schema}, max_tokens=40)
+    with d.client() as c:
+        alone = c.complete(**ask)
+    got = {}
+
+    def run(i, **kw):
+        with d.client() as c:
+            got[i] = c.complete(**kw)
+
+    threads = [threading.Thread(target=run, args=(0,), kwargs=ask),
+               threading.Thread(target=run, args=(1,), kwargs=dict(messages=ASK, tools=[WEATHER], tool_choice={"name": "get_weather"}, max_tokens=60))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got[0].text == alone.text and json.loads(got[0].text)
+    assert got[1].finish_reason == "tool_calls" and got[1].tool_calls[0]["name"] == "get_weather"
+    assert max(got[0].timings["max_batch"], got[1].timings["max_batch"]) == 2  # they did decode together

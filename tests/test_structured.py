@@ -74,3 +74,33 @@ def test_constrained_processor_masks_and_rolls_back(test_model):
     assert tok.encode("n", add_special_tokens=False)[0] not in after_y
     # rolled back to the prompt: the first mask again
     assert allowed(proc(prompt, mx.zeros((1, 4096)))) == first
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"tools": [{"type": "function"}]}, "each tool"),
+    ({"tools": [TOOL] * (P.MAX_TOOLS + 1)}, "at most"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"name": "g"}}, "not one of 'tools'"),
+    ({"tool_choice": "required"}, "needs 'tools'"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": "json"}, "response_format"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]}, "tool call"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 3}]}, "tool_call_id"),
+])
+def test_protocol_refuses_bad_chat_fields(fields, words):
+    with pytest.raises(P.ProtocolError) as e:
+        request(**fields)
+    assert e.value.code == P.ErrorCode.INVALID_REQUEST and words in e.value.message
+
+
+def test_protocol_keeps_the_chat_fields():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    req = request(messages=[{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "1", "tool_call_id": "c1"}],
+                  tools=[TOOL], tool_choice={"name": "f"}, response_format={"type": "json_object"})
+    assert req.messages[0]["tool_calls"] == [call] and req.messages[1]["tool_call_id"] == "c1"
+    assert (req.tools, req.tool_choice, req.sampling.response_format) == ([TOOL], {"name": "f"}, {"type": "json_object"})
+    with pytest.raises(P.ProtocolError):
+        P.parse_generate({"id": "1", "prompt": "x", "tools": [TOOL]})  # tools need the chat template

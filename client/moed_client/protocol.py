@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from moed_client.chat_fields import MAX_TOOLS, TOOL_CHOICES, message_fields, response_format_field, tools_fields  # noqa: F401 (protocol names)
+
 PROTOCOL_VERSION = (1, 0)
 
 # Limits on what a peer may send. The daemon sets ZeroMQ's MAXMSGSIZE to
@@ -32,7 +34,6 @@ MAX_REQUEST_ID_LEN = 128
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (OpenAI allows 300)
 MAX_STOP_STRING_LEN = 256
-MAX_TOOLS = 128  # tools offered in one request, and tool calls in one message
 
 # Client -> daemon message types.
 HELLO = "hello"
@@ -55,7 +56,7 @@ MODEL_CHANGED = "model_changed"
 
 # "tool_calls": the answer ended after the model called tools (done's ``tool_calls``).
 FINISH_REASONS = ("stop", "length", "cancelled", "error", "tool_calls")
-TOOL_CHOICES = ("auto", "none", "required")  # or {"name": NAME}: call that tool
+
 
 
 class ErrorCode:
@@ -337,65 +338,12 @@ def _logit_bias(msg: dict) -> list:
     return out
 
 
-def _message(m) -> dict:
-    """One chat message: string ``role`` and ``content``; an assistant's ``tool_calls``
-    ([{id, type, function: {name, arguments: map}}]); a tool result's ``tool_call_id`` and ``name``."""
-    if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-        raise _invalid("each message must be a map with string 'role' and 'content'")
-    out = {"role": m["role"], "content": m["content"]}
-    calls = m.get("tool_calls")
-    if calls is not None:
-        if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
-            raise _invalid(f"a message's 'tool_calls' must be a list of at most {MAX_TOOLS} calls")
-        for c in calls:
-            f = c.get("function") if isinstance(c, dict) else None
-            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), dict)
-                    and isinstance(c.get("id", ""), str)):
-                raise _invalid("each tool call must be {id, function: {name: string, arguments: map}}")
-        out["tool_calls"] = [{"id": c.get("id", ""), "type": "function", "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
-                             for c in calls]
-    for name in ("tool_call_id", "name"):
-        if m.get(name) is not None:
-            if not isinstance(m[name], str):
-                raise _invalid(f"a message's '{name}' must be a string")
-            out[name] = m[name]
-    return out
-
-
-def _tools(msg: dict) -> tuple[list[dict] | None, str | dict]:
-    tools, choice = msg.get("tools"), msg.get("tool_choice")
-    if tools is not None:
-        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-            raise _invalid(f"'tools' must be a list of at most {MAX_TOOLS} tools")
-        for t in tools:
-            f = t.get("function") if isinstance(t, dict) else None
-            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] and isinstance(f.get("parameters", {}), dict)):
-                raise _invalid("each tool must be {type: 'function', function: {name, description, parameters (a JSON schema map)}}")
-        tools = tools or None
-    if choice is None:
-        choice = "auto"
-    if isinstance(choice, dict):
-        if not isinstance(choice.get("name"), str):
-            raise _invalid("'tool_choice' as a map must be {name: TOOL}")
-        choice = {"name": choice["name"]}
-        if not any(t["function"]["name"] == choice["name"] for t in tools or []):
-            raise _invalid(f"'tool_choice' names {choice['name'][:100]!r}, which is not one of 'tools'")
-    elif choice not in TOOL_CHOICES:
-        raise _invalid(f"'tool_choice' must be one of {', '.join(TOOL_CHOICES)} or {{name: TOOL}}")
-    if choice == "required" and not tools:
-        raise _invalid("'tool_choice' required needs 'tools'")
-    return tools, choice
-
-
-def _response_format(msg: dict) -> dict | None:
-    fmt = msg.get("response_format")
-    if fmt is None or fmt == {"type": "text"}:
-        return None
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return {"type": "json_object"}
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
-        return {"type": "json_schema", "schema": fmt["schema"]}
-    raise _invalid("'response_format' must be {type: 'text'}, {type: 'json_object'} or {type: 'json_schema', schema: {...}}")
+def _chat(check, value):
+    """A chat_fields check, its ValueError as invalid_request."""
+    try:
+        return check(value)
+    except ValueError as e:
+        raise _invalid(str(e)) from None
 
 
 def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateRequest:
@@ -412,7 +360,7 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
     if messages is not None:
         if not isinstance(messages, list) or not messages:
             raise _invalid("'messages' must be a non-empty list of {role, content} maps")
-        messages = [_message(m) for m in messages]
+        messages = [_chat(message_fields, m) for m in messages]
     if token_ids is not None:
         if not isinstance(token_ids, list) or not token_ids:
             raise _invalid("'token_ids' must be a non-empty list of integers")
@@ -443,11 +391,11 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
         presence_penalty=_number(msg, "presence_penalty", 0.0, float, -2.0, 2.0),
         frequency_penalty=_number(msg, "frequency_penalty", 0.0, float, -2.0, 2.0),
         logit_bias=_logit_bias(msg),
-        response_format=_response_format(msg),
+        response_format=_chat(response_format_field, msg),
     )
     if sampling.max_tokens > max_tokens_limit:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")
-    tools, tool_choice = _tools(msg)
+    tools, tool_choice = _chat(tools_fields, msg)
     if tools and messages is None:
         raise _invalid("'tools' need 'messages' (the chat template offers them to the model)")
     return GenerateRequest(id=rid, prompt=prompt, messages=messages, token_ids=token_ids, sampling=sampling, tools=tools, tool_choice=tool_choice)
