@@ -180,6 +180,7 @@ def test_a_template_without_tools_gets_400(test_model):
 @pytest.mark.parametrize("extra, words", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not one of 'tools'"),
     ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}}, "grammar for this request is invalid"),
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]},
      "not valid JSON"),
 ])

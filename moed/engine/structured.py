@@ -111,7 +111,10 @@ class Grammars:
         self.ll_tokenizer = None
 
     def processor(self, request: P.GenerateRequest) -> Constrained | None:
-        text = grammar(request, self.tokenizer)
+        try:
+            text = grammar(request, self.tokenizer)
+        except ValueError as e:  # llguidance's refusal of a schema it cannot read
+            raise _refuse(f"the schema cannot be compiled: {str(e)[:300]}") from None
         if text is None:
             return None
         if self.ll_tokenizer is None:
