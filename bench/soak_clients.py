@@ -152,7 +152,7 @@ def http_worker(base_url: str, final_timeout: float = FINAL_TIMEOUT_S) -> None:
         spec = json.loads(line)
         fields = prompt_fields(spec)
         stream = spec["mode"] == "stream"
-        body = {"model": "m", "max_tokens": spec["max_tokens"], "temperature": spec["temperature"], "seed": spec["seed"],
+        body = {"max_tokens": spec["max_tokens"], "temperature": spec["temperature"], "seed": spec["seed"],
                 "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}

@@ -58,6 +58,12 @@ class EngineOptions:
     # an engine started by hand, and on a small machine the expert caches need that memory more.
     prompt_cache_bytes: int = _option(512 << 20, "memory for those caches, e.g. 512M", kind="size")
     no_solo: bool = _option(False, "always decode through BatchGenerator, even a lone request", "switch")
+    # mlx-lm's BatchGenerator has no quantized KV cache: with kv_bits every request decodes solo through
+    # generate_step (its kv_bits, kv_group_size, quantized_kv_start), one at a time (max_batch 1).
+    kv_bits: int | None = _option(None, "quantize the KV cache to 4 or 8 bits (mlx-lm's QuantizedKVCache); requests "
+                                        "then decode one at a time")
+    kv_group_size: int = _option(64, "group size of the quantized KV cache (mlx-lm's default)")
+    quantized_kv_start: int = _option(5000, "tokens in the KV cache before it is quantized (mlx-lm's default: 5000)")
     debug: bool = _option(False, "verbose logs, including prompts", "switch")
 
     @staticmethod
@@ -114,7 +120,9 @@ class Event(TypedDict, total=False):
     seq: int
     text: str
     token_ids: list[int]
-    finish: str  # "stop", "length" or "cancelled"
+    finish: str  # "stop", "length", "cancelled" or "tool_calls"
+    tool_calls: list[dict]  # calls completed at this step, each {id, name, arguments (JSON text)}
+    stop_sequence: str  # the final event's: the stop string that ended the answer
     usage: dict  # prompt_tokens, completion_tokens, cached_tokens
     max_batch: int
     engine_decode_tok_s: float | None
@@ -134,7 +142,8 @@ class Submit:
     def from_map(cls, m: dict) -> Submit:
         sampling = P.SamplingParams(**{f.name: m[f.name] for f in fields(P.SamplingParams) if f.name in m})
         request = P.GenerateRequest(id=m.get("id", str(m["seq"])), prompt=m.get("prompt"), messages=m.get("messages"),
-                                    token_ids=m.get("token_ids"), sampling=sampling)
+                                    token_ids=m.get("token_ids"), sampling=sampling, tools=m.get("tools"),
+                                    tool_choice=m.get("tool_choice") or "auto")
         return cls(m["seq"], request)
 
 

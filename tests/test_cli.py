@@ -239,6 +239,12 @@ def test_human_status_shows_the_figures():
         assert part in text, part
 
 
+def test_human_status_shows_a_quantized_kv_cache():
+    assert "kv cache" not in cli_status.format_status(SAMPLE_STATUS)
+    text = cli_status.format_status({**SAMPLE_STATUS, "kv_cache": {"bits": 4, "group_size": 64, "active_bytes": 3 << 20}})
+    assert "4-bit (group 64), 3.0 MiB in use" in text
+
+
 def test_human_status_while_loading():
     text = cli_status.format_status({**SAMPLE_STATUS, "state": "loading", "progress": {"stage": "download", "message": "2 of 4 GB", "fraction": 0.5}})
     assert text.splitlines()[0] == "moed is running (loading): [download] 2 of 4 GB 50%"

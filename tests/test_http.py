@@ -71,7 +71,7 @@ def active_requests(d: DaemonProcess) -> int:
 def test_completions_match_the_protocol_client(served):
     d, url = served
     client = oai(url)
-    got = client.completions.create(model="any", prompt=PROMPT, max_tokens=12, temperature=0)
+    got = client.completions.create(model="embedded", prompt=PROMPT, max_tokens=12, temperature=0)
     with d.client() as c:
         want = c.complete(PROMPT, max_tokens=12, temperature=0)
     assert got.choices[0].text == want.text
@@ -84,7 +84,7 @@ def test_completions_match_the_protocol_client(served):
 
 def test_chat_matches_the_protocol_client(served):
     d, url = served
-    got = oai(url).chat.completions.create(model="any", messages=MESSAGES, max_tokens=12, temperature=0, seed=3)
+    got = oai(url).chat.completions.create(model="embedded", messages=MESSAGES, max_tokens=12, temperature=0, seed=3)
     with d.client() as c:
         want = c.complete(messages=MESSAGES, max_tokens=12, temperature=0, seed=3)
     assert got.choices[0].message.content == want.text and got.choices[0].message.role == "assistant"
@@ -95,8 +95,8 @@ def test_chat_matches_the_protocol_client(served):
 def test_streaming_equals_non_streaming(served):
     _, url = served
     client = oai(url)
-    whole = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+    whole = client.chat.completions.create(model="embedded", messages=MESSAGES, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model="embedded", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -106,8 +106,8 @@ def test_streaming_equals_non_streaming(served):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert len({ch.id for ch in chunks}) == 1
 
-    whole = client.completions.create(model="any", prompt=PROMPT, max_tokens=10, temperature=0)
-    pieces = list(client.completions.create(model="any", prompt=PROMPT, max_tokens=10, temperature=0, stream=True))
+    whole = client.completions.create(model="embedded", prompt=PROMPT, max_tokens=10, temperature=0)
+    pieces = list(client.completions.create(model="embedded", prompt=PROMPT, max_tokens=10, temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
     assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
@@ -132,7 +132,7 @@ def test_models_and_health(served):
         ("/v1/chat/completions", b"[1, 2]", 400, "bad_message"),
         ("/v1/chat/completions", b"\xff\xfe", 400, "bad_message"),
         ("/v1/chat/completions", b"[" * 100000, 400, "bad_message"),
-        ("/v1/chat/completions", json.dumps({"model": "m"}).encode(), 400, "invalid_request"),
+        ("/v1/chat/completions", json.dumps({"model": "embedded"}).encode(), 400, "invalid_request"),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), 400, "invalid_request"),
         ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "n": 2}).encode(), 400, "invalid_request"),
         ("/v1/chat/completions", json.dumps({"messages": MESSAGES, "tools": [{"type": "function"}]}).encode(), 400, "invalid_request"),
@@ -150,14 +150,14 @@ def test_bad_bodies_get_an_openai_error_and_the_gateway_goes_on(served, path, bo
     got_status, got = raw(url, "POST", path, body)
     assert got_status == status, got
     assert got["error"]["code"] == code and got["error"]["message"]
-    again = oai(url).completions.create(model="m", prompt=PROMPT, max_tokens=2, temperature=0)
+    again = oai(url).completions.create(model="embedded", prompt=PROMPT, max_tokens=2, temperature=0)
     assert again.choices[0].finish_reason in ("length", "stop")
 
 
 def test_openai_client_sees_bad_requests_as_bad_request_errors(served):
     _, url = served
     with pytest.raises(openai.BadRequestError) as e:
-        oai(url).chat.completions.create(model="m", messages=[], max_tokens=2)
+        oai(url).chat.completions.create(model="embedded", messages=[], max_tokens=2)
     assert "messages" in str(e.value)
 
 
@@ -203,7 +203,7 @@ def test_bearer_token(daemon):
     status, body = raw(url, "GET", "/v1/models")
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert [m.id for m in oai(url, key="s3cret").models.list().data]
-    assert oai(url, key="s3cret").completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+    assert oai(url, key="s3cret").completions.create(model="embedded", prompt=PROMPT, max_tokens=2).choices[0].text is not None
     assert raw(url, "GET", "/health")[0] == 401  # every route needs it
     assert raw(url, "GET", "/health", headers={"Authorization": "Bearer s3cret"})[0] == 200
 
@@ -246,7 +246,7 @@ def test_client_disconnect_cancels_generation(served, long_generation, stream):
     d, url = served
     prompt, max_tokens, natural_s = long_generation
     u = urlparse(url)
-    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}).encode()
+    body = json.dumps({"model": "embedded", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}).encode()
     s = socket.create_connection((u.hostname, u.port), timeout=30)
     s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {http_token.load()}\r\n"
               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -285,7 +285,7 @@ def test_standalone_gateway_process(served):
             assert lines[-1], "".join(lines)
         assert lines[-1].strip() == f"moed-http listening on http://127.0.0.1:{port}"
         url = f"http://127.0.0.1:{port}"
-        got = oai(url).completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0)
+        got = oai(url).completions.create(model="embedded", prompt=PROMPT, max_tokens=6, temperature=0)
         with d.client() as c:
             assert got.choices[0].text == c.complete(PROMPT, max_tokens=6).text
     finally:

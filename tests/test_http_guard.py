@@ -159,7 +159,7 @@ def test_a_lone_surrogate_is_a_400(served, path, body):
     status, reply = raw(url, "POST", path, body)
     assert status == 400, reply
     assert "surrogate" in reply["error"]["message"]
-    assert oai(url).completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].finish_reason in ("length", "stop")
+    assert oai(url).completions.create(model="embedded", prompt=PROMPT, max_tokens=2).choices[0].finish_reason in ("length", "stop")
 
 
 # --------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_slow_bodies_take_no_slot(served):
             slow.append(s)
         time.sleep(0.3)
         t0 = time.monotonic()
-        got = oai(url).completions.create(model="m", prompt=PROMPT, max_tokens=2, temperature=0)
+        got = oai(url).completions.create(model="embedded", prompt=PROMPT, max_tokens=2, temperature=0)
         assert got.choices[0].finish_reason in ("length", "stop") and time.monotonic() - t0 < 10
         assert raw(url, "GET", "/health")[0] == 200
     finally:
@@ -257,16 +257,17 @@ def test_get_model_by_id(served):
 
 def test_unknown_fields_are_ignored_and_named(served):
     _, url = served
-    got = oai(url).chat.completions.with_raw_response.create(model="m", messages=MESSAGES, max_tokens=2, temperature=0,
+    got = oai(url).chat.completions.with_raw_response.create(model="embedded", messages=MESSAGES, max_tokens=2, temperature=0,
                                                              extra_body={"frobnicate": 1, "metadata": {"a": "b"}})
     assert got.headers["X-Moed-Ignored-Fields"] == "frobnicate,metadata"
     assert got.parse().choices[0].finish_reason in ("length", "stop")
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "xml"}}, "response_format"),  # json_object and json_schema: tests/test_http_tools.py
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"functions": [{"name": "f"}]}, "functions"),  # the legacy form of tools
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
 ])
@@ -296,7 +297,7 @@ def test_an_over_long_array_gets_400_at_once(served, field):
     """Issue 18.3 through the gateway: the daemon's rejection carries the request id, so the gateway's
     client fails the request at once and the answer is a 400 (it used to be a 504 after 120 s)."""
     _, url = served
-    body = json.dumps({"model": "m", "prompt": "x", "max_tokens": 4, **field}).encode()
+    body = json.dumps({"model": "embedded", "prompt": "x", "max_tokens": 4, **field}).encode()
     start = time.monotonic()
     status, reply = raw(url, "POST", "/v1/completions", body)
     assert status == 400, reply

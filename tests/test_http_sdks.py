@@ -38,7 +38,7 @@ def protocol_answer(d, **kwargs):
 
 def test_messages_match_the_protocol_client(served):
     d, url = served
-    got = claude(url).messages.create(model="any", system=SYSTEM, messages=USER, max_tokens=12, extra_body=GREEDY)
+    got = claude(url).messages.create(model="embedded", system=SYSTEM, messages=USER, max_tokens=12, extra_body=GREEDY)
     want = protocol_answer(d, max_tokens=12, temperature=0)
     assert got.type == "message" and got.role == "assistant" and got.id.startswith("msg_")
     assert [b.type for b in got.content] == ["text"] and got.content[0].text == want.text
@@ -48,7 +48,7 @@ def test_messages_match_the_protocol_client(served):
 
 def test_system_as_blocks_and_sampling_fields(served):
     d, url = served
-    got = claude(url).messages.create(model="any", system=[{"type": "text", "text": SYSTEM}], max_tokens=8,
+    got = claude(url).messages.create(model="embedded", system=[{"type": "text", "text": SYSTEM}], max_tokens=8,
                                       extra_body={"temperature": 0.7, "top_p": 0.9, "top_k": 5}, messages=[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}])
     want = protocol_answer(d, max_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=None)
     assert got.usage.input_tokens == want.usage["prompt_tokens"]
@@ -56,19 +56,24 @@ def test_system_as_blocks_and_sampling_fields(served):
 
 def test_stop_sequences_and_max_tokens(served):
     d, url = served
-    whole = claude(url).messages.create(model="any", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY).content[0].text
+    whole = claude(url).messages.create(model="embedded", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY).content[0].text
     assert len(whole) > 2
     stop = whole[1:3]
-    got = claude(url).messages.create(model="any", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=[stop])
+    got = claude(url).messages.create(model="embedded", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=[stop])
     assert got.content[0].text == protocol_answer(d, max_tokens=16, temperature=0, stop=[stop]).text
-    assert stop not in got.content[0].text and got.stop_reason == "end_turn"
+    assert stop not in got.content[0].text and got.stop_reason == "stop_sequence" and got.stop_sequence == stop
+    with claude(url).messages.stream(model="embedded", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=["\x00never", stop]) as s:
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence, final.content[0].text) == ("stop_sequence", stop, got.content[0].text)
+    plain = claude(url).messages.create(model="embedded", system=SYSTEM, messages=USER, max_tokens=16, extra_body=GREEDY, stop_sequences=["\x00never"])
+    assert plain.stop_sequence is None and plain.stop_reason in ("end_turn", "max_tokens")
 
 
 def test_streaming_events_equal_the_whole_message(served):
     _, url = served
     client = claude(url)
-    whole = client.messages.create(model="any", system=SYSTEM, messages=USER, max_tokens=12, extra_body=GREEDY)
-    with client.messages.stream(model="any", system=SYSTEM, messages=USER, max_tokens=12, extra_body=GREEDY) as stream:
+    whole = client.messages.create(model="embedded", system=SYSTEM, messages=USER, max_tokens=12, extra_body=GREEDY)
+    with client.messages.stream(model="embedded", system=SYSTEM, messages=USER, max_tokens=12, extra_body=GREEDY) as stream:
         events = list(stream)
         final = stream.get_final_message()
     kinds = [e.type for e in events]
@@ -86,7 +91,7 @@ def test_raw_stream_has_anthropics_event_lines(served):
 
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-    body = {"model": "m", "max_tokens": 4, "messages": USER, "stream": True}
+    body = {"model": "embedded", "max_tokens": 4, "messages": USER, "stream": True}
     conn.request("POST", "/v1/messages", json.dumps(body), {"Content-Type": "application/json", "x-api-key": http_token.load()})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
@@ -116,11 +121,11 @@ def test_bad_bodies_get_anthropics_error_shape(served, body, param):
 def test_sdk_errors(served):
     _, url = served
     with pytest.raises(anthropic.BadRequestError) as e:
-        claude(url).messages.create(model="any", messages=USER, max_tokens=10**9)
+        claude(url).messages.create(model="embedded", messages=USER, max_tokens=10**9)
     assert "max_tokens" in str(e.value)
     with pytest.raises(anthropic.AuthenticationError):
-        claude(url, auth_token="wrong").messages.create(model="any", messages=USER, max_tokens=2)
-    got = claude(url, auth_token=None, api_key=http_token.load()).messages.create(model="any", messages=USER, max_tokens=2)
+        claude(url, auth_token="wrong").messages.create(model="embedded", messages=USER, max_tokens=2)
+    got = claude(url, auth_token=None, api_key=http_token.load()).messages.create(model="embedded", messages=USER, max_tokens=2)
     assert got.usage.output_tokens >= 1 or got.stop_reason == "end_turn"
 
 
@@ -128,7 +133,7 @@ def test_langchain_invoke_and_stream(served):
     from langchain_openai import ChatOpenAI
 
     d, url = served
-    llm = ChatOpenAI(base_url=url + "/v1", api_key=http_token.load(), model="any", temperature=0, max_tokens=12, max_retries=0, timeout=60)
+    llm = ChatOpenAI(base_url=url + "/v1", api_key=http_token.load(), model="embedded", temperature=0, max_tokens=12, max_retries=0, timeout=60)
     messages = [("system", SYSTEM), ("human", "hello there")]
     got = llm.invoke(messages)
     assert got.content == protocol_answer(d, max_tokens=12, temperature=0).text

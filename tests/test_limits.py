@@ -204,7 +204,7 @@ def test_clients_per_door_on_the_editor_socket_and_the_http_gateway(daemon):
 
     host, port = url.removeprefix("http://").split(":")
     auth = f"Authorization: {http_auth()['Authorization']}\r\n"
-    body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 1}).encode()
+    body = json.dumps({"model": "embedded", "prompt": "hello", "max_tokens": 1}).encode()
     hanging = socket.create_connection((host, int(port)), timeout=30)  # its body is not in yet: it holds no slot
     with hanging:
         hanging.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"
@@ -213,7 +213,7 @@ def test_clients_per_door_on_the_editor_socket_and_the_http_gateway(daemon):
         assert http_get(url, "/health")[0] == 200
         with d.client(timeout=120) as c:
             prompt, max_tokens, _ = find_long_generation(c, seconds=2.0)
-        long_body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+        long_body = json.dumps({"model": "embedded", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
         streaming = socket.create_connection((host, int(port)), timeout=30)  # a generation in flight holds the one slot
         with streaming:
             streaming.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{auth}"

@@ -116,19 +116,19 @@ def test_openai_fields_equal_the_protocol_client(served):
     d, status = served
     client = oai(status["http"])
     fields = {"frequency_penalty": 1.0, "presence_penalty": 0.5}
-    got = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=16, temperature=0, **fields)
+    got = client.completions.create(model="embedded", prompt=PROMPTS[0], max_tokens=16, temperature=0, **fields)
     with d.client() as c:
         want = c.complete(PROMPTS[0], max_tokens=16, temperature=0, **fields)
         plain = c.complete(PROMPTS[0], max_tokens=16, temperature=0)
     assert got.choices[0].text == want.text != plain.text
-    biased = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=4, temperature=0, logit_bias={"11": 100})
+    biased = client.completions.create(model="embedded", prompt=PROMPTS[0], max_tokens=4, temperature=0, logit_bias={"11": 100})
     with d.client() as c:
         assert biased.choices[0].text == c.complete(PROMPTS[0], max_tokens=4, temperature=0, logit_bias=[[11, 100]]).text
-    again = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+    again = client.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
                                            extra_body={"repetition_penalty": 1.3})
     assert again.choices[0].finish_reason in ("length", "stop")
     with pytest.raises(__import__("openai").BadRequestError):
-        client.completions.create(model="m", prompt="x", max_tokens=2, frequency_penalty=5)
+        client.completions.create(model="embedded", prompt="x", max_tokens=2, frequency_penalty=5)
 
 
 def test_moectl_run_flags(served, capsys, monkeypatch):

@@ -119,7 +119,7 @@ def _send_secrets(d, marker: str) -> None:
         c.complete(messages=[{"role": "user", "content": f"{marker}chat"}], max_tokens=2)
         with pytest.raises(Exception):  # a refused request must not log its prompt either
             c.complete(f"{marker}refused", max_tokens=10**9)
-    status, _ = _post(d.status["http"], "/v1/completions", {"model": "m", "prompt": f"{marker}http", "max_tokens": 2})
+    status, _ = _post(d.status["http"], "/v1/completions", {"model": "embedded", "prompt": f"{marker}http", "max_tokens": 2})
     assert status == 200
 
 

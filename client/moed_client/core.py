@@ -41,6 +41,7 @@ class Chunk:
 
     text: str
     token_ids: list[int]
+    tool_calls: list[dict] = field(default_factory=list)  # calls completed in this chunk: {id, name, arguments (JSON text)}
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Completion:
     finish_reason: str
     usage: dict
     timings: dict
+    tool_calls: list[dict] = field(default_factory=list)
+    stop_sequence: str | None = None  # the stop string that ended the answer
 
 
 @dataclass
@@ -61,19 +64,24 @@ class _Outcome:
     timings: dict = field(default_factory=dict)
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)
+    stop_sequence: str | None = None
 
     def absorb(self, msg: dict) -> Chunk | None:
         """Take one message for this request: a Chunk, None when done, or raise its error."""
         kind = msg.get("type")
         if kind == P.CHUNK:
-            chunk = Chunk(msg.get("text", ""), list(msg.get("token_ids") or []))
+            chunk = Chunk(msg.get("text", ""), list(msg.get("token_ids") or []), list(msg.get("tool_calls") or []))
             self.text += chunk.text
             self.token_ids += chunk.token_ids
+            self.tool_calls += chunk.tool_calls
             return chunk
         if kind == P.DONE:
             self.finish_reason = msg.get("finish_reason")
             self.usage = msg.get("usage") or {}
             self.timings = msg.get("timings") or {}
+            self.tool_calls = list(msg.get("tool_calls") or self.tool_calls)
+            self.stop_sequence = msg.get("stop_sequence")
             return None
         if kind == P.ERROR:
             self.finish_reason = "error"
@@ -81,7 +89,10 @@ class _Outcome:
         raise MoedError(f"unexpected message {kind!r} in a stream", code=P.ErrorCode.INTERNAL)
 
     def completion(self) -> Completion:
-        return Completion(self.text, self.token_ids, self.finish_reason, self.usage, self.timings)
+        return Completion(self.text, self.token_ids, self.finish_reason, self.usage, self.timings, self.tool_calls, self.stop_sequence)
+
+
+REQUEST_FIELDS = {"tools", "tool_choice", "model"}  # generate fields besides the prompt and sampling
 
 
 def generate_message(request_id: str, prompt=None, messages=None, token_ids=None, **sampling) -> dict:
@@ -89,7 +100,7 @@ def generate_message(request_id: str, prompt=None, messages=None, token_ids=None
     for name, value in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids)):
         if value is not None:
             msg[name] = value
-    unknown = set(sampling) - set(P.SamplingParams.__dataclass_fields__)
+    unknown = set(sampling) - set(P.SamplingParams.__dataclass_fields__) - REQUEST_FIELDS
     if unknown:
         raise TypeError(f"unknown sampling parameters: {sorted(unknown)}")
     msg.update({k: v for k, v in sampling.items() if v is not None})
@@ -313,6 +324,8 @@ class StreamBase:
     finish_reason = property(lambda self: self._outcome.finish_reason)
     usage = property(lambda self: self._outcome.usage)
     timings = property(lambda self: self._outcome.timings)
+    tool_calls = property(lambda self: self._outcome.tool_calls)
+    stop_sequence = property(lambda self: self._outcome.stop_sequence)
     text = property(lambda self: self._outcome.text)
     token_ids = property(lambda self: self._outcome.token_ids)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from moed_client.chat_fields import MAX_TOOLS, TOOL_CHOICES, message_fields, response_format_field, tools_fields  # noqa: F401 (protocol names)
+
 PROTOCOL_VERSION = (1, 0)
 
 # Limits on what a peer may send. The daemon sets ZeroMQ's MAXMSGSIZE to
@@ -52,7 +54,9 @@ PROGRESS = "progress"
 # Sent unasked to every client the daemon has heard from once another model is loaded: {model, previous}.
 MODEL_CHANGED = "model_changed"
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# "tool_calls": the answer ended after the model called tools (done's ``tool_calls``).
+FINISH_REASONS = ("stop", "length", "cancelled", "error", "tool_calls")
+
 
 
 class ErrorCode:
@@ -189,13 +193,24 @@ def hello_reply(instance_id: str, model: dict, ready: bool) -> dict:
     return {"type": HELLO, "version": list(PROTOCOL_VERSION), "instance_id": instance_id, "model": model, "ready": ready}
 
 
-def chunk(request_id: str, text: str, token_ids: list[int]) -> dict:
-    return {"type": CHUNK, "id": request_id, "text": text, "token_ids": token_ids}
+def chunk(request_id: str, text: str, token_ids: list[int], tool_calls: list[dict] | None = None) -> dict:
+    """``tool_calls``: the calls completed in this chunk, each {id, name, arguments (a JSON string)}."""
+    msg = {"type": CHUNK, "id": request_id, "text": text, "token_ids": token_ids}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
 
 
-def done(request_id: str, finish_reason: str, usage: dict, timings: dict) -> dict:
+def done(request_id: str, finish_reason: str, usage: dict, timings: dict, *, tool_calls: list[dict] | None = None,
+         stop_sequence: str | None = None) -> dict:
+    """``tool_calls``: every call of the answer (as in the chunks); ``stop_sequence``: the stop string that ended it."""
     assert finish_reason in FINISH_REASONS, finish_reason
-    return {"type": DONE, "id": request_id, "finish_reason": finish_reason, "usage": usage, "timings": timings}
+    msg = {"type": DONE, "id": request_id, "finish_reason": finish_reason, "usage": usage, "timings": timings}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    if stop_sequence is not None:
+        msg["stop_sequence"] = stop_sequence
+    return msg
 
 
 def error(code: str, message: str, request_id: str | None = None) -> dict:
@@ -240,6 +255,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: list = field(default_factory=list)  # [[token_id, bias], ...]
+    # Constrained decoding (moed/engine/structured.py): None, {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    response_format: dict | None = None
 
 
 @dataclass
@@ -249,9 +266,13 @@ class GenerateRequest:
     messages: list[dict] | None = None
     token_ids: list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Tools offered to the chat template (OpenAI's [{"type": "function", "function": {name, description, parameters}}]).
+    tools: list[dict] | None = None
+    tool_choice: str | dict = "auto"  # TOOL_CHOICES or {"name": NAME}
 
     def to_dict(self) -> dict:
-        d = {"id": self.id, "prompt": self.prompt, "messages": self.messages, "token_ids": self.token_ids}
+        d = {"id": self.id, "prompt": self.prompt, "messages": self.messages, "token_ids": self.token_ids,
+             "tools": self.tools, "tool_choice": self.tool_choice}
         d.update(self.sampling.__dict__)
         return d
 
@@ -317,6 +338,14 @@ def _logit_bias(msg: dict) -> list:
     return out
 
 
+def _chat(check, value):
+    """A chat_fields check, its ValueError as invalid_request."""
+    try:
+        return check(value)
+    except ValueError as e:
+        raise _invalid(str(e)) from None
+
+
 def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateRequest:
     """Validate a ``generate`` map. Unknown fields are ignored by design."""
     rid = request_id(msg)
@@ -331,10 +360,7 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
     if messages is not None:
         if not isinstance(messages, list) or not messages:
             raise _invalid("'messages' must be a non-empty list of {role, content} maps")
-        for m in messages:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise _invalid("each message must be a map with string 'role' and 'content'")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = [_chat(message_fields, m) for m in messages]
     if token_ids is not None:
         if not isinstance(token_ids, list) or not token_ids:
             raise _invalid("'token_ids' must be a non-empty list of integers")
@@ -365,7 +391,11 @@ def parse_generate(msg: dict, max_tokens_limit: int = 1 << 20) -> GenerateReques
         presence_penalty=_number(msg, "presence_penalty", 0.0, float, -2.0, 2.0),
         frequency_penalty=_number(msg, "frequency_penalty", 0.0, float, -2.0, 2.0),
         logit_bias=_logit_bias(msg),
+        response_format=_chat(response_format_field, msg),
     )
     if sampling.max_tokens > max_tokens_limit:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"max_tokens {sampling.max_tokens} exceeds {max_tokens_limit}")
-    return GenerateRequest(id=rid, prompt=prompt, messages=messages, token_ids=token_ids, sampling=sampling)
+    tools, tool_choice = _chat(tools_fields, msg)
+    if tools and messages is None:
+        raise _invalid("'tools' need 'messages' (the chat template offers them to the model)")
+    return GenerateRequest(id=rid, prompt=prompt, messages=messages, token_ids=token_ids, sampling=sampling, tools=tools, tool_choice=tool_choice)

@@ -58,6 +58,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, metavar="X", help="divide repeated tokens' logits by X (1: off)")
     p.add_argument("--presence-penalty", type=float, metavar="X", help="subtract X from tokens seen recently (-2..2)")
     p.add_argument("--frequency-penalty", type=float, metavar="X", help="subtract X per recent occurrence (-2..2)")
+    p.add_argument("--json-object", action="store_true", help="answer with one JSON object (constrained decoding; needs llguidance)")
+    p.add_argument("--json-schema", metavar="SCHEMA", help="answer with JSON matching this schema (JSON text, or @FILE)")
 
 
 def build_parser() -> argparse.ArgumentParser:

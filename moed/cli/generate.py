@@ -34,7 +34,25 @@ def sampling(args, cfg: Config) -> dict:
     for name in ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if getattr(args, name, None) is not None:  # the daemon checks their ranges
             params[name] = getattr(args, name)
+    fmt = response_format(args)
+    if fmt is not None:
+        params["response_format"] = fmt
     return params
+
+
+def response_format(args) -> dict | None:
+    """``--json-schema SCHEMA`` (JSON text, or @FILE) or ``--json-object``: constrained decoding."""
+    schema = getattr(args, "json_schema", None)
+    if schema is None:
+        return {"type": "json_object"} if getattr(args, "json_object", False) else None
+    try:
+        text = open(schema[1:], encoding="utf-8").read() if schema.startswith("@") else schema
+        value = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"--json-schema: not a JSON schema ({type(e).__name__}: {e})", EXIT_USAGE) from None
+    if not isinstance(value, dict):
+        raise CommandError("--json-schema: the schema must be a JSON object", EXIT_USAGE)
+    return {"type": "json_schema", "schema": value}
 
 
 class CutShort(CommandError):

@@ -94,6 +94,9 @@ def format_status(obj: dict) -> str:
     rows.append(("speed", f"{obj.get('recent_tok_s') or 0:.1f} tok/s (recent)"))
     if isinstance(experts, dict) and experts:
         rows.append(("experts", format_experts(experts)))
+    kv = obj.get("kv_cache") if isinstance(obj.get("kv_cache"), dict) else {}
+    if kv.get("bits"):
+        rows.append(("kv cache", f"{kv['bits']}-bit (group {kv.get('group_size')}), {size(kv.get('active_bytes'))} in use"))
     rows.append(("socket", obj["socket"]))
     if obj.get("http"):
         no_auth = obj.get("http_auth") == "none"

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from moed.config import MAX_CLIENTS  # requests served at once (moed serve: --max-clients / config max_clients)
 from moed.doors import anthropic_api, http_token, openai_routes
-from moed.doors.openai_api import BadRequest
+from moed.doors.bodies import BadRequest
 from moed.net import is_loopback
 from moed_client import AsyncClient, paths
 from moed_client import errors as E
@@ -75,6 +75,7 @@ _STATUS_BY_CODE = {
     P.ErrorCode.ENGINE_ERROR: 500,
     P.ErrorCode.SHUTTING_DOWN: 503,
     P.ErrorCode.NOT_READY: 503,
+    P.ErrorCode.MODEL_NOT_FOUND: 404,  # as OpenAI answers an unknown model
     "not_running": 503,
     "timeout": 504,
 }
@@ -238,7 +239,8 @@ class Gateway:
         return web.json_response({"status": "ok" if ok else status.get("state")}, status=200 if ok else 503)
 
     async def model(self) -> str:
-        """The served model's id (its display name); any ``model`` a request names is accepted."""
+        """The served model's id (its display name). A request's ``model`` goes to the daemon as the protocol's
+        ``model``: another one is ``model_not_found`` (404), or a switch under ``--allow-switching``."""
         server = await self.client.connect()
         model = server.get("model") or {}
         self.model_id = model.get("display_name") or model.get("name") or "moed"

@@ -3,25 +3,23 @@
 Unknown fields: a top-level field this module does not know is ignored (SDKs and
 frameworks send vendor extras such as ``user``, ``metadata`` or ``store``), and its
 name is listed in the reply's ``X-Moed-Ignored-Fields`` header. A field moed knows
-but cannot honour (``UNSUPPORTED``, or a penalty / ``response_format`` other than
-the neutral value) gets 400, never silent ignoring; so does an unknown message role.
+but cannot honour (``UNSUPPORTED``) gets 400, never silent ignoring; so does an unknown
+message role. ``response_format`` and a forced ``tool_choice`` are constrained decoding in
+the engine, which answers 400 without llguidance; tools are moed/doors/tools.py's.
 """
 
 from __future__ import annotations
 
-import json
-
-from moed_client import protocol as P
+from moed.doors.bodies import BadRequest, field
+from moed.doors.tools import openai_message, openai_tools
 
 # OpenAI parameters this gateway cannot honour: refused, never silently ignored.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction")
-# Honoured only at their neutral value (what OpenAI does when they are left out).
-NEUTRAL = {"response_format": {"type": "text"}}
+UNSUPPORTED = ("functions", "function_call", "audio", "modalities", "prediction")
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # the last is an extension, as in vLLM
 COMMON = {"model", "stream", "stream_options", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-          "seed", "stop", "logprobs", "top_logprobs", "user", "parallel_tool_calls", "logit_bias", *PENALTIES, *UNSUPPORTED, *NEUTRAL}
+          "seed", "stop", "logprobs", "top_logprobs", "user", "parallel_tool_calls", "logit_bias", "response_format", "tools", "tool_choice", *PENALTIES, *UNSUPPORTED}
 KNOWN = {True: COMMON | {"messages"}, False: COMMON | {"prompt", "suffix", "echo", "best_of"}}  # by chat
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def ignored_fields(body: dict, chat: bool) -> list[str]:
@@ -29,31 +27,11 @@ def ignored_fields(body: dict, chat: bool) -> list[str]:
     return sorted(str(k)[:100] for k in body if k not in KNOWN[chat])
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = P.ErrorCode.INVALID_REQUEST):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-
-
-def field(body: dict, name: str, kinds, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise BadRequest(f"'{name}' has the wrong type", name)
-    if not isinstance(value, kinds):
-        raise BadRequest(f"'{name}' has the wrong type", name)
-    return value
-
-
 def sampling_args(body: dict) -> dict:
     """Sampling fields common to both endpoints (the daemon validates their ranges)."""
     for name in UNSUPPORTED:
         if body.get(name) not in (None, [], {}):
             raise BadRequest(f"'{name}' is not supported by moed", name)
-    for name, neutral in NEUTRAL.items():
-        if body.get(name) not in (None, neutral):
-            raise BadRequest(f"'{name}' is not supported by moed (only {json.dumps(neutral)})", name)
     if field(body, "n", int, 1) != 1:
         raise BadRequest("only n=1 is supported", "n")
     if field(body, "logprobs", (bool, int), False) or field(body, "top_logprobs", int, 0):
@@ -75,7 +53,29 @@ def sampling_args(body: dict) -> dict:
         if not all(isinstance(k, str) and k.isdigit() for k in bias):
             raise BadRequest("'logit_bias' keys must be token ids", "logit_bias")
         args["logit_bias"] = [[int(k), v] for k, v in bias.items()]
+    fmt = response_format(body.get("response_format"))
+    if fmt is not None:
+        args["response_format"] = fmt
     return {k: v for k, v in args.items() if v is not None}
+
+
+def response_format(fmt) -> dict | None:
+    """OpenAI's ``response_format`` as the protocol's: constrained decoding in the engine."""
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" and isinstance(fmt.get("json_schema"), dict) else None
+    if isinstance(schema, dict):
+        return {"type": "json_schema", "schema": schema}
+    raise BadRequest("'response_format' must be {type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema}}",
+                     "response_format")
+
+
+def chat_args(body: dict) -> dict:
+    """A chat body's messages, tools and sampling as generate arguments."""
+    return {"messages": chat_messages(body), **openai_tools(body), **sampling_args(body)}
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -100,14 +100,15 @@ def chat_messages(body: dict) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string or an array of text parts", "messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        out.append(openai_message(dict(m, role="system" if m["role"] == "developer" else m["role"]), i, content))
     return out
 
 
 def completion_prompt(body: dict) -> dict:
     if body.get("suffix") is not None:
         raise BadRequest("'suffix' is not supported here; editors get fill-in-the-middle from the editor socket's 'infill'", "suffix")
+    if body.get("tools") or body.get("tool_choice") not in (None, "none", "auto"):
+        raise BadRequest("tools need /v1/chat/completions (the chat template offers them to the model)", "tools")
     if body.get("echo"):
         raise BadRequest("'echo' is not supported by moed", "echo")
     if field(body, "best_of", int, 1) != 1:

@@ -12,7 +12,9 @@ import uuid
 
 from aiohttp import web
 
-from moed.doors.openai_api import BadRequest, chat_messages, completion_prompt, field, ignored_fields, sampling_args, usage
+from moed.doors.bodies import BadRequest, field, model_arg
+from moed.doors.openai_api import chat_args, completion_prompt, ignored_fields, sampling_args, usage
+from moed.doors.tools import openai_calls
 from moed_client import errors as E
 
 _KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -32,7 +34,7 @@ async def models(gw, request: web.Request) -> web.Response:
 
 
 async def model(gw, request: web.Request) -> web.Response:
-    """``GET /v1/models/{id}``: the served model under its own id; any other id is 404 (requests still accept any ``model``)."""
+    """``GET /v1/models/{id}``: the served model under its own id; any other id is 404 (as a request naming it is)."""
     wanted, served = request.match_info["id"], await gw.model()
     if wanted != served:
         raise BadRequest(f"the model '{wanted[:200]}' does not exist; this daemon serves '{served}'", "model", status=404, code="model_not_found")
@@ -41,8 +43,7 @@ async def model(gw, request: web.Request) -> web.Response:
 
 async def chat_completions(gw, request: web.Request) -> web.StreamResponse:
     body = request["json"]
-    args = {"messages": chat_messages(body), **sampling_args(body)}
-    return await _generate(gw, request, body, args, chat=True)
+    return await _generate(gw, request, body, chat_args(body), chat=True)
 
 
 async def completions(gw, request: web.Request) -> web.StreamResponse:
@@ -73,13 +74,15 @@ async def _generate(gw, request: web.Request, body: dict, args: dict, chat: bool
     kind = "chat.completion" if chat else "text_completion"
     prompt = args.pop("prompt", None)
     headers = _headers(body, chat)
-    gen = await gw.client.generate(prompt, **args)
+    gen = await gw.client.generate(prompt, **args, **model_arg(body))
     async with gen:  # leaving it early (disconnect, error) cancels the request on the daemon
         if not stream:
             done = await gen.collect()
             choice = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": done.text}
+                if done.tool_calls:  # OpenAI's content is null beside calls when there is no text
+                    choice["message"].update(content=done.text.strip() or None, tool_calls=openai_calls(done.tool_calls))
             else:
                 choice["text"] = done.text
             return web.json_response({"id": rid, "object": kind, "created": created, "model": model_id, "choices": [choice],
@@ -102,15 +105,23 @@ async def _generate(gw, request: web.Request, body: dict, args: dict, chat: bool
             choice["delta" if chat else "text"] = delta_or_text
             await send({"id": rid, "object": chunk_kind, "created": created, "model": model_id, "choices": [choice]})
 
+        calls = 0  # tool calls streamed so far: the next one's index
+
+        async def piece_out(piece) -> None:
+            nonlocal calls
+            if piece.text:
+                await event({"content": piece.text} if chat else piece.text)
+            if piece.tool_calls and chat:
+                await event({"tool_calls": openai_calls(piece.tool_calls, first_index=calls)})
+                calls += len(piece.tool_calls)
+
         if chat:
             await event({"role": "assistant", "content": ""})
         try:
             if first is not None:
-                if first.text:
-                    await event({"content": first.text} if chat else first.text)
+                await piece_out(first)
                 async for piece in it:
-                    if piece.text:
-                        await event({"content": piece.text} if chat else piece.text)
+                    await piece_out(piece)
         except E.MoedError as e:
             await send(error_body(500, e.message, e.code))
             return resp

@@ -24,6 +24,9 @@ from moed.channel import EngineOptions, Event, Submit
 from moed.engine.loading import encode_prompt
 from moed.engine.prefill import ChunkClock, Prefill
 from moed.engine.sampling import StopText, make_request_processors, make_request_sampler
+from moed.engine.solo import Solo
+from moed.engine.structured import Grammars
+from moed.engine.tool_calls import ToolCalls, check_tools, make_tool_calls
 
 log = logging.getLogger("moed.engine")
 
@@ -45,59 +48,7 @@ class Active:
     max_tokens: int = 0
     first_token_at: float = 0.0  # engine clock (perf_counter) of the first and the latest token
     last_token_at: float = 0.0
-
-
-@dataclass
-class Solo:
-    """The one request decoded outside ``BatchGenerator``, by ``generate_step``.
-
-    ``generate_step`` feeds each token to the model before yielding it, so the
-    KV cache always holds ``tokens`` (the prompt and every token yielded).
-    """
-
-    active: Active
-    insert: dict  # BatchGenerator.insert arguments for this request, as submitted
-    cache: list
-    tokens: list
-    steps: object = None  # the generate_step generator
-
-    def start(self, model, manager, prefill_step: int) -> None:
-        import mlx.core as mx
-
-        from moed.experts.decode import generate, with_history
-
-        (rest,) = self.insert["prompts"]
-        processors = (self.insert.get("logits_processors") or [None])[0]
-        if processors:  # generate_step sees only `rest`; the penalties also look at the cached prefix, as stock's see the whole prompt
-            processors = with_history(processors, self.tokens[:len(self.tokens) - len(rest)])
-        self.steps = generate(mx.array(rest), model, manager, max_tokens=self.insert["max_tokens"][0],
-                              sampler=self.insert["samplers"][0], prompt_cache=self.cache,
-                              prefill_step_size=prefill_step, logits_processors=processors)
-
-    def next_token(self) -> int:
-        token, _ = next(self.steps)
-        self.tokens.append(token)
-        return token
-
-    def close(self) -> None:
-        if self.steps is not None:
-            self.steps.close()
-
-    def join(self) -> dict:
-        """BatchGenerator.insert arguments that continue this request in a batch.
-
-        The last token yielded is in the cache already; trim it and feed it
-        again, so the batch's first response is the token after it.
-        """
-        from mlx_lm.models.cache import trim_prompt_cache
-
-        self.close()
-        generated = self.active.completion_tokens
-        if not generated:  # nothing computed yet: submit as it came
-            return self.insert
-        trim_prompt_cache(self.cache, 1)
-        return dict(self.insert, prompts=[self.tokens[-1:]], caches=[self.cache], all_tokens=[self.tokens[:-1]],
-                    max_tokens=[self.insert["max_tokens"][0] - generated])
+    tools: ToolCalls | None = None  # finds the calls in the text when the request offers tools
 
 
 class Engine:
@@ -127,6 +78,11 @@ class Engine:
         # A solo request joins a batch by trimming its cache by one token (Solo.join).
         self.new_cache = lambda: make_prompt_cache(model)
         self.solo_allowed = not args.no_solo and can_trim_prompt_cache(self.new_cache())
+        kv_bits = getattr(args, "kv_bits", None)
+        # generate_step's quantized KV cache; BatchGenerator has none, so the front sends one request at a time
+        self.kv = dict(kv_bits=kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start) if kv_bits else {}
+        if self.kv and not self.solo_allowed:
+            raise RuntimeError("--kv-bits needs the solo path: a model whose KV cache can be trimmed, and no --no-solo")
         self.solo_steps = 0
         self.tokens_generated = 0
         # prompts being fed a chunk per step, in turn (prefill.py); chunk length by time
@@ -134,6 +90,7 @@ class Engine:
         chunk_ms = getattr(args, "prefill_chunk_ms", EngineOptions.prefill_chunk_ms)
         self.chunk_clock = ChunkClock(chunk_ms / 1e3, args.prefill_step)
         self.progress = 0  # steps and prefill chunks done: what the watchdog judges (loop.py)
+        self.grammars = Grammars(tokenizer, self.model_vocab())  # constrained decoding (structured.py)
 
     @property
     def busy(self) -> bool:
@@ -168,7 +125,7 @@ class Engine:
         if req.messages is not None:
             if not getattr(tok, "has_chat_template", False):
                 raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, "this model has no chat template; send 'prompt' instead")
-            return list(tok.apply_chat_template(req.messages, add_generation_prompt=True))
+            return list(tok.apply_chat_template(req.messages, tools=check_tools(req, tok), add_generation_prompt=True))
         return encode_prompt(tok, req.prompt)
 
     def model_vocab(self) -> int:
@@ -184,7 +141,8 @@ class Engine:
                 P.ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"prompt ({len(tokens)} tokens) + max_tokens ({sampling.max_tokens}) exceeds the context limit {self.max_context}",
             )
-        cache, rest = self.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens)
+        # a quantized prefix would change what the rest attends to: stock mlx-lm quantizes a whole prompt at once
+        cache, rest = self.prompt_caches.fetch_nearest_cache(PROMPT_CACHE_MODEL_KEY, tokens) if not self.kv else (None, tokens)
         if cache is not None and not rest:
             # An exact hit: BatchGenerator needs one token to feed, so give back the last one.
             from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -196,6 +154,9 @@ class Engine:
                 cache, rest = None, tokens
         cached = len(tokens) - len(rest)
         processors = make_request_processors(sampling, self.model_vocab())
+        constrained = self.grammars.processor(msg.request)
+        if constrained is not None:  # last, so the penalties and bias cannot bring back a token it masked
+            processors = (processors or []) + [constrained]
         insert = dict(
             prompts=[rest],
             max_tokens=[sampling.max_tokens],
@@ -206,10 +167,10 @@ class Engine:
             stop_sequences=[self.no_stop] if sampling.ignore_eos else None,
         )
         active = Active(seq, 0, len(tokens), cached, self.tokenizer.detokenizer, StopText(sampling.stop),
-                        ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens)
+                        ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens, tools=make_tool_calls(msg.request, self.tokenizer))
         if self.solo is not None:
             self._join_batch()  # the solo loop defers its checks: no other forward may run beside it
-        if len(rest) - 1 > self.chunk_clock.size():
+        if len(rest) - 1 > self.chunk_clock.size() and not self.kv:  # quantized: generate_step prefills as stock's does
             # longer than a chunk: all but the last token are fed a chunk per step, between the others'
             # steps (a shorter prompt is fed by the decode loop's first step, as mlx-lm does)
             cache = cache if cache is not None else self.new_cache()
@@ -225,7 +186,7 @@ class Engine:
         if self.solo_allowed and not self.active and not self.prefilling:
             cache = cache if cache is not None else self.new_cache()
             self.solo = Solo(active, insert, cache, list(tokens))
-            self.solo.start(self.model, self.manager, self.prefill_step)
+            self.solo.start(self.model, self.manager, self.prefill_step, self.kv)
         else:
             self._insert(active, insert)
 
@@ -365,11 +326,24 @@ class Engine:
         stopped = hit and finish is None
         if stopped:
             finish = "stop"
-        if finish is None:
-            return {"seq": a.seq, "text": text, "token_ids": a.pending_ids}, False
-        if not hit:
+        if finish is not None and not hit:
             text += a.stop.flush()
-        return self._final(a, finish, text), stopped
+        calls = []
+        if a.tools is not None:
+            text, calls = a.tools.feed(text)
+            if finish is not None:
+                rest, more = a.tools.flush()
+                text, calls = text + rest, calls + more
+        if finish is None:
+            return {"seq": a.seq, "text": text, "token_ids": a.pending_ids, **({"tool_calls": calls} if calls else {})}, False
+        if finish == "stop" and a.tools is not None and a.tools.count:
+            finish = "tool_calls"
+        event = self._final(a, finish, text)
+        if calls:
+            event["tool_calls"] = calls
+        if a.stop.hit is not None:
+            event["stop_sequence"] = a.stop.hit
+        return event, stopped
 
     def stats(self) -> dict:
         import mlx.core as mx
@@ -382,8 +356,15 @@ class Engine:
             "prompt_cache": {"entries": len(self.prompt_caches), "bytes": self.prompt_caches.nbytes},
             "mlx_active_bytes": mx.get_active_memory(),
             "mlx_peak_bytes": mx.get_peak_memory(),
+            "kv_cache": self.kv_stats(),
             "experts": self.manager.stats() if self.manager is not None and hasattr(self.manager, "stats") else None,
         }
         return stats
 
-
+    def kv_stats(self) -> dict:
+        """The KV cache's quantization (--kv-bits) and the bytes of the caches outside BatchGenerator now
+        (the solo request and prompts being prefilled: every cache under --kv-bits, which decodes solo)."""
+        caches = [self.solo.cache] if self.solo is not None else []
+        caches += [p.cache for p in self.prefilling]
+        live = sum(c.nbytes for cache in caches for c in cache if hasattr(c, "nbytes"))
+        return {"bits": self.kv.get("kv_bits"), "group_size": self.kv.get("kv_group_size"), "active_bytes": live}

@@ -62,8 +62,10 @@ class Outbox:
             if held is None:
                 self.pending[seq] = dict(ev, token_ids=list(ev["token_ids"]))
             else:
-                final = {k: v for k, v in ev.items() if k not in ("text", "token_ids")}
+                final = {k: v for k, v in ev.items() if k not in ("text", "token_ids", "tool_calls")}
                 held.update(final, text=held["text"] + ev["text"], token_ids=held["token_ids"] + ev["token_ids"])
+                if ev.get("tool_calls"):
+                    held["tool_calls"] = held.get("tool_calls", []) + ev["tool_calls"]
             if "finish" in ev or seq not in self.streaming:
                 self.urgent = True
 

@@ -83,6 +83,7 @@ class StopText:
         self.stops = stops
         self.text = ""
         self.sent = 0
+        self.hit: str | None = None  # the stop string that ended the text
 
     def feed(self, segment: str) -> tuple[str, bool]:
         """(text safe to send now, whether a stop string was hit)."""
@@ -92,9 +93,9 @@ class StopText:
             return out, False
         longest = max(len(s) for s in self.stops)
         window_start = max(0, self.sent - longest + 1)
-        hits = [i for i in (self.text.find(s, window_start) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.text.find(s, window_start), s) for s in self.stops) if i >= 0]
         if hits:
-            end = min(hits)
+            end, self.hit = min(hits)
             out = self.text[self.sent : end] if end > self.sent else ""
             self.sent = len(self.text)
             return out, True

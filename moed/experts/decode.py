@@ -57,18 +57,19 @@ class DrawLog:
 
 
 def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, max_tokens: int = 256, sampler=None,
-             prompt_cache=None, prefill_step_size: int = 2048, logits_processors=None):
+             prompt_cache=None, prefill_step_size: int = 2048, logits_processors=None, **kv):
     """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
     residency checks of ``manager``'s lazy experts deferred by one token.
 
     A sampler that owns its random key keeps it in its ``key`` attribute (see
-    moed.engine.sampling.SeededSampler), so a rollback can restore it."""
+    moed.engine.sampling.SeededSampler), so a rollback can restore it. ``kv``: generate_step's
+    kv_bits, kv_group_size and quantized_kv_start (a quantized KV cache, moed serve --kv-bits)."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler
 
     prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
-    kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size)
+    kw = dict(prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, **kv)
     if manager is None or not manager.defers_checks() or not can_trim_prompt_cache(prompt_cache):
         yield from _plain(prompt, model, max_tokens, sampler, {**kw, "logits_processors": logits_processors})
         return

@@ -115,6 +115,11 @@ def serve(args) -> int:
     except LogDirError as e:
         print(f"moed: {e}", file=sys.stderr)
         return 1
+    if getattr(args, "kv_bits", None) is not None:
+        if args.kv_bits not in (4, 8):
+            print(f"moed: --kv-bits must be 4 or 8, not {args.kv_bits}", file=sys.stderr)
+            return 2
+        args.max_batch = 1  # no quantized KV cache in BatchGenerator: one request at a time, solo (channel.EngineOptions)
     if args.socket:
         os.environ.setdefault("MOED_RUNTIME_DIR", str(Path(args.socket).parent))
     socket_path = Path(args.socket) if args.socket else paths.daemon_socket()

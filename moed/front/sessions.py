@@ -35,6 +35,7 @@ class Request:
     last_token: float | None = None
     completion_tokens: int = 0
     in_engine: bool = False
+    tool_calls: list = field(default_factory=list)  # every call streamed so far, for the final done
 
     @property
     def seq(self) -> int:
@@ -226,11 +227,14 @@ class Sessions:
                 req.first_token = req.first_token or now
                 req.last_token = now
             finish = ev.get("finish")
-            if ev["text"] or ev["token_ids"]:
-                if not self.send(req.client, P.chunk(req.id, ev["text"], ev["token_ids"])):
+            if ev.get("tool_calls"):
+                req.tool_calls += ev["tool_calls"]
+            if ev["text"] or ev["token_ids"] or ev.get("tool_calls"):
+                if not self.send(req.client, P.chunk(req.id, ev["text"], ev["token_ids"], ev.get("tool_calls"))):
                     continue
             if finish is not None:
-                self.finish(req, P.done(req.id, finish, ev["usage"], req.timings() | {"max_batch": ev.get("max_batch"), "engine_decode_tok_s": ev.get("engine_decode_tok_s")}))
+                timings = req.timings() | {"max_batch": ev.get("max_batch"), "engine_decode_tok_s": ev.get("engine_decode_tok_s")}
+                self.finish(req, P.done(req.id, finish, ev["usage"], timings, tool_calls=req.tool_calls, stop_sequence=ev.get("stop_sequence")))
 
     def when_idle(self) -> None:
         """After a burst, once nothing has been in flight for IDLE_TRIM_S, give freed heap pages back."""
