@@ -44,6 +44,11 @@ def expert_read_failed(e: BaseException) -> bool:
     return isinstance(e, StoreError)
 
 
+def peer_lost(e: BaseException) -> bool:
+    """An error of MLX's distributed backend (``[ring] connection to a peer was lost``): another rank died."""
+    return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]"))
+
+
 class Outbox:
     """Token events on their way to the front.
 
@@ -156,6 +161,8 @@ def _serve(channel, engine: Engine, outbox: Outbox, tokenizing, front_alive, loc
                 # exit, and the front starts a new engine. So does any failure of a distributed job's rank,
                 # which the other ranks did not share.
                 log.exception("decode step failed")
+                if lockstep is not None and peer_lost(e):  # the job ends; the front tells clients engine_restarted
+                    raise
                 outbox.flush(time.monotonic(), force=True)
                 for seq in engine.drop_all():
                     outbox.channel.send(Failed(seq, P.ErrorCode.ENGINE_ERROR, f"{type(e).__name__}: {e}"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .families import NotMoEError, require_moe_sites
+from .families import NotMoEError, find_moe_sites, require_moe_sites
 from .lazy import make_lazy
 from .manager import ExpertManager
 from .store import Checkpoint, StoreError
@@ -94,6 +94,10 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
     whole = expert_pieces(ckpt, model, path) if split is not None else None
     if split is not None:
         split(model)
+        if not find_moe_sites(model):  # this rank's layers are all dense: nothing to make lazy
+            mx.eval(model.parameters())
+            _verified(path, ckpt, whole, check=None)
+            return model, tokenizer, None
     sites = require_moe_sites(model, path)
     expert_ids = {id(a) for s in sites for _, a in tree_flatten(s.switch.parameters())}
     nonexpert = sum(a.nbytes for _, a in tree_flatten(model.parameters()) if id(a) not in expert_ids)
