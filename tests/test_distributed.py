@@ -201,3 +201,21 @@ def test_layer_split_is_mlx_lms():
             assert bounds(n, rank, size) == (m.start_idx, m.end_idx)
     with pytest.raises(ValueError, match="at least one layer"):
         bounds(2, 0, 3)
+
+
+def test_the_job_ends_with_the_front(job_daemon):
+    d = job_daemon(None)
+    assert len(processes_naming(str(d.runtime_dir))) == 3  # the launcher and its 2 ranks
+    os.kill(d.pid, signal.SIGKILL)  # no shutdown: rank 0 finds its heartbeat unread and ends every rank's loop
+    wait_for(lambda: not processes_naming(str(d.runtime_dir)), timeout=15)
+
+
+def test_moectl_status_shows_each_rank():
+    from moed.cli.status import format_status
+
+    rank = {"host": "vm", "rss_bytes": 3 << 20, "hit_rate": 0.5, "bytes_per_token": 2080.0}
+    text = format_status({"running": True, "state": "ready", "socket": "s", "log": "l", "model": {"name": "m"},
+                          "ranks": [dict(rank, rank=0, layers=[3, 6]), dict(rank, rank=1, layers=[0, 3], hit_rate=None)]})
+    rows = {line.split("  ", 2)[1]: line.rsplit("  ", 1)[1] for line in text.splitlines()[1:]}
+    assert rows["rank 0"] == "vm, layers 3-5, 3.0 MiB resident, hit rate 50.0%, 2.0 KiB sent per token"
+    assert rows["rank 1"] == "vm, layers 0-2, 3.0 MiB resident, all experts resident, 2.0 KiB sent per token"

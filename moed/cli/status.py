@@ -94,6 +94,8 @@ def format_status(obj: dict) -> str:
     rows.append(("speed", f"{obj.get('recent_tok_s') or 0:.1f} tok/s (recent)"))
     if isinstance(experts, dict) and experts:
         rows.append(("experts", format_experts(experts)))
+    for r in obj.get("ranks") or []:
+        rows.append((f"rank {r.get('rank')}", format_rank(r)))
     rows.append(("socket", obj["socket"]))
     if obj.get("http"):
         no_auth = obj.get("http_auth") == "none"
@@ -127,3 +129,16 @@ def format_experts(experts: dict) -> str:
     if experts.get("approximate"):
         parts.append("approximate")
     return ", ".join(parts)
+
+
+def format_rank(r: dict) -> str:
+    """One rank of a distributed engine: host, layers, memory, hit rate, bytes sent per token."""
+    size = configuration.format_size
+    first, end = r.get("layers") or (0, 0)
+    hit = r.get("hit_rate")
+    per_token = r.get("bytes_per_token")
+    return ", ".join([
+        f"{r.get('host')}", f"layers {first}-{end - 1}", f"{size(r.get('rss_bytes'))} resident",
+        f"hit rate {100 * hit:.1f}%" if isinstance(hit, (int, float)) else "all experts resident",
+        f"{size(per_token)} sent per token" if isinstance(per_token, (int, float)) else "nothing sent yet",
+    ])

@@ -232,6 +232,7 @@ class ProgressMark:
     def __init__(self):
         self.turns = 0
         self.waiting = True  # loading the model is not judged by the front (only a ready engine is)
+        self.gone = False  # a beat could not be written: nobody reads the pipe, the front is gone
         self._seen = -1
 
     def tick(self) -> None:
@@ -257,6 +258,7 @@ def start_heartbeat(fd: int | None, mark: ProgressMark = MARK) -> None:
             try:
                 os.write(fd, mark.beat())
             except OSError:  # the front is gone
+                mark.gone = True
                 return
             time.sleep(HEARTBEAT_S)
 
@@ -332,12 +334,12 @@ def _run(options: EngineOptions, args, channel: Channel | None, lockstep) -> int
 
 
 def _front_watch(front_pid: int | None):
-    """Whether the front still runs: our parent is (or, for a rank of a job, the launcher it started
-    is) still there, and so is ``front_pid`` when given."""
+    """Whether the front still runs: it reads our heartbeats, our parent is (or, for a rank of a job,
+    the launcher it started is) still there, and so is ``front_pid`` when given."""
     parent = os.getppid()
 
     def alive() -> bool:
-        if os.getppid() != parent:
+        if MARK.gone or os.getppid() != parent:
             return False
         if front_pid is None:
             return True
