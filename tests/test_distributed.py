@@ -126,6 +126,36 @@ def test_two_ranks_greedy_equals_stock(job_daemon, test_model, mixtral, name, re
             assert r["hit_rate"] is None
 
 
+def test_a_long_prompt_is_fed_in_chunks_alike_on_every_rank(job_daemon, test_model):
+    """A prompt several prefill chunks long (rank 0's chunk length, shared each turn) beside a short
+    request that joins the batch: the same tokens as stock for both."""
+    long_prompt = "def fibonacci(n):\n    " + " ".join(f"x{i} = {i} * n" for i in range(120))
+    expected = [stock_tokens(test_model, p, 12) for p in (long_prompt, PROMPT)]
+    d = job_daemon(test_model)
+    with d.client(timeout=120) as a, d.client(timeout=120) as b:
+        first = a.generate(long_prompt, max_tokens=12, temperature=0)
+        second = b.generate(PROMPT, max_tokens=12, temperature=0)
+        assert [first.collect().token_ids, second.collect().token_ids] == expected
+        assert first.usage["prompt_tokens"] > 3 * 128
+
+
+def test_turns_longer_than_one_all_sum_arrive_whole():
+    import mlx.core as mx
+
+    from moed.channel import Submit
+    from moed.engine.lockstep import HEADER, Lockstep, Turn
+    from moed_client import protocol as P
+
+    lockstep = Lockstep(mx.distributed.init())  # a group of one: the all_sum hands back what went in
+    for n in (0, 5, 3000):
+        turn = Turn([(Submit(7, P.GenerateRequest(id="r", prompt="p" * n)), list(range(n)))], [3], False, True, 96)
+        assert len(turn.pack()) > HEADER or n < 3000
+        got = lockstep.share(turn)
+        assert (got.submits[0][0].request.prompt, got.submits[0][1], got.cancels, got.stats, got.chunk) == \
+            ("p" * n, list(range(n)), [3], True, 96)
+    assert lockstep.gather({"a": 1}) == [{"a": 1}]
+
+
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_rank_that_dies_or_hangs_restarts_the_job(job_daemon, test_model, fault):
     expected = stock_tokens(test_model, PROMPT, 8)

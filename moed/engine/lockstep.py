@@ -54,26 +54,25 @@ class Lockstep:
 
     def share(self, turn: Turn | None) -> Turn:
         """Rank 0's ``turn`` on every rank (the others pass None)."""
-        data = turn.pack() if self.leader else b""
+        packed = turn.pack() if self.leader else b""
         head = np.zeros(HEADER, np.uint8)
         if self.leader:
-            head[:4] = np.frombuffer(len(data).to_bytes(4, "little"), np.uint8)
-            first = data[:HEADER - 4]
+            head[:4] = np.frombuffer(len(packed).to_bytes(4, "little"), np.uint8)
+            first = packed[:HEADER - 4]
             head[4:4 + len(first)] = np.frombuffer(first, np.uint8)
         got = self._sum(head)
         n = int.from_bytes(got[:4], "little")
-        data = got[4:4 + n]
-        if n > HEADER - 4:
-            rest = np.zeros(n - (HEADER - 4), np.uint8)
-            if self.leader:
-                rest[:] = np.frombuffer(turn.pack()[HEADER - 4:], np.uint8)
-            data += self._sum(rest)
-        return Turn.unpack(data)
+        if n <= HEADER - 4:
+            return Turn.unpack(got[4:4 + n])
+        rest = np.zeros(n - (HEADER - 4), np.uint8)
+        if self.leader:
+            rest[:] = np.frombuffer(packed[HEADER - 4:], np.uint8)
+        return Turn.unpack(got[4:] + self._sum(rest))
 
     def gather(self, obj) -> list:
         """Every rank's ``obj`` (msgpack-able), in rank order, on every rank."""
         data = msgpack.packb(obj)
-        sizes = self._gather(np.array([len(data)], np.int32)).view(np.int32)
+        sizes = self._gather(np.array([len(data)], np.int32))
         most = int(sizes.max())
         buf = np.zeros(most, np.uint8)
         buf[:len(data)] = np.frombuffer(data, np.uint8)
@@ -83,12 +82,12 @@ class Lockstep:
     def _sum(self, buf: np.ndarray) -> bytes:
         out = mx.distributed.all_sum(mx.array(buf), group=self.group, stream=mx.cpu)
         self.bytes_sent += 2 * (self.size - 1) * buf.nbytes // self.size  # a ring all_sum's share per rank
-        return bytes(np.array(out, copy=False))
+        return bytes(np.array(out))
 
     def _gather(self, buf: np.ndarray) -> np.ndarray:
         out = mx.distributed.all_gather(mx.array(buf), group=self.group, stream=mx.cpu)
         self.bytes_sent += (self.size - 1) * buf.nbytes
-        return np.array(out).view(np.uint8) if buf.dtype == np.uint8 else np.array(out)
+        return np.array(out)
 
 
 class PinnedChunks:
@@ -135,7 +134,6 @@ def rank_figures(rank: int, engine, lockstep: Lockstep, piece) -> dict:
 
 def new_seed(lockstep: Lockstep) -> None:
     """The same random state on every rank (rank 0's draw), so unseeded sampling draws the same tokens."""
-    seed = int(np.random.default_rng().integers(1 << 31)) if lockstep.leader else 0
-    turn = lockstep.share(Turn(chunk=seed) if lockstep.leader else None)
-    mx.random.seed(turn.chunk)
+    draw = int(np.random.default_rng().integers(1 << 31)) if lockstep.leader else 0
+    mx.random.seed(lockstep.gather(draw)[0])
 

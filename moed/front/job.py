@@ -102,8 +102,8 @@ def free_ports(n: int) -> int:
             base = s.getsockname()[1]
         if base + n > 65535:
             continue
+        socks = []
         try:
-            socks = []
             for p in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
