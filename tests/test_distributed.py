@@ -126,12 +126,14 @@ def test_two_ranks_greedy_equals_stock(job_daemon, test_model, mixtral, name, re
             assert r["hit_rate"] is None
 
 
-def test_a_long_prompt_is_fed_in_chunks_alike_on_every_rank(job_daemon, test_model):
+@pytest.mark.parametrize("residency", ["full", "partial"])
+def test_a_long_prompt_is_fed_in_chunks_alike_on_every_rank(job_daemon, test_model, residency):
     """A prompt several prefill chunks long (rank 0's chunk length, shared each turn) beside a short
-    request that joins the batch: the same tokens as stock for both."""
+    request that joins the batch: the same tokens as stock for both. (Decoding one request on mlx-lm's
+    generation stream while the other's chunk is fed: every rank's collectives in one order.)"""
     long_prompt = "def fibonacci(n):\n    " + " ".join(f"x{i} = {i} * n" for i in range(120))
     expected = [stock_tokens(test_model, p, 12) for p in (long_prompt, PROMPT)]
-    d = job_daemon(test_model)
+    d = job_daemon(test_model, *(["--capacity", "3"] if residency == "partial" else []))
     with d.client(timeout=120) as a, d.client(timeout=120) as b:
         first = a.generate(long_prompt, max_tokens=12, temperature=0)
         second = b.generate(PROMPT, max_tokens=12, temperature=0)

@@ -6,6 +6,11 @@ whether to gather stats, the prefill chunk length) and an all_sum of a byte buff
 (the other ranks add zeros) hands it to every rank; every rank then applies the
 same decisions and runs the same engine step, so the pipeline's transfers meet
 (moed/engine/pipeline.py). The transport is mx.distributed's own.
+
+Collectives must reach the backend in the same order on every rank, and work on
+two streams runs in no set order: mlx-lm decodes on its ``generation_stream``
+(queued ahead with async_eval), so a job's rank runs everything on that stream
+(``use_one_stream``), the turns too.
 """
 
 from __future__ import annotations
@@ -80,14 +85,27 @@ class Lockstep:
         return [msgpack.unpackb(every[r * most:r * most + int(n)].tobytes()) for r, n in enumerate(sizes)]
 
     def _sum(self, buf: np.ndarray) -> bytes:
-        out = mx.distributed.all_sum(mx.array(buf), group=self.group, stream=mx.cpu)
+        out = mx.distributed.all_sum(mx.array(buf), group=self.group, stream=stream())
         self.bytes_sent += 2 * (self.size - 1) * buf.nbytes // self.size  # a ring all_sum's share per rank
         return bytes(np.array(out))
 
     def _gather(self, buf: np.ndarray) -> np.ndarray:
-        out = mx.distributed.all_gather(mx.array(buf), group=self.group, stream=mx.cpu)
+        out = mx.distributed.all_gather(mx.array(buf), group=self.group, stream=stream())
         self.bytes_sent += (self.size - 1) * buf.nbytes
         return np.array(out)
+
+
+def stream():
+    from mlx_lm.generate import generation_stream
+
+    return generation_stream
+
+
+def use_one_stream():
+    """A context in which everything this rank computes (loading, prefill chunks, expert readbacks,
+    turns) goes on mlx-lm's generation stream, where its decode loops queue their steps: one order
+    of collectives."""
+    return mx.stream(stream())
 
 
 class PinnedChunks:

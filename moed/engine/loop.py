@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,12 +280,13 @@ def main(argv=None) -> int:
     if job:  # one rank of an mlx.launch job (moed/front/job.py started it)
         import mlx.core as mx
 
-        from moed.engine.lockstep import Lockstep
+        from moed.engine.lockstep import Lockstep, use_one_stream
 
         lockstep = Lockstep(mx.distributed.init(strict=True))
     channel = Channel(args.channel) if rank == 0 else None
     try:
-        return _run(options, args, channel, lockstep)
+        with use_one_stream() if job else nullcontext():
+            return _run(options, args, channel, lockstep)
     finally:
         if channel is not None:
             channel.close()
