@@ -274,13 +274,14 @@ CONFIGS = {
 INLINE = {
     "checked-100-inline": (1.0, {"prefetch": False, "profile": None, "always_check": True, "defer": False}),
     "prefetch-50-inline": (0.5, {"prefetch": True, "profile": "auto", "defer": False}),
+    "prefetch-25-inline": (0.25, {"prefetch": True, "profile": "auto", "defer": False}),
 }
 # a pass that missed resumed speculatively from the missed layer (redo.py) against the default, layer
 # by layer in sync from it: "NAME-sync-redo" is NAME with sync redos named explicitly, "NAME-resume" with resumes
 SYNC_REDO = {f"{name}-sync-redo": (share, {**opts, "redo_mode": "sync"}) for name, (share, opts) in CONFIGS.items()
              if share < 1.0}
-SYNC_REDO.update({f"{name}-resume": (share, {**opts, "redo_mode": "resume"}) for name, (share, opts) in CONFIGS.items()
-                  if share < 1.0})
+SYNC_REDO.update({f"{name}-resume": (share, {**opts, "redo_mode": "resume"})
+                  for name, (share, opts) in {**CONFIGS, **INLINE}.items() if share < 1.0})
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),

@@ -121,3 +121,21 @@ def test_moectl_start_with_another_model_fails_and_load_switches(env, started, t
     (ps,) = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert ps["path"] == str(second_model) and ps["since"] > time.time() - 120
     assert cli.main(["stop"]) == 0
+
+
+def test_a_model_that_fails_to_load_gives_the_served_one_back(daemon, tiny_model, tmp_path):
+    """`moectl load` of a directory that resolves but cannot load in the engine: the daemon goes back
+    to the model it served, says why in status, and keeps serving (it used to exit)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["model_type"] = "no_such_family"
+    (broken / "config.json").write_text(json.dumps(config))
+    d = daemon(tiny_model)
+    with d.client(timeout=60) as c:
+        assert c.load(str(broken))["accepted"] is True
+        failed = wait_for(lambda: (s := c.status())["state"] == "ready" and (s.get("switch") or {}).get("state") == "failed" and s, 90)
+        assert failed["model"]["path"] == str(tiny_model)
+        assert failed["switch"]["error"]
+        assert c.complete("hello", max_tokens=3).finish_reason in ("stop", "length")
+    assert d.proc.poll() is None

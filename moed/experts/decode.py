@@ -35,6 +35,27 @@ def with_history(processors: list, before: list[int]) -> list:
     return [lambda tokens, logits, p=p: p(mx.concatenate([head, tokens]), logits) for p in processors]
 
 
+class DrawLog:
+    """A sampler wrapped to remember its key before each draw, so that draws made
+    ahead of what was handed out can be taken back (samplers without a ``key``
+    are drawn through unchanged)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.keyed = hasattr(sampler, "key")
+        self.key_before: list = []
+
+    def __call__(self, logprobs):
+        self.key_before.append(self.sampler.key if self.keyed else None)
+        return self.sampler(logprobs)
+
+    def undraw_from(self, n: int) -> None:
+        """Forget draws n and later, and put the key back to what it was before draw n."""
+        if self.keyed and len(self.key_before) > n:
+            self.sampler.key = self.key_before[n]
+        del self.key_before[n:]
+
+
 def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, max_tokens: int = 256, sampler=None,
              prompt_cache=None, prefill_step_size: int = 2048, logits_processors=None):
     """``mlx_lm.generate.generate_step``'s (token, logprobs) stream, with the
@@ -53,15 +74,13 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
         return
     seen = prompt.tolist() if logits_processors else []  # what generate_step's logits processors have been shown: the prompt, then each token out
 
-    sampler = sampler or greedy_sampler  # generate_step's own default
-    keyed = hasattr(sampler, "key")
-    made_by, key_before = [], []  # per token: the forward that sampled it, the sampler's key before
+    draws = DrawLog(sampler or greedy_sampler)  # generate_step's own default
+    made_by = []  # per token: the forward that sampled it
 
     def sample(logprobs):
         # checks deferred from the first token on: a one-token prefill chunk looks like a decode step but makes no token
         made_by.append(manager.token_sampled())
-        key_before.append(sampler.key if keyed else None)
-        return sampler(logprobs)
+        return draws(logprobs)
 
     done, handed_out, feed, steps = 0, 0, prompt, None
     try:
@@ -85,15 +104,13 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
                 if made_by[done:done + 1] != [rollback.pass_id]:
                     raise RuntimeError(f"rolled back forward {rollback.pass_id}, which made no token still "
                                        "waiting to go out") from rollback
-                if keyed:
-                    sampler.key = key_before[done]
-                del made_by[done:], key_before[done:]
+                draws.undraw_from(done)
+                del made_by[done:]
                 feed = rollback.inputs.reshape(-1)
     finally:
         if steps is not None:
             steps.close()
-        if keyed and len(key_before) > handed_out:  # closed with a token drawn ahead: undraw it
-            sampler.key = key_before[handed_out]
+        draws.undraw_from(handed_out)  # closed with a token drawn ahead: undraw it
         manager.finish()
 
 
@@ -107,22 +124,14 @@ def _plain(prompt, model, max_tokens: int, sampler, kw: dict):
     depend on when other requests arrived."""
     from mlx_lm.generate import generate_step
 
-    if not hasattr(sampler, "key"):
-        yield from generate_step(prompt, model, max_tokens=max_tokens, sampler=sampler, **kw)
-        return
-    key_before = []
-
-    def sample(logprobs):
-        key_before.append(sampler.key)
-        return sampler(logprobs)
-
+    draws = DrawLog(sampler) if sampler is not None else None
     handed_out = 0
-    steps = generate_step(prompt, model, max_tokens=max_tokens, sampler=sample, **kw)
+    steps = generate_step(prompt, model, max_tokens=max_tokens, sampler=draws, **kw)
     try:
         for token, logprobs in steps:
             handed_out += 1
             yield token, logprobs
     finally:
         steps.close()
-        if len(key_before) > handed_out:
-            sampler.key = key_before[handed_out]
+        if draws is not None:
+            draws.undraw_from(handed_out)

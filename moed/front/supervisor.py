@@ -88,6 +88,7 @@ class Supervisor:
         self.held = False
         self.between_engines = None
         self.on_ready = None
+        self.on_load_failed = None  # (message) -> True when another model is to be started instead
 
     @property
     def ready(self) -> bool:
@@ -314,6 +315,11 @@ class Supervisor:
             log.error("engine pid %d exited with code %s", engine.pid, rc)
             if not was_ready and self.engine_count == 1 or self.fatal_message:
                 message = self.fatal_message or f"the engine exited with code {rc} while loading the model (see the log in {log_dir()})"
+                if not was_ready and self.on_load_failed is not None and self.on_load_failed(message):
+                    self.fatal_message = None  # a model swapped in failed to load: the one before it comes back
+                    self.state = "loading"
+                    self.progress = {"stage": "loading", "message": f"loading {self.model.get('name')} again", "fraction": 0.0}
+                    continue
                 self.sessions.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {message}")  # no request waits on a dead daemon
                 raise DaemonError(message)
             if engine.hung:

@@ -37,8 +37,10 @@ class ModelKeeper:
         self.switch: dict | None = None  # the last swap: {model, state, error}; in status
         self.pending: tuple[str | None, Path] | None = None  # the model the next engine loads
         self.previous: str | None = None
+        self.fallback: tuple | None = None  # (spec, path, model) served before the swap under way
         self.sup.between_engines = self.between_engines
         self.sup.on_ready = self.on_ready
+        self.sup.on_load_failed = self.on_load_failed
 
     # -- clients ---------------------------------------------------------------
 
@@ -127,6 +129,8 @@ class ModelKeeper:
 
     def adopt(self) -> None:
         spec, path = self.pending
+        if self.sup.model_path is not None and self.sup.model_path != path:
+            self.fallback = (self.daemon.args.model, self.sup.model_path, dict(self.sup.model))
         self.daemon.args.model = spec
         self.sup.model_path = path
         self.sup.model = {"name": path.name, "path": str(path)}
@@ -155,7 +159,23 @@ class ModelKeeper:
         self.sup.progress = {"stage": "loading", "message": f"loading {self.sup.model.get('name')}", "fraction": 0.0}
         return True
 
+    def on_load_failed(self, message: str) -> bool:
+        """The engine died loading a model swapped in: serve the one before it again (True), and tell
+        whoever waited for the new model. Without one to go back to (the first model), the daemon exits."""
+        if self.fallback is None:
+            return False
+        failed = self.sup.model.get("name")
+        self.daemon.args.model, self.sup.model_path, self.sup.model = self.fallback
+        self.fallback = None
+        log.error("loading %s failed (%s); serving %s again", failed, message, self.sup.model.get("name"))
+        if self.switch is not None:
+            self.switch.update(state="failed", error=message)
+        self.sessions.fail_all(P.ErrorCode.ENGINE_ERROR, f"loading {failed} failed: {message}; "
+                               f"the daemon serves {self.sup.model.get('name')} again; retry the request")
+        return True
+
     def on_ready(self) -> None:
+        self.fallback = None
         name = str(self.sup.model.get("name"))
         if self.switch is not None and self.switch["state"] == "loading":
             self.switch["state"] = "done"
