@@ -99,6 +99,13 @@ def stock_tokens(path: Path, prompt: str, n: int) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="module")
+def glm4_moe(tmp_path_factory) -> Path:
+    from families import build
+
+    return build("glm4_moe", tmp_path_factory.mktemp("glm4_moe") / "model")
+
+
 def model_of(name, test_model, mixtral):
     return test_model if name == "embedded" else mixtral
 
@@ -124,6 +131,19 @@ def test_two_ranks_greedy_equals_stock(job_daemon, test_model, mixtral, name, re
             assert r["resident"][0] <= 3 * (r["layers"][1] - r["layers"][0]) and r["hit_rate"] < 1
         else:
             assert r["hit_rate"] is None
+
+
+def test_a_rank_without_experts_beside_a_lazy_one(job_daemon, glm4_moe):
+    """GLM-4 MoE's layer 0 is dense: rank 1 holds only it (no expert manager, every forward direct)
+    while rank 0 streams its experts (each forward evaluated inside itself). The ranks evaluate a
+    prefill chunk differently, and its all_gather must still run on both (tied into the KV cache)."""
+    expected = stock_tokens(glm4_moe, PROMPT, TOKENS)
+    d = job_daemon(glm4_moe, "--capacity", "3")
+    with d.client(timeout=120) as c:
+        assert c.complete(PROMPT, max_tokens=TOKENS, temperature=0).token_ids == expected
+        ranks = wait_for(lambda: (s := c.status()["ranks"]) and s[0]["tokens_generated"] >= len(expected) and s)
+    assert ranks[1]["layers"] == [0, 1] and ranks[1]["resident"] is None
+    assert ranks[0]["hit_rate"] < 1
 
 
 @pytest.mark.parametrize("residency", ["full", "partial"])

@@ -96,8 +96,9 @@ def split(model: nn.Module, group) -> Slice:
         inner.pipeline(group)
         assert (inner.start_idx, inner.end_idx) == (start, end)
     traffic = Traffic(rank, size)
-    _hook(inner.norm, _CountGathered(traffic, inner))
-    _hook(model, _Tie(inner))
+    gathered = _CountGathered(traffic)
+    _hook(inner.norm, gathered)
+    _hook(model, _Tie(gathered))
     return Slice(rank, size, start, end, n, generic, traffic)
 
 
@@ -120,27 +121,29 @@ def _layer_cache(args, kwargs):
 
 
 class _CountGathered:
-    """On the final norm: its input is the gathered hidden state. Counted, and kept for ``_Tie``."""
+    """On the final norm: its input is the gathered hidden state. Counted, and kept for ``_Tie``
+    (here, not on the module: an array set on an mlx Module becomes one of its parameters)."""
 
-    def __init__(self, traffic: Traffic, inner):
-        self.traffic, self.inner = traffic, inner
+    def __init__(self, traffic: Traffic):
+        self.traffic = traffic
+        self.last: mx.array | None = None
 
     def __call__(self, call, h, *args, **kwargs):
         self.traffic.count(h)
-        self.inner._moed_gathered = h
+        self.last = h
         return call(h, *args, **kwargs)
 
 
 class _Tie:
     """On the model: the forward's gathered hidden state becomes part of its last KV cache."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, gathered: _CountGathered):
+        self.gathered = gathered
 
     def __call__(self, call, *args, **kwargs):
         out = call(*args, **kwargs)
         cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-        h = self.inner.__dict__.pop("_moed_gathered", None)
+        h, self.gathered.last = self.gathered.last, None
         if cache and h is not None and getattr(cache[-1], "keys", None) is not None:
             cache[-1].keys = mx.depends(cache[-1].keys, h)
         return out
