@@ -147,10 +147,12 @@ class DaemonProcess:
         except (ProcessLookupError, PermissionError):
             pass
         for pid in self.engine_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # an engine run as an mlx.launch job leads a process group of its own: its ranks go with it
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

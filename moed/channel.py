@@ -65,6 +65,12 @@ class EngineOptions:
     kv_group_size: int = _option(64, "group size of the quantized KV cache (mlx-lm's default)")
     quantized_kv_start: int = _option(5000, "tokens in the KV cache before it is quantized (mlx-lm's default: 5000)")
     debug: bool = _option(False, "verbose logs, including prompts", "switch")
+    # The engine as one MLX distributed job split by layers (docs/distributed.md): the front starts it with
+    # mlx.launch and talks to rank 0.
+    ranks: int | None = _option(None, "run the engine as this many local ranks of an mlx.launch job, split by "
+                                      "layers (for testing; --hosts for several machines)")
+    hosts: str | None = _option(None, "run the engine as an mlx.launch job on these hosts (mlx.launch's JSON host "
+                                      "file; the first host is this machine), split by layers", kind=str)
 
     @staticmethod
     def add_arguments(parser, size: Callable[[str], int] = int, unset: tuple[str, ...] = ()) -> None:
@@ -97,11 +103,13 @@ class EngineOptions:
 
     @classmethod
     def parse(cls, argv=None) -> tuple[EngineOptions, argparse.Namespace]:
-        """The engine's command line: (its settings, the rest: channel, model, heartbeat_fd)."""
+        """The engine's command line: (its settings, the rest: channel, model, heartbeat_fd, ...)."""
         p = argparse.ArgumentParser(prog="python -m moed.engine", description="moed engine process (started by `moed serve`)")
         p.add_argument("--channel", required=True, help="ZeroMQ endpoint of the front process")
         p.add_argument("--model", required=True, help="resolved model directory")
         p.add_argument("--heartbeat-fd", type=int, default=None, help="pipe to write a heartbeat byte to every 0.5 s")
+        p.add_argument("--heartbeat-path", default=None, help="FIFO to write it to instead (a rank of an mlx.launch job)")
+        p.add_argument("--front-pid", type=int, default=None, help="exit when this process is gone (default: the parent)")
         cls.add_arguments(p)
         args = p.parse_args(argv)
         return cls.from_args(args), args

@@ -97,6 +97,8 @@ def format_status(obj: dict) -> str:
     kv = obj.get("kv_cache") if isinstance(obj.get("kv_cache"), dict) else {}
     if kv.get("bits"):
         rows.append(("kv cache", f"{kv['bits']}-bit (group {kv.get('group_size')}), {size(kv.get('active_bytes'))} in use"))
+    for r in obj.get("ranks") or []:
+        rows.append((f"rank {r.get('rank')}", format_rank(r)))
     rows.append(("socket", obj["socket"]))
     if obj.get("http"):
         no_auth = obj.get("http_auth") == "none"
@@ -130,3 +132,16 @@ def format_experts(experts: dict) -> str:
     if experts.get("approximate"):
         parts.append("approximate")
     return ", ".join(parts)
+
+
+def format_rank(r: dict) -> str:
+    """One rank of a distributed engine: host, layers, memory, hit rate, bytes sent per token."""
+    size = configuration.format_size
+    first, end = r.get("layers") or (0, 0)
+    hit = r.get("hit_rate")
+    per_token = r.get("bytes_per_token")
+    return ", ".join([
+        f"{r.get('host')}", f"layers {first}-{end - 1}", f"{size(r.get('rss_bytes'))} resident",
+        f"hit rate {100 * hit:.1f}%" if isinstance(hit, (int, float)) else "all experts resident",
+        f"{size(per_token)} sent per token" if isinstance(per_token, (int, float)) else "nothing sent yet",
+    ])

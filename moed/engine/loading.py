@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_model(path: Path, *, capacity=None, memory_budget=None, approximate=False, prefetch=True):
-    """(model, tokenizer, expert manager or None)."""
+def load_model(path: Path, *, capacity=None, memory_budget=None, approximate=False, prefetch=True, split=None):
+    """(model, tokenizer, expert manager or None); ``split`` keeps one rank's layers (moed/engine/pipeline.py)."""
     try:
         from moed.experts import load_model as load_lazy
     except ImportError:
         load_lazy = None
     if load_lazy is not None:
-        return load_lazy(path, capacity=capacity, memory_budget=memory_budget, approximate=approximate, prefetch=prefetch)
-    if capacity is not None or memory_budget is not None or approximate:
-        raise RuntimeError("lazy experts (--capacity/--memory-budget/--approximate) need moed.experts, which is not installed")
+        # ranks share the warm-start file of this model and capacity: none of them saves its layers' part over it
+        return load_lazy(path, capacity=capacity, memory_budget=memory_budget, approximate=approximate, prefetch=prefetch,
+                         split=split, warm_start=split is None)
+    if capacity is not None or memory_budget is not None or approximate or split is not None:
+        raise RuntimeError("lazy experts (--capacity/--memory-budget/--approximate) and ranks need moed.experts, "
+                           "which is not installed")
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(path))

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .families import NotMoEError, require_moe_sites
+from .families import NotMoEError, find_moe_sites, require_moe_sites
 from .lazy import make_lazy
 from .manager import ExpertManager
 from .store import Checkpoint, StoreError
@@ -57,7 +57,7 @@ def _capacity_for_budget(budget: int, nonexpert: int, baseline: int, per_layer_e
 
 def load_model(path, *, capacity: int | None = None, memory_budget=None, approximate: bool = False,
                prefetch: bool = True, policy: str = "lfru", decode_mode: str = "auto", profile="auto",
-               warm_start: bool = True):
+               warm_start: bool = True, split=None):
     """Load an mlx-lm model; with ``capacity`` (experts per MoE layer) or
     ``memory_budget`` (bytes or "8GB") its experts stay on disk and a bounded
     cache per layer holds the ones in use. Returns ``(model, tokenizer, manager)``;
@@ -66,14 +66,24 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
     ``profile``: "auto" (the model's profile if one is found, see profile.py),
     a path, or None. ``warm_start``: restore the experts resident at the last
     shutdown of this model at this capacity, and save them at ``close()``.
+
+    ``split``: for one rank of a distributed job (moed.engine.pipeline), called with the
+    lazily loaded model to keep only this rank's layers, before any weight is read. The
+    experts then cover only those layers, and every forward finds them in sync mode
+    (``lockstep``), since a redo would run the forward's pipeline transfers twice on this
+    rank alone. The manifest still lists the whole model, so every rank agrees on it.
     """
     import mlx_lm
 
     path = Path(path)
     if capacity is None and memory_budget is None:
         ckpt = Checkpoint(path)
-        model, tokenizer = mlx_lm.load(str(path))
-        _verified(path, ckpt, expert_pieces(ckpt, model, path), check=None)  # every tensor, once, at load
+        model, tokenizer = mlx_lm.load(str(path), lazy=split is not None)
+        pieces = expert_pieces(ckpt, model, path)
+        if split is not None:
+            split(model)
+            mx.eval(model.parameters())
+        _verified(path, ckpt, pieces, check=None)  # every tensor, once, at load
         return model, tokenizer, None
 
     from moed.platform import process_rss_bytes
@@ -81,6 +91,13 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
     baseline = process_rss_bytes()
     ckpt = Checkpoint(path)  # before mlx-lm touches the shards: our errors name file and key
     model, tokenizer = mlx_lm.load(str(path), lazy=True)
+    whole = expert_pieces(ckpt, model, path) if split is not None else None
+    if split is not None:
+        split(model)
+        if not find_moe_sites(model):  # this rank's layers are all dense: nothing to make lazy
+            mx.eval(model.parameters())
+            _verified(path, ckpt, whole, check=None)
+            return model, tokenizer, None
     sites = require_moe_sites(model, path)
     expert_ids = {id(a) for s in sites for _, a in tree_flatten(s.switch.parameters())}
     nonexpert = sum(a.nbytes for _, a in tree_flatten(model.parameters()) if id(a) not in expert_ids)
@@ -94,7 +111,9 @@ def load_model(path, *, capacity: int | None = None, memory_budget=None, approxi
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     manager = make_lazy(model, path, capacity, approximate=approximate, policy=policy,
                         memory_budget=budget, nonexpert_bytes=nonexpert, ckpt=ckpt, decode_mode=decode_mode)
-    manager.reader.manifest = _verified(path, ckpt, expert_pieces(ckpt, model, path, manager), check="dense")
+    if split is not None:
+        manager.lockstep()
+    manager.reader.manifest = _verified(path, ckpt, whole or expert_pieces(ckpt, model, path, manager), check="dense")
     manager.baseline_rss = baseline
     manager.per_layer_expert_bytes = per_layer
     del sites

@@ -243,7 +243,7 @@ class ExpertManager(PassChecks, Redos):
                 trimmable = cache is None or all(c.is_trimmable() for c in cache)
                 if decode and trimmable:
                     used = self._pick_decode_mode()
-                elif trimmable and ntok * self._top_k <= min(c.capacity for c in self.caches):
+                elif trimmable and self.speculate and ntok * self._top_k <= min(c.capacity for c in self.caches):
                     used = "speculative"
                 else:  # a long prefill chunk: some layer is bound to miss, skip the pass that would be thrown away
                     used = "sync"

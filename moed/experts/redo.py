@@ -46,6 +46,12 @@ class Redos:
         self.redo_mode = redo_mode
         self.resumes = self.resume_misses = 0  # resumed passes, and those that missed again
         self.redo_time = 0.0  # seconds spent finishing passes that missed, loads included
+        self.speculate = True  # whether a forward may run speculatively (and so be redone)
+
+    def lockstep(self) -> None:
+        """Never redo: on one rank of a distributed job a redo would run the forward's pipeline
+        transfers again on this rank alone. Every forward that may miss runs in sync mode."""
+        self.decode_mode, self.defer_checks, self.speculate = "sync", False, False
 
     def _redo_stats(self) -> dict:
         return {"redo_mode": self.redo_mode, "resumes": self.resumes, "resume_misses": self.resume_misses,

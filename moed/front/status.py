@@ -83,6 +83,8 @@ def report(daemon) -> dict:
         "recent_tok_s": meters.tok_rate(now),
         "engine_to_front_us": percentiles_us(meters.engine_latency),
         "experts": sup.engine_stats.get("experts"),
+        # an engine split over the ranks of a distributed job: each rank's host, layers, memory, hit rate, traffic
+        "ranks": sup.engine_stats.get("ranks"),
         "prompt_cache": sup.engine_stats.get("prompt_cache"),
         "kv_cache": sup.engine_stats.get("kv_cache"),  # {bits, group_size, active_bytes} (moed serve --kv-bits)
         "editor_socket": str(daemon.editor.path) if daemon.editor else None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from moed_client import paths
 from moed_client import protocol as P
 
 from moed.channel import EngineOptions, Events, Failed, Fatal, Progress, Ready, Shutdown, Stats, decode, encode
+from moed.front import job as jobs
 from moed.front.runtime import DaemonError, bind_private
 from moed.logs import log_dir
 
@@ -51,6 +53,19 @@ class EngineHandle:
     hung: bool = False  # stalled by beating without progress
     beating: bool = False  # a first beat came: the interpreter is up
     watchdog: asyncio.Task | None = None
+    job: bool = False  # an mlx.launch job (moed/front/job.py): pid is the launcher's, and its process group's
+    beat_path: Path | None = None  # a job's heartbeat FIFO
+    beat_keep: int = -1  # our own write end of it, so that it never reads as closed
+
+    def kill(self) -> None:
+        """Kill the engine; a job's whole process group (launcher and local ranks), so no rank outlives it."""
+        if not self.job:
+            self.proc.kill()
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Supervisor:
@@ -95,16 +110,45 @@ class Supervisor:
         sock = self.ctx.socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         bind_private(sock, path)
-        cmd = [sys.executable, "-m", "moed.engine", "--channel", paths.endpoint(path), "--model", str(self.model_path)]
-        cmd += EngineOptions.from_args(self.args).to_argv()
+        argv = ["--channel", paths.endpoint(path), "--model", str(self.model_path)]
+        options = EngineOptions.from_args(self.args)
+        argv += options.to_argv()
+        if jobs.is_job(options):
+            return await self.start_job(options, argv, sock, path)
         beat_read, beat_write = os.pipe()
-        cmd += ["--heartbeat-fd", str(beat_write)]
+        argv += ["--heartbeat-fd", str(beat_write)]
         try:
-            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, pass_fds=(beat_write,))
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moed.engine", *argv,
+                                                        stdin=asyncio.subprocess.DEVNULL, pass_fds=(beat_write,))
         finally:
             os.close(beat_write)
         log.info("engine %d started (pid %d)", self.engine_count, proc.pid)
         engine = EngineHandle(proc, sock, path, proc.pid, beat_fd=beat_read)
+        self.watch_engine(engine)
+        return engine
+
+    async def start_job(self, options: EngineOptions, argv: list[str], sock, path: Path) -> EngineHandle:
+        """The engine as an mlx.launch job: rank 0 beats on a FIFO (the launcher passes no descriptors on)."""
+        beat_path = path.with_suffix(".beat")
+        try:
+            cmd = await asyncio.to_thread(jobs.launch_command, options,
+                                          argv + ["--heartbeat-path", str(beat_path), "--front-pid", str(os.getpid())])
+        except jobs.JobError as e:
+            sock.close(linger=0)
+            path.unlink(missing_ok=True)
+            self.progress = {"stage": "failed", "message": str(e), "fraction": None}
+            self.sessions.fail_all(P.ErrorCode.ENGINE_ERROR, f"moed is exiting: {e}")
+            raise DaemonError(str(e)) from None
+        beat_path.unlink(missing_ok=True)
+        os.mkfifo(beat_path, 0o600)
+        beat_read = os.open(beat_path, os.O_RDONLY | os.O_NONBLOCK)
+        keep = os.open(beat_path, os.O_WRONLY)
+        # stdin a pipe we never write: mlx.launch polls its stdin, and /dev/null is always readable
+        proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE, start_new_session=True)
+        log.info("engine %d started as an mlx.launch job (launcher pid %d): %s", self.engine_count, proc.pid,
+                 f"{options.ranks} local ranks" if not options.hosts else f"hosts of {options.hosts}")
+        engine = EngineHandle(proc, sock, path, proc.pid, beat_fd=beat_read, job=True, beat_path=beat_path,
+                              beat_keep=keep)
         self.watch_engine(engine)
         return engine
 
@@ -137,7 +181,7 @@ class Supervisor:
                 log.error("engine pid %d hung: alive but no progress for %.1f s (--hang-timeout %g); killing it",
                           engine.pid, stuck, hang)
                 engine.stalled = engine.hung = True
-                engine.proc.kill()
+                engine.kill()
                 return
             if not timeout > 0:
                 continue
@@ -146,7 +190,7 @@ class Supervisor:
             if silent > (timeout if engine.beating else max(timeout, ENGINE_FIRST_BEAT_S)) and engine.proc.returncode is None:
                 log.error("engine pid %d stalled: no heartbeat for %.1f s (--engine-timeout %g); killing it", engine.pid, silent, timeout)
                 engine.stalled = True
-                engine.proc.kill()
+                engine.kill()
                 return
 
     async def engine_loop(self, engine: EngineHandle) -> None:
@@ -191,7 +235,7 @@ class Supervisor:
             await asyncio.wait_for(asyncio.shield(waiter), timeout=10.0)
         except asyncio.TimeoutError:
             log.warning("engine did not stop; killing it")
-            engine.proc.kill()
+            engine.kill()
             await waiter
         await asyncio.sleep(0.05)
         reader.cancel()
@@ -201,6 +245,12 @@ class Supervisor:
     def close_engine_socket(self, engine: EngineHandle) -> None:
         if engine.watchdog is not None:
             engine.watchdog.cancel()
+        if engine.job:
+            engine.kill()  # a rank the launcher left behind
+            if engine.beat_keep >= 0:
+                os.close(engine.beat_keep)
+                engine.beat_keep = -1
+            engine.beat_path.unlink(missing_ok=True)
         if engine.beat_fd >= 0:
             asyncio.get_running_loop().remove_reader(engine.beat_fd)
             os.close(engine.beat_fd)
@@ -255,7 +305,7 @@ class Supervisor:
             stopper.cancel()
             if reader.done() and reader.exception() is not None:
                 log.error("engine channel failed: %r", reader.exception())
-                engine.proc.kill()
+                engine.kill()
             rc = await waiter
             await asyncio.sleep(0.05)  # let the reader deliver what the engine sent before it died
             reader.cancel()
