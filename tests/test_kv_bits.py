@@ -63,3 +63,9 @@ def test_other_bit_widths_are_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moed.front", "serve", "--kv-bits", "3", "--socket", str(tmp_path / "s.sock")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--kv-bits must be 4 or 8" in r.stderr
+
+
+def test_a_distributed_job_with_quantized_kv_is_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moed.front", "serve", "--kv-bits", "4", "--ranks", "2", "--socket",
+                        str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not supported in a distributed job" in r.stderr

@@ -119,6 +119,9 @@ def serve(args) -> int:
         if args.kv_bits not in (4, 8):
             print(f"moed: --kv-bits must be 4 or 8, not {args.kv_bits}", file=sys.stderr)
             return 2
+        if (getattr(args, "ranks", None) or 1) > 1 or getattr(args, "hosts", None):
+            print("moed: --kv-bits is not supported in a distributed job (--ranks/--hosts) yet", file=sys.stderr)
+            return 2
         args.max_batch = 1  # no quantized KV cache in BatchGenerator: one request at a time, solo (channel.EngineOptions)
     if args.socket:
         os.environ.setdefault("MOED_RUNTIME_DIR", str(Path(args.socket).parent))
