@@ -191,15 +191,26 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak / 10 + (peak - peak / 10) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def card_memory() -> int | None:
+    """Bytes of memory on GPU 0 as nvidia-smi reports them (MLX's CUDA device_info may not say)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return int(out.split()[0]) << 20
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
 def cap_memory(fraction: float) -> int | None:
     """Cap MLX's memory at a fraction of the device's: MLX CUDA allocates managed memory,
     and asking for more than the card has free can hang the GPU for everyone on it."""
+    if mx.default_device().type == mx.cpu:
+        return None
     info = mx.device_info()
-    size = info.get("memory_size") or info.get("total_memory")  # Metal / CUDA
-    if not size:
-        if mx.default_device().type == mx.cpu:
-            return None
-        size = 64 << 30  # unknown card: assume a small one (what the shipped run used: no total_memory read)
+    size = info.get("memory_size") or info.get("total_memory") or card_memory()  # Metal / CUDA / nvidia-smi
+    size = size or 64 << 30  # unknown card: assume a small one
     limit = int(size * fraction)
     mx.set_memory_limit(limit)
     return limit
@@ -215,10 +226,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--expert-size", type=int, default=192)
