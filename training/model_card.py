@@ -16,9 +16,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Measured alternately with the model it replaced (64 greedy tokens of quality.PROMPTS, two rounds), not here:
-# noisy on a shared machine, so stated with its range and the command.
-DECODE_SPEED = "TBD"
+# Measured apart from this command (noisy on a shared machine, so with its range and how):
+# `python training/decode_speed.py moed/embedded/model /tmp/emb2/rand_b` before the GPU run, load about 1.5.
+DECODE_SPEED = ("8 layers instead of 6 cost about a fifth of the decode speed: 64 greedy tokens of the four quality "
+                "prompts, two rounds each, alternately (`training/decode_speed.py`), ran at a median of 188 tok/s "
+                "(155-208) for a random-init model of this shape against 235 tok/s (156-255) for the previous "
+                "trained model, on the shared 2-core machine.")
 sys.path.insert(0, str(ROOT))  # bench.routing_stats
 
 
@@ -188,7 +191,7 @@ metadata names a permissive license and no copyleft one. Left out:
 | device | {device} (`{rec['device']}`, {rec['machine']}){limit} |
 | time | {rec['train_seconds']:.0f} s of training steps ({rec['tokens_per_second']:,.0f} tokens/s), of which the first 10 steps took {rec['first_10_steps_seconds']:.0f} s (compiling kernels); {rec['total_seconds']:.0f} s in all (evaluation, quantization, saving) |
 
-Losses at the end of training (nats per token, {rec['eval_tokens']:,} tokens of fixed windows, on the GPU):
+Losses at the end of training (nats per token, {rec['eval_tokens']:,} tokens of fixed windows, on the training device):
 
 | | train | held-out |
 |---|---|---|
