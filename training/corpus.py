@@ -1,12 +1,17 @@
 """Build the embedded model's corpus: Python's standard library plus permissive PyPI packages.
 
     pip download --no-deps -d /tmp/emb/pkgs $(python training/corpus.py --list-packages)
-    python training/corpus.py --packages /tmp/emb/pkgs --out /tmp/emb/corpus
+    python training/corpus.py --packages /tmp/emb/pkgs --out /tmp/emb/corpus \
+        --site-packages .venv/lib/python3.11/site-packages /usr/lib/python3/dist-packages
 
-Reads every ``*.py`` of the running interpreter's standard library and of the
-wheels and sdists in ``--packages`` (as downloaded, never installed), keeps
-packages whose metadata names a permissive license (MIT, BSD, Apache, PSF, ISC),
-and leaves out test files (their ``self.assertEqual`` runs taught the previous
+Reads every ``*.py`` of the running interpreter's standard library, of the
+wheels and sdists in ``--packages`` (as downloaded, never installed) and of the
+distributions installed in each ``--site-packages`` folder (the files their
+RECORD lists). A package found twice is read once: the archive, else the first
+folder that has it, so two versions never straddle the held-out split. Keeps
+packages whose metadata names a permissive license (MIT, BSD, Apache, PSF, ISC)
+and no copyleft one, reads at most ``--max-package-bytes`` of each (files in
+hash order) so a few large packages do not dominate, and leaves out test files (their ``self.assertEqual`` runs taught the previous
 model to loop), generated codec tables and very large files. Identical files are
 kept once. A file is held out when ``sha1(text) % 20 == 0``, so the split does
 not depend on where a file came from.
@@ -35,6 +40,9 @@ MANIFEST = HERE / "corpus_manifest.json.gz"
 HELD_OUT_EVERY = 20
 MAX_FILE_BYTES = 200_000  # larger files are mostly generated tables
 PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation|ISC)\b", re.I)
+COPYLEFT = re.compile(r"GPL|MPL|Mozilla|EPL|CDDL", re.I)  # "MIT AND MPL-2.0" is not permissive as a whole
+MAX_PACKAGE_BYTES = 8_000_000
+NEAR_COPIES = {"httpx2", "httpcore2"}  # forks of httpx and httpcore: their files would straddle the split
 
 # Pure-Python (or with a pure-Python source tree), permissively licensed, widely read code.
 PACKAGES = """anyio arrow attrs beautifulsoup4 black boltons cachetools click colorama docopt fastapi
@@ -105,6 +113,25 @@ def archive_members(path: Path):
     return meta, sources
 
 
+def installed_packages(site_dir: Path):
+    """(name, version, metadata text, [(relative path, text)]) of each distribution installed in site_dir."""
+    import importlib.metadata
+
+    for dist in sorted(importlib.metadata.distributions(path=[str(site_dir)]), key=lambda d: d.metadata["Name"] or ""):
+        meta = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+        sources = []
+        for f in sorted(dist.files or [], key=str):
+            rel = f.as_posix()
+            # RECORD also lists scripts outside the folder and editable-install finders
+            if rel.endswith(".py") and not rel.startswith(("..", "/", "__editable__")) and (site_dir / rel).is_file():
+                sources.append((rel, (site_dir / rel).read_text(encoding="utf-8", errors="replace")))
+        yield dist.metadata["Name"] or "?", dist.version, meta, sources
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def stdlib_sources():
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
@@ -113,19 +140,42 @@ def stdlib_sources():
         yield path.relative_to(root).as_posix(), path.read_text(encoding="utf-8", errors="replace")
 
 
-def build(packages_dir: Path | None) -> tuple[list[dict], list[dict], dict]:
-    groups = [("python-stdlib", platform.python_version(), "PSF-2.0", list(stdlib_sources()))]
+def is_permissive(lic: str) -> bool:
+    return bool(PERMISSIVE.search(lic)) and not COPYLEFT.search(lic)
+
+
+def capped(sources: list[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
+    """The kept files of a package, in hash order, up to limit bytes (all of them when they fit)."""
+    kept = sorted(((hashlib.sha1(t.encode()).hexdigest(), r, t) for r, t in sources if keep(r, t)))
+    out, total = [], 0
+    for _, rel, text in kept:
+        total += len(text.encode())
+        if total > limit:
+            break
+        out.append((rel, text))
+    return sorted(out)
+
+
+def build(packages_dir: Path | None, site_dirs: list[Path] = (), max_package_bytes: int = MAX_PACKAGE_BYTES
+          ) -> tuple[list[dict], list[dict], dict]:
+    groups = [("python-stdlib", platform.python_version(), "PSF-2.0", list(stdlib_sources()), "stdlib")]
     for archive in sorted(packages_dir.iterdir()) if packages_dir else []:
         meta, sources = archive_members(archive)
         msg = email.parser.Parser().parsestr(meta, headersonly=True)
-        groups.append((msg.get("Name", archive.name), msg.get("Version", "?"), license_of(meta), sources))
-    seen, train, held, manifest = set(), [], [], []
-    for name, version, lic, sources in groups:
-        if not PERMISSIVE.search(lic):
+        groups.append((msg.get("Name", archive.name), msg.get("Version", "?"), license_of(meta), sources, "archive"))
+    for site_dir in site_dirs:
+        for name, version, meta, sources in installed_packages(site_dir):
+            groups.append((name, version, license_of(meta), sources, str(site_dir)))
+    seen, names, train, held, manifest = set(), set(), [], [], []
+    for name, version, lic, sources, origin in groups:
+        if normalized(name) in names or normalized(name) in NEAR_COPIES:
+            continue  # another version of it is in already
+        if not is_permissive(lic):
             print(f"skipped {name} {version}: license {lic!r}")
             continue
+        names.add(normalized(name))
         files = []
-        for rel, text in sources:
+        for rel, text in capped(sources, max_package_bytes) if origin != "stdlib" else sources:
             digest = hashlib.sha1(text.encode()).hexdigest()
             if digest in seen or not keep(rel, text):
                 continue
@@ -133,12 +183,14 @@ def build(packages_dir: Path | None) -> tuple[list[dict], list[dict], dict]:
             split = "held_out" if int(digest, 16) % HELD_OUT_EVERY == 0 else "train"
             (held if split == "held_out" else train).append({"path": f"{name}/{rel}", "text": text})
             files.append([rel, len(text.encode()), digest[:12], split])
-        manifest.append({"package": name, "version": version, "license": lic, "files": files,
-                         "bytes": sum(f[1] for f in files)})
+        if files:
+            manifest.append({"package": name, "version": version, "license": lic, "origin": origin,
+                             "files": files, "bytes": sum(f[1] for f in files)})
     summary = {
         "held_out_rule": f"sha1(file text) % {HELD_OUT_EVERY} == 0",
         "excluded": "test files (test/tests dirs, test_*.py, *_test.py, conftest.py), generated codec tables, "
-                    f"files over {MAX_FILE_BYTES} bytes, duplicates",
+                    f"files over {MAX_FILE_BYTES} bytes, duplicates, vendored copies, and a package's files past "
+                    f"its first {max_package_bytes:,} bytes in hash order",
         "files_train": len(train),
         "files_held_out": len(held),
         "bytes_train": sum(len(d["text"].encode()) for d in train),
@@ -151,6 +203,8 @@ def build(packages_dir: Path | None) -> tuple[list[dict], list[dict], dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packages", type=Path, help="folder of downloaded wheels/sdists")
+    ap.add_argument("--site-packages", type=Path, nargs="*", default=[], help="folders of installed distributions")
+    ap.add_argument("--max-package-bytes", type=int, default=MAX_PACKAGE_BYTES)
     ap.add_argument("--out", type=Path, default=Path("/tmp/emb/corpus"))
     ap.add_argument("--manifest", type=Path, default=MANIFEST)
     ap.add_argument("--list-packages", action="store_true", help="print the packages to download (pinned by the manifest)")
@@ -158,12 +212,13 @@ def main(argv=None) -> int:
     if a.list_packages:  # the versions of the last build, so a rebuild reads the same files
         if a.manifest.is_file():
             with gzip.open(a.manifest, "rt") as f:
-                pinned = [f"{p['package']}=={p['version']}" for p in json.load(f)["packages"][1:]]
+                pinned = [f"{p['package']}=={p['version']}" for p in json.load(f)["packages"][1:]
+                          if p.get("origin", "archive") == "archive"]
             print(" ".join(pinned))
         else:
             print(" ".join(PACKAGES))
         return 0
-    train, held, summary = build(a.packages)
+    train, held, summary = build(a.packages, a.site_packages, a.max_package_bytes)
     a.out.mkdir(parents=True, exist_ok=True)
     for name, docs in (("train", train), ("held_out", held)):
         with open(a.out / f"{name}.jsonl", "w") as f:

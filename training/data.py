@@ -34,16 +34,22 @@ def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
 
 
 def fim(text: str, rng: np.random.Generator) -> str:
-    """StarCoder-style prefix-suffix-middle transform at two random line-aligned cuts.
+    """StarCoder-style prefix-suffix-middle transform.
 
-    Cuts at line starts match how editors ask (a cursor at a line's start, whole lines
-    to fill); a third of them cut mid-line so partial-line infill is seen too.
+    Editors ask for a few lines at the cursor, so half the middles are one to four whole
+    lines; a sixth are spans between two random line starts (long middles), and a third cut
+    anywhere so partial-line infill (a cursor after indentation) is seen too.
     """
-    if rng.random() < 1 / 3:
+    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+    r = rng.random()
+    if r < 1 / 3:
         a, b = sorted(rng.integers(0, len(text) + 1, size=2))
-    else:
-        starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+    elif r < 1 / 2:
         a, b = sorted(rng.choice(starts, size=2))
+    else:
+        first = int(rng.integers(0, len(starts)))
+        a = starts[first]
+        b = starts[first + int(rng.integers(1, 5))] if first + 4 < len(starts) else len(text)
     prefix, middle, suffix = text[:a], text[a:b], text[b:]
     return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
 
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, default=Path("/tmp/emb/corpus"))
     ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json")
     ap.add_argument("--out", type=Path, default=Path("/tmp/emb/tokens.npz"))
-    ap.add_argument("--fim-rate", type=float, default=0.3)
+    ap.add_argument("--fim-rate", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     tok = Tokenizer.from_file(str(a.tokenizer / "tokenizer.json"))

@@ -191,15 +191,31 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak / 10 + (peak - peak / 10) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def nvidia_smi(field: str) -> str | None:
+    """One field of GPU 0 as nvidia-smi reports it (MLX's CUDA device_info may not say), None without one."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def card_memory() -> int | None:
+    size = nvidia_smi("memory.total")  # MiB
+    return int(size) << 20 if size and size.isdigit() else None
+
+
 def cap_memory(fraction: float) -> int | None:
     """Cap MLX's memory at a fraction of the device's: MLX CUDA allocates managed memory,
     and asking for more than the card has free can hang the GPU for everyone on it."""
+    if mx.default_device().type == mx.cpu:
+        return None
     info = mx.device_info()
-    size = info.get("memory_size") or info.get("total_memory")  # Metal / CUDA
-    if not size:
-        if mx.default_device().type == mx.cpu:
-            return None
-        size = 64 << 30  # unknown card: assume a small one (what the shipped run used: no total_memory read)
+    size = info.get("memory_size") or info.get("total_memory") or card_memory()  # Metal / CUDA / nvidia-smi
+    size = size or 64 << 30  # unknown card: assume a small one
     limit = int(size * fraction)
     mx.set_memory_limit(limit)
     return limit
@@ -215,10 +231,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--expert-size", type=int, default=192)
@@ -265,7 +281,7 @@ def main(argv=None) -> int:
 
     step = mx.compile(step, inputs=state, outputs=state)
     total = a.steps or 10**9
-    history, t_probe, i = [], None, 0
+    history, t_probe, i, first_steps_seconds = [], None, 0, 0.0
     t_train = time.perf_counter()
     while i < total:
         i += 1
@@ -276,6 +292,7 @@ def main(argv=None) -> int:
         history.append((ce.item(), aux.item()))
         if i == 10:  # compile and kernel JIT are behind us
             t_probe = time.perf_counter()
+            first_steps_seconds = t_probe - t_train
         if i == a.warmup and not a.steps:
             per_step = (time.perf_counter() - t_probe) / (a.warmup - 10)
             total = a.warmup + int((a.time_budget - (time.perf_counter() - t_train)) / per_step)
@@ -329,6 +346,9 @@ def main(argv=None) -> int:
         "unigram_baseline_held_out": unigram,
         "eval_tokens": int(held_eval[:, 1:].size),
         "device": str(mx.default_device()),
+        "card": nvidia_smi("name") if mx.default_device().type == mx.gpu else None,
+        "memory_limit": memory_limit,
+        "first_10_steps_seconds": round(first_steps_seconds, 1),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, mlx {mx.__version__}",
         "tokens_per_second": round(i * a.batch * a.context / train_seconds, 1),
         "loss_curve": [[j + 1, round(float(np.mean([h[0] for h in history[max(0, j - 99) : j + 1]])), 4)]
