@@ -87,24 +87,59 @@ def test_chunk_clock_sizes_chunks_by_time():
     clock = ChunkClock(0.25, 2048)
     assert clock.size() == 128  # nothing measured yet
     for n in (128, 64, 256):
-        clock.record(n, 0.01 + n * 0.001)  # 10 ms fixed, 1 ms a token
-    fixed, per = clock.fit()
-    assert fixed == pytest.approx(0.01) and per == pytest.approx(0.001)
-    assert clock.size() == 240  # (250 - 10) ms / 1 ms
-    slow = ChunkClock(0.25, 2048)
-    for n in (16, 32, 64):
-        slow.record(n, 1.0 + n * 0.002)  # a second of expert reads whatever the length
-    assert slow.size() == 128  # grows (at most doubling) until compute matches the fixed cost, not to the minimum
-    slow.record(128, 1.0 + 128 * 0.002)
-    slow.record(256, 1.0 + 256 * 0.002)
-    assert slow.size() == 500
+        clock.record(n, n * 0.001)  # 1 ms a token, whatever the context
+    assert clock.fit() == (pytest.approx(0.001), 0.0)
+    assert clock.size() == 250 and clock.size(context=10_000) == 250
     fast = ChunkClock(0.25, 512)
     fast.record(100, 0.001)
     assert fast.size() == 200 and ChunkClock(0.0, 64).size() == 64  # doubling, then the --prefill-step cap
-    noisy = ChunkClock(0.25, 2048)
-    for n, s in ((100, 0.30), (300, 0.25), (200, 0.28)):  # longer chunks looked cheaper: no trust in the slope
-        noisy.record(n, s)
-    assert noisy.size() == int(0.25 / (0.83 / 600))
     tiny = ChunkClock(0.25, 2048)
     tiny.record(100, 10.0)
     assert tiny.size() == MIN_CHUNK
+
+
+def test_chunk_clock_counts_the_context_attention_grows_with():
+    # a token at context c costs 0.5 ms + 0.1 ms per 1000 tokens of context (attention)
+    cost = lambda n, c: n * (0.0005 + 1e-7 * (c + n / 2))  # noqa: E731
+    clock = ChunkClock(0.25, 4096)
+    context = 0
+    for _ in range(40):  # a long prompt, chunk after chunk, each sized by the clock
+        n = clock.size(context)
+        assert cost(n, context) <= 0.25 * 1.05  # never overshoots (the old fit reached 4x, see prefill.py)
+        clock.record(n, cost(n, context), context)
+        context += n
+    base, slope = clock.fit()
+    assert base == pytest.approx(0.0005) and slope == pytest.approx(1e-7)
+    assert cost(clock.size(context), context) == pytest.approx(0.25, rel=0.01)  # and fills the target
+    # the measured failure: chunks shrinking as the context grew, each ~300 ms; the fit of
+    # seconds = fixed + per_token * tokens took the growth for a fixed cost and asked for 760 tokens
+    seen = ChunkClock(0.25, 2048)
+    for n, ms, c in ((369, 341, 2350), (359, 358, 2719), (341, 362, 3078), (312, 348, 3419), (288, 338, 3731),
+                     (267, 320, 4019), (251, 304, 4286)):
+        seen.record(n, ms / 1e3, c)
+    assert 180 <= seen.size(4537) <= 230  # what fits 250 ms at the next context: shorter, not 3x longer
+
+
+def test_chunk_clock_grows_chunks_to_match_disk_reads():
+    slow = ChunkClock(0.25, 2048)
+    for n in (16, 32, 64):
+        slow.record(n, 1.0 + n * 0.002, disk_s=1.0)  # a second of expert reads whatever the length
+    assert slow.disk_s() == pytest.approx(1.0)
+    assert slow.size() == 128  # grows (at most doubling) until compute matches the reads, not to the minimum
+    slow.record(128, 1.0 + 128 * 0.002, disk_s=1.0)
+    slow.record(256, 1.0 + 256 * 0.002, disk_s=1.0)
+    assert slow.size() == 500
+    some = ChunkClock(0.25, 2048)
+    some.record(100, 0.15, disk_s=0.05)  # 50 ms of reads: the compute gets the other 200 ms
+    assert some.size() == 200
+
+
+def test_calibrate_feeds_the_clock(loaded):
+    engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=250))
+    result = engine.calibrate()
+    forwards = result["forwards"]
+    assert [f["tokens"] for f in forwards][0] == MIN_CHUNK and forwards[1]["tokens"] > MIN_CHUNK
+    assert len(engine.chunk_clock.recent) == 2 and result["first_chunk"] == engine.chunk_clock.size()
+    assert engine.stats()["prefill"]["calibration"] == result
+    assert not engine.busy and not engine.prompt_caches.nbytes  # nothing of it stays
+    assert Engine(*loaded, None, engine_args(prefill_chunk_ms=0)).calibrate() == {}  # chunks by count: nothing to measure

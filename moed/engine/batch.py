@@ -22,7 +22,7 @@ from moed_client import protocol as P
 
 from moed.channel import EngineOptions, Event, Submit
 from moed.engine.loading import encode_prompt
-from moed.engine.prefill import ChunkClock, Prefill
+from moed.engine.prefill import ChunkClock, Prefill, calibrate
 from moed.engine.sampling import StopText, make_request_processors, make_request_sampler
 
 log = logging.getLogger("moed.engine")
@@ -135,6 +135,18 @@ class Engine:
         self.chunk_clock = ChunkClock(chunk_ms / 1e3, args.prefill_step)
         self.progress = 0  # steps and prefill chunks done: what the watchdog judges (loop.py)
 
+    def _waited(self) -> float:
+        """Seconds forwards have waited for experts to load, so far (0 without lazy experts)."""
+        return getattr(self.manager, "wait_time", 0.0)
+
+    def calibrate(self) -> dict:
+        """Measure prefill speed before serving (prefill.calibrate): the chunk clock's first samples."""
+        t0 = time.perf_counter()
+        result = calibrate(self.model, self.chunk_clock, min(self.model_vocab(), 1024), self.new_cache, self._waited)
+        if result:
+            log.info("prefill calibrated in %.2f s: %s", time.perf_counter() - t0, result)
+        return result
+
     @property
     def busy(self) -> bool:
         return bool(self.active) or self.solo is not None or bool(self.prefilling)
@@ -209,7 +221,7 @@ class Engine:
                         ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens)
         if self.solo is not None:
             self._join_batch()  # the solo loop defers its checks: no other forward may run beside it
-        if len(rest) - 1 > self.chunk_clock.size():
+        if len(rest) - 1 > self.chunk_clock.size(cached):
             # longer than a chunk: all but the last token are fed a chunk per step, between the others'
             # steps (a shorter prompt is fed by the decode loop's first step, as mlx-lm does)
             cache = cache if cache is not None else self.new_cache()
@@ -233,9 +245,13 @@ class Engine:
         """Feed one chunk of the prompt next in turn; a prompt fed whole starts decoding."""
         p = self.prefilling[0]
         self.prefilling.rotate(-1)
-        t0 = time.perf_counter()
-        n = p.feed(self.model, self.chunk_clock.size())
-        self.chunk_clock.record(n, time.perf_counter() - t0)
+        context = len(p.fed())
+        w0, t0 = self._waited(), time.perf_counter()
+        n = p.feed(self.model, self.chunk_clock.size(context))
+        seconds, disk = time.perf_counter() - t0, self._waited() - w0
+        self.chunk_clock.record(n, seconds, context, disk)
+        log.debug("seq %d: prefill chunk of %d tokens at %d, %.1f ms (%.1f ms waiting for experts)",
+                  p.active.seq, n, context, seconds * 1e3, disk * 1e3)
         if p.done:
             self.prefilling.remove(p)
             self._start(p.active, p.handoff(), p.cache, p.tokens)
@@ -308,7 +324,10 @@ class Engine:
 
     def step(self) -> list[Event]:
         """One decode step (solo, or of the whole batch) and one prefill chunk; the events produced."""
+        t0 = time.perf_counter()
         events = self._decode() if self.solo is not None or self.active else []
+        if events:
+            log.debug("decode step: %d events, %.1f ms", len(events), (time.perf_counter() - t0) * 1e3)
         if self.prefilling:
             self._prefill_chunk()
         self.progress += 1

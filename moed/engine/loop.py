@@ -213,6 +213,11 @@ def main(argv=None) -> int:
             channel.send(Fatal(f"cannot load model {path}: {type(e).__name__}: {e}"))
             return 2
         engine = Engine(model, tokenizer, manager, options)
+        channel.send(Progress("loading", "measuring prefill speed", 1.0))
+        try:
+            engine.calibrate()
+        except Exception:  # the clock then starts from its first guess; a model that cannot compute fails its requests
+            log.exception("prefill calibration failed")
         info = model_info(path, model, tokenizer)
         log.info("model %s loaded in %.1f s (pid %d)", info["name"], time.monotonic() - t0, os.getpid())
         channel.send(Ready(info, os.getpid()))

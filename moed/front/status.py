@@ -84,6 +84,7 @@ def report(daemon) -> dict:
         "engine_to_front_us": percentiles_us(meters.engine_latency),
         "experts": sup.engine_stats.get("experts"),
         "prompt_cache": sup.engine_stats.get("prompt_cache"),
+        "prefill": sup.engine_stats.get("prefill"),  # the chunk clock: target, next chunk, calibration at start
         "editor_socket": str(daemon.editor.path) if daemon.editor else None,
         "http": daemon.http.url if daemon.http else None,
         "http_auth": daemon.http.auth if daemon.http else None,  # "token", or "none" under --http-no-auth
