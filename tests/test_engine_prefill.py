@@ -88,7 +88,7 @@ def test_chunk_clock_sizes_chunks_by_time():
     assert clock.size() == 128  # nothing measured yet
     for n in (128, 64, 256):
         clock.record(n, n * 0.001)  # 1 ms a token, whatever the context
-    assert clock.fit() == (pytest.approx(0.001), 0.0)
+    assert clock.fit() == (0.0, pytest.approx(0.001), 0.0)
     assert clock.size() == 250 and clock.size(context=10_000) == 250
     fast = ChunkClock(0.25, 512)
     fast.record(100, 0.001)
@@ -96,6 +96,11 @@ def test_chunk_clock_sizes_chunks_by_time():
     tiny = ChunkClock(0.25, 2048)
     tiny.record(100, 10.0)
     assert tiny.size() == MIN_CHUNK
+    overhead = ChunkClock(0.25, 2048)  # a small model: 2 ms a forward whatever its length, 0.1 ms a token
+    for n in (16, 32, 64, 128):
+        overhead.record(n, 0.002 + n * 0.0001)
+    assert overhead.fit() == pytest.approx((0.002, 0.0001, 0.0))
+    assert overhead.size() == 256  # (250 - 2) ms / 0.1 ms, after doubling
 
 
 def test_chunk_clock_counts_the_context_attention_grows_with():
@@ -108,8 +113,7 @@ def test_chunk_clock_counts_the_context_attention_grows_with():
         assert cost(n, context) <= 0.25 * 1.05  # never overshoots (the old fit reached 4x, see prefill.py)
         clock.record(n, cost(n, context), context)
         context += n
-    base, slope = clock.fit()
-    assert base == pytest.approx(0.0005) and slope == pytest.approx(1e-7)
+    assert clock.fit() == pytest.approx((0.0, 0.0005, 1e-7))
     assert cost(clock.size(context), context) == pytest.approx(0.25, rel=0.01)  # and fills the target
     # the measured failure: chunks shrinking as the context grew, each ~300 ms; the fit of
     # seconds = fixed + per_token * tokens took the growth for a fixed cost and asked for 760 tokens
@@ -138,8 +142,12 @@ def test_calibrate_feeds_the_clock(loaded):
     engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=250))
     result = engine.calibrate()
     forwards = result["forwards"]
-    assert [f["tokens"] for f in forwards][0] == MIN_CHUNK and forwards[1]["tokens"] > MIN_CHUNK
-    assert len(engine.chunk_clock.recent) == 2 and result["first_chunk"] == engine.chunk_clock.size()
+    tokens = [f["tokens"] for f in forwards]
+    assert tokens[0] == MIN_CHUNK and tokens == sorted(tokens) and len(set(tokens)) == len(tokens)  # growing
+    # it stops once a forward takes a quarter of the target, or after six
+    assert forwards[-1]["ms"] >= 250 / 4 or len(forwards) == 6 or tokens[-1] == engine.chunk_clock.most
+    assert all(f["ms"] < 250 / 4 for f in forwards[:-1])
+    assert len(engine.chunk_clock.recent) == len(forwards) and result["first_chunk"] == engine.chunk_clock.size()
     assert engine.stats()["prefill"]["calibration"] == result
     assert not engine.busy and not engine.prompt_caches.nbytes  # nothing of it stays
     assert Engine(*loaded, None, engine_args(prefill_chunk_ms=0)).calibrate() == {}  # chunks by count: nothing to measure

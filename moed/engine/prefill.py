@@ -21,8 +21,8 @@ fewer tokens. An earlier clock fitted ``seconds = fixed + per_token * tokens``
 and read the growth of attention as a fixed cost: chunks of 250-370 tokens
 near 300 ms, then one of 760 tokens at 1066 ms (bench/results/prefill-cpu.md).
 
-``calibrate`` measures two short forwards when the engine starts, so the first
-chunk is sized by this device's speed too, not by a guess.
+``calibrate`` measures a few short forwards when the engine starts, so the
+first chunk is sized by this device's speed too, not by a guess.
 """
 
 from __future__ import annotations
@@ -44,14 +44,21 @@ class Sample:
     disk_s: float = 0.0  # of ``seconds``, waiting for experts to load
 
     @property
-    def per_token(self) -> float:
-        """Compute seconds per token, at ``middle``."""
-        return max(self.seconds - self.disk_s, 0.0) / self.tokens
+    def compute_s(self) -> float:
+        return max(self.seconds - self.disk_s, 0.0)
 
     @property
-    def middle(self) -> float:
-        """The mean context the chunk's tokens attend to."""
-        return self.context + self.tokens / 2
+    def attended(self) -> float:
+        """Token x context pairs the chunk's attention computes: tokens times their mean context."""
+        return self.tokens * (self.context + self.tokens / 2)
+
+
+# a chunk's compute: fixed + per_token * tokens + per_attended * attended, each coefficient >= 0
+TERMS = ("fixed", "per_token", "per_attended")
+
+
+def _features(s: Sample) -> tuple[float, float, float]:
+    return 1.0, float(s.tokens), s.attended
 
 
 class ChunkClock:
@@ -67,22 +74,33 @@ class ChunkClock:
         if tokens > 0:
             self.recent.append(Sample(tokens, seconds, context, min(disk_s, seconds)))
 
-    def fit(self) -> tuple[float, float]:
-        """(seconds per token at context 0, their growth per token of context), both >= 0."""
-        n = len(self.recent)
-        if n == 0:
-            return 0.0, 0.0
-        xs = [s.middle for s in self.recent]
-        ys = [s.per_token for s in self.recent]
-        mx_, my = sum(xs) / n, sum(ys) / n
-        var = sum((x - mx_) ** 2 for x in xs)
-        slope = sum((x - mx_) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-        if slope <= 0:  # one context only, or noise: a flat cost, the mean
-            return my, 0.0
-        base = my - slope * mx_
-        if base < 0:  # the line crosses zero before context 0: a cost proportional to the context
-            return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
-        return base, slope
+    def fit(self) -> tuple[float, float, float]:
+        """(fixed, per token, per attended pair) seconds of compute, fitted to the recent chunks.
+
+        Least squares over subsets of the three terms whose coefficients come out >= 0 (a
+        negative cost is noise), taken in an order of trust: the first that fits within 2% of the
+        best residual wins. Per-token terms come first and a fixed cost last, and tokens are never
+        free: a clock that meets its target records chunks of the same seconds, which a fixed
+        cost alone explains as well as the truth, and a fixed cost alone would ask for chunks of
+        any length (the old clock's fault).
+        """
+        import numpy as np
+
+        if not self.recent:
+            return 0.0, 0.0, 0.0
+        X = np.array([_features(s) for s in self.recent])
+        y = np.array([s.compute_s for s in self.recent])
+        fits = []
+        for terms in ((1,), (2,), (1, 2), (0, 1), (0, 2), (0, 1, 2)):
+            coef, *_ = np.linalg.lstsq(X[:, terms], y, rcond=None)
+            if (coef >= 0).all():
+                full = np.zeros(3)
+                full[list(terms)] = coef
+                fits.append((float(((X @ full - y) ** 2).sum()), full))
+        best = min(r for r, _ in fits)  # (1,) alone always fits: its coefficient is a ratio of sums >= 0
+        good_enough = best * 1.02 + 1e-6 * float((y ** 2).sum())  # (the second term: exact fits, rounding)
+        coef = next(c for r, c in fits if r <= good_enough)
+        return tuple(float(c) for c in coef)
 
     def disk_s(self) -> float:
         """What the next chunk is expected to wait for expert reads: the recent mean."""
@@ -94,13 +112,15 @@ class ChunkClock:
             return self.most
         if not self.recent:
             return min(FIRST_CHUNK, self.most)
-        base, slope = self.fit()
+        fixed, per, pair = self.fit()
         disk = self.disk_s()
-        budget = max(self.target_s - disk, disk)  # disk over half the target: compute as long as the reads
-        # n tokens cost n * (base + slope * (context + n / 2)): the positive root
-        lin = base + slope * context
-        if slope > 0:
-            n = (math.sqrt(lin * lin + 2 * slope * budget) - lin) / slope
+        budget = max(self.target_s - disk, disk) - fixed  # disk over half the target: compute as long as the reads
+        # n tokens at this context cost per * n + pair * n * (context + n / 2): the positive root
+        lin = per + pair * context
+        if budget <= 0:
+            n = 0.0
+        elif pair > 0:
+            n = (math.sqrt(lin * lin + 2 * pair * budget) - lin) / pair
         else:
             n = budget / lin if lin > 0 else float(self.most)
         # at most twice the longest recent chunk: a fit from short chunks may not hold for long ones,
@@ -109,21 +129,22 @@ class ChunkClock:
         return int(min(max(n + 1e-6, MIN_CHUNK), self.most))  # (the epsilon: 239.99999 tokens is 240)
 
     def stats(self) -> dict:
-        base, slope = self.fit()
-        return {"target_ms": self.target_s * 1e3, "next_chunk": self.size(), "per_token_ms": base * 1e3,
-                "per_token_ms_per_1k_context": slope * 1e6, "disk_ms": self.disk_s() * 1e3,
-                "last_chunk": ({"tokens": self.recent[-1].tokens, "ms": self.recent[-1].seconds * 1e3,
-                                "context": self.recent[-1].context} if self.recent else None),
+        fixed, per, pair = self.fit()
+        last = self.recent[-1] if self.recent else None
+        return {"target_ms": self.target_s * 1e3, "next_chunk": self.size(), "fixed_ms": fixed * 1e3,
+                "per_token_ms": per * 1e3, "per_token_ms_per_1k_context": pair * 1e6, "disk_ms": self.disk_s() * 1e3,
+                "last_chunk": {"tokens": last.tokens, "ms": last.seconds * 1e3, "context": last.context} if last else None,
                 "calibration": self.calibration}
 
 
-def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.0) -> dict:
-    """Time two forwards of throwaway tokens into a fresh cache and feed them to ``clock``: the
+def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.0, most_forwards: int = 6) -> dict:
+    """Time short forwards of throwaway tokens into a fresh cache and feed them to ``clock``: the
     first chunk of the first long prompt is then sized by this device, not by ``FIRST_CHUNK``.
 
     A 4-token forward first, unmeasured (MLX's first call pays for setup); then ``MIN_CHUNK``
-    tokens; then as many as the clock says fit a quarter of the target, so calibrating costs
-    about that. ``waited``: the manager's seconds spent waiting for experts so far.
+    tokens, and forwards as long as the clock says fit a quarter of the target (at most doubling
+    each time) until one takes that quarter: calibrating costs about half the target.
+    ``waited``: the manager's seconds spent waiting for experts so far.
     """
     import random
 
@@ -135,13 +156,16 @@ def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.
     _timed_forward(model, cache, ids(4), waited)
     measured, context = [], 4
     quarter = ChunkClock(clock.target_s / 4, clock.most)
-    for n in (MIN_CHUNK, None):
-        n = n or quarter.size(context)
+    n = MIN_CHUNK
+    for _ in range(most_forwards):
         seconds, disk = _timed_forward(model, cache, ids(n), waited)
         quarter.record(n, seconds, context, disk)
         clock.record(n, seconds, context, disk)
         context += n
         measured.append({"tokens": n, "ms": round(seconds * 1e3, 3), "disk_ms": round(disk * 1e3, 3)})
+        if seconds >= quarter.target_s or n >= clock.most:
+            break
+        n = quarter.size(context)
     clock.calibration = {"forwards": measured, "first_chunk": clock.size()}
     return clock.calibration
 
