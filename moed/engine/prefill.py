@@ -32,6 +32,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 FIRST_CHUNK = 128  # tokens, before anything was measured
 MIN_CHUNK = 16
 
@@ -69,10 +71,26 @@ class ChunkClock:
         self.most = most
         self.recent: deque[Sample] = deque(maxlen=samples)
         self.calibration: dict | None = None  # what ``calibrate`` measured
+        self.misses: deque[float] = deque(maxlen=4 * samples)  # measured / predicted compute of recent chunks
 
     def record(self, tokens: int, seconds: float, context: int = 0, disk_s: float = 0.0) -> None:
-        if tokens > 0:
-            self.recent.append(Sample(tokens, seconds, context, min(disk_s, seconds)))
+        if tokens <= 0:
+            return
+        sample = Sample(tokens, seconds, context, min(disk_s, seconds))
+        if len(self.recent) >= 2:
+            predicted = float(np.dot(self.fit(), _features(sample)))
+            if predicted > 0:
+                self.misses.append(sample.compute_s / predicted)
+        self.recent.append(sample)
+
+    def margin(self) -> float:
+        """How much longer than predicted chunks ran lately (the 90th percentile, 1 to 2): the
+        compute budget is divided by it, so that a chunk stays within the target on a busy machine
+        (others' processes, a page fault) most of the time, not half of it."""
+        if len(self.misses) < 4:
+            return 1.0
+        ordered = sorted(self.misses)
+        return min(max(ordered[int(0.9 * (len(ordered) - 1))], 1.0), 2.0)
 
     def fit(self) -> tuple[float, float, float]:
         """(fixed, per token, per attended pair) seconds of compute, fitted to the recent chunks.
@@ -84,8 +102,6 @@ class ChunkClock:
         cost alone explains as well as the truth, and a fixed cost alone would ask for chunks of
         any length (the old clock's fault).
         """
-        import numpy as np
-
         if not self.recent:
             return 0.0, 0.0, 0.0
         X = np.array([_features(s) for s in self.recent])
@@ -114,7 +130,8 @@ class ChunkClock:
             return min(FIRST_CHUNK, self.most)
         fixed, per, pair = self.fit()
         disk = self.disk_s()
-        budget = max(self.target_s - disk, disk) - fixed  # disk over half the target: compute as long as the reads
+        # disk over half the target: compute as long as the reads
+        budget = max(self.target_s - disk, disk) / self.margin() - fixed
         # n tokens at this context cost per * n + pair * n * (context + n / 2): the positive root
         lin = per + pair * context
         if budget <= 0:
@@ -123,9 +140,9 @@ class ChunkClock:
             n = (math.sqrt(lin * lin + 2 * pair * budget) - lin) / pair
         else:
             n = budget / lin if lin > 0 else float(self.most)
-        # at most twice the longest recent chunk: a fit from short chunks may not hold for long ones,
-        # so a wrong guess costs at most about twice the target
-        n = min(n, 2 * max(s.tokens for s in self.recent))
+        # at most twice the last chunk: a fit from short chunks may not hold for long ones (or from
+        # noise), so a wrong guess costs at most about twice the target
+        n = min(n, 2 * self.recent[-1].tokens)
         return int(min(max(n + 1e-6, MIN_CHUNK), self.most))  # (the epsilon: 239.99999 tokens is 240)
 
     def stats(self) -> dict:
@@ -133,7 +150,7 @@ class ChunkClock:
         last = self.recent[-1] if self.recent else None
         return {"target_ms": self.target_s * 1e3, "next_chunk": self.size(), "fixed_ms": fixed * 1e3,
                 "per_token_ms": per * 1e3, "per_token_ms_per_1k_context": pair * 1e6, "disk_ms": self.disk_s() * 1e3,
-                "last_chunk": {"tokens": last.tokens, "ms": last.seconds * 1e3, "context": last.context} if last else None,
+                "margin": self.margin(), "last_chunk": {"tokens": last.tokens, "ms": last.seconds * 1e3, "context": last.context} if last else None,
                 "calibration": self.calibration}
 
 
@@ -143,7 +160,7 @@ def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.
 
     A 4-token forward first, unmeasured (MLX's first call pays for setup); then ``MIN_CHUNK``
     tokens, and forwards as long as the clock says fit a quarter of the target (at most doubling
-    each time) until one takes that quarter: calibrating costs about half the target.
+    each time) until one takes most of that quarter: calibrating costs about half the target.
     ``waited``: the manager's seconds spent waiting for experts so far.
     """
     import random
@@ -163,7 +180,7 @@ def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.
         clock.record(n, seconds, context, disk)
         context += n
         measured.append({"tokens": n, "ms": round(seconds * 1e3, 3), "disk_ms": round(disk * 1e3, 3)})
-        if seconds >= quarter.target_s or n >= clock.most:
+        if seconds >= 0.8 * quarter.target_s or n >= clock.most:  # near enough: the clock is fed
             break
         n = quarter.size(context)
     clock.calibration = {"forwards": measured, "first_chunk": clock.size()}
