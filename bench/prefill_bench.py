@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -195,9 +196,12 @@ def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float
 
     ctx = max(prompts) + 64
     d = DaemonProcess(model_dir, ("--stream-interval", "0", "--max-context", str(ctx), "--prefill-chunk-ms", str(chunk_ms),
-                                  "--no-editor"))
+                                  "--no-editor", "--debug"))  # --debug: the engine logs every chunk and decode step
     try:
         d.wait_ready(timeout=600)
+        load_before = os.getloadavg()
+        with d.client(timeout=60) as c:
+            calibration = (c.status().get("prefill") or {}).get("calibration")
         stream_gaps(d, 8)  # warm-up
         solo = stream_gaps(d, tokens)
         stop = threading.Event()
@@ -225,11 +229,28 @@ def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float
         t.join(timeout=60)  # a long prompt still being fed goes with the daemon
         out = {"solo_p99_s": p99(solo), "solo_median_s": statistics.median(solo),
                "busy_p99_s": p99(busy), "busy_median_s": statistics.median(busy), "busy_max_s": max(busy),
-               "long_prompts": sent, "prompt_lengths": prompts, "tokens": tokens}
+               "long_prompts": sent, "prompt_lengths": prompts, "tokens": tokens, "calibration": calibration,
+               "chunks": engine_timeline(d.log_text(), chunk_ms), "chunk_target_ms": chunk_ms, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
         out["busy_p99_vs_target"] = out["busy_p99_s"] / (2 * out["solo_p99_s"] + 0.3)
         return out
     finally:
         d.kill()
+
+
+CHUNK_LINE = re.compile(r"prefill chunk of (\d+) tokens at (\d+), ([\d.]+) ms \(([\d.]+) ms waiting")
+DECODE_LINE = re.compile(r"decode step: \d+ events, ([\d.]+) ms")
+
+
+def engine_timeline(log_text: str, target_ms: float) -> dict:
+    """The engine's own clock (its --debug log): prefill chunks and decode steps, as the gaps' causes."""
+    chunks = [(int(n), int(c), float(ms), float(disk)) for n, c, ms, disk in CHUNK_LINE.findall(log_text)]
+    decodes = sorted(float(ms) for ms in DECODE_LINE.findall(log_text))
+    ms = sorted(c[2] for c in chunks)
+    q = lambda xs, f: xs[min(len(xs) - 1, int(f * (len(xs) - 1)))] if xs else None  # noqa: E731
+    return {"chunks": len(chunks), "chunk_ms_p50": q(ms, 0.5), "chunk_ms_p99": q(ms, 0.99), "chunk_ms_max": q(ms, 1.0),
+            "chunks_over_target_x1_5": sum(m > 1.5 * target_ms for m in ms), "decode_ms_p50": q(decodes, 0.5),
+            "decode_ms_p99": q(decodes, 0.99), "longest_chunks": sorted(chunks, key=lambda c: -c[2])[:5],
+            "tokens_at_deepest_context": max(chunks, key=lambda c: c[1])[:3] if chunks else None}
 
 
 def markdown(result: dict) -> str:
@@ -255,6 +276,13 @@ def markdown(result: dict) -> str:
                   f"solo p99 {g['solo_p99_s'] * 1e3:.0f} ms, beside {g['prompt_lengths']}-token prompts p99 "
                   f"{g['busy_p99_s'] * 1e3:.0f} ms (max {g['busy_max_s'] * 1e3:.0f} ms); p99 / (2 x solo + 300 ms) = "
                   f"{g['busy_p99_vs_target']:.2f}", ""]
+        t = g.get("chunks") or {}
+        if t.get("chunks"):
+            lines += [f"engine clock: {t['chunks']} prefill chunks, p50 {t['chunk_ms_p50']:.0f} ms, p99 "
+                      f"{t['chunk_ms_p99']:.0f} ms, max {t['chunk_ms_max']:.0f} ms ({t['chunks_over_target_x1_5']} over 1.5 x {g['chunk_target_ms']:.0f} ms); "
+                      f"decode steps p50 {t['decode_ms_p50']:.1f} ms, p99 {t['decode_ms_p99']:.1f} ms; load average "
+                      f"{g['load_avg_before'][0]:.1f} before, {g['load_avg_after'][0]:.1f} after; calibration at start "
+                      f"{g.get('calibration')}", ""]
     return "\n".join(lines)
 
 
