@@ -200,9 +200,10 @@ def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float
     try:
         d.wait_ready(timeout=600)
         load_before = os.getloadavg()
+        stream_gaps(d, 8)  # warm-up
+        time.sleep(1.2)  # the engine's stats reach the front once a second
         with d.client(timeout=60) as c:
             calibration = (c.status().get("prefill") or {}).get("calibration")
-        stream_gaps(d, 8)  # warm-up
         solo = stream_gaps(d, tokens)
         stop = threading.Event()
         sent = []
