@@ -191,12 +191,12 @@ def stream_gaps(d, n: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]  # from the first token on: the wait for it is TTFT
 
 
-def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float) -> dict:
+def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float, serve_args: tuple = ()) -> dict:
     from bench.launch import DaemonProcess
 
     ctx = max(prompts) + 64
     d = DaemonProcess(model_dir, ("--stream-interval", "0", "--max-context", str(ctx), "--prefill-chunk-ms", str(chunk_ms),
-                                  "--no-editor", "--debug"))  # --debug: the engine logs every chunk and decode step
+                                  "--no-editor", "--debug", *serve_args))  # --debug: the engine logs every chunk and decode step
     try:
         d.wait_ready(timeout=600)
         load_before = os.getloadavg()
@@ -296,6 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gap-model", type=Path)
     ap.add_argument("--gap-prompts", default="8000,28000")
     ap.add_argument("--gap-tokens", type=int, default=64)
+    ap.add_argument("--gap-serve-args", default="", help="more `moed serve` flags for the gap daemon, e.g. '--capacity 128'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
         result["models"][name] = bench_model(name, Path(path), args.prompt_tokens, args.chunk_ms, args.seed)
     if args.gap_model:
         result["gaps"] = bench_gaps(args.gap_model, [int(x) for x in args.gap_prompts.split(",")], args.gap_tokens,
-                                    args.chunk_ms)
+                                    args.chunk_ms, tuple(args.gap_serve_args.split()))
+        result["gaps"]["serve_args"] = args.gap_serve_args
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["load_avg_end"] = os.getloadavg()
     md = markdown(result)
