@@ -19,7 +19,7 @@ partial residency; when it alone is over half the target, chunks grow until
 compute matches it, since shorter ones would read the same experts again for
 fewer tokens. An earlier clock fitted ``seconds = fixed + per_token * tokens``
 and read the growth of attention as a fixed cost: chunks of 250-370 tokens
-near 300 ms, then one of 760 tokens at 1066 ms (bench/results/prefill-cpu.md).
+near 300 ms, then one of 760 tokens at 1066 ms (bench/results/README.md, prefill-gaps).
 
 ``calibrate`` measures a few short forwards when the engine starts, so the
 first chunk is sized by this device's speed too, not by a guess.
