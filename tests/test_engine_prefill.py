@@ -139,14 +139,16 @@ def test_chunk_clock_grows_chunks_to_match_disk_reads():
 
 
 def test_calibrate_feeds_the_clock(loaded):
-    engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=250))
+    target_ms = 2000  # long enough that a 16-token forward of the test model cannot end it, even on a busy box
+    engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=target_ms))
     result = engine.calibrate()
     forwards = result["forwards"]
     tokens = [f["tokens"] for f in forwards]
     assert tokens[0] == MIN_CHUNK and len(tokens) >= 2 and tokens[1] > MIN_CHUNK  # then as the clock says
     # it stops once a forward takes most of a quarter of the target, or after six
-    assert forwards[-1]["ms"] >= 0.8 * 250 / 4 or len(forwards) == 6 or tokens[-1] == engine.chunk_clock.most
-    assert all(f["ms"] < 0.8 * 250 / 4 for f in forwards[:-1])
+    quarter = target_ms / 4
+    assert forwards[-1]["ms"] >= 0.8 * quarter or len(forwards) == 6 or tokens[-1] == engine.chunk_clock.most
+    assert all(f["ms"] < 0.8 * quarter for f in forwards[:-1])
     assert len(engine.chunk_clock.recent) == len(forwards) and result["first_chunk"] == engine.chunk_clock.size()
     assert engine.stats()["prefill"]["calibration"] == result
     assert not engine.busy and not engine.prompt_caches.nbytes  # nothing of it stays
