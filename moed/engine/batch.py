@@ -141,11 +141,7 @@ class Engine:
 
     def calibrate(self) -> dict:
         """Measure prefill speed before serving (prefill.calibrate): the chunk clock's first samples."""
-        t0 = time.perf_counter()
-        result = calibrate(self.model, self.chunk_clock, min(self.model_vocab(), 1024), self.new_cache, self._waited)
-        if result:
-            log.info("prefill calibrated in %.2f s: %s", time.perf_counter() - t0, result)
-        return result
+        return calibrate(self.model, self.chunk_clock, min(self.model_vocab(), 1024), self.new_cache, self._waited)
 
     @property
     def busy(self) -> bool:
@@ -245,13 +241,7 @@ class Engine:
         """Feed one chunk of the prompt next in turn; a prompt fed whole starts decoding."""
         p = self.prefilling[0]
         self.prefilling.rotate(-1)
-        context = len(p.fed())
-        w0, t0 = self._waited(), time.perf_counter()
-        n = p.feed(self.model, self.chunk_clock.size(context))
-        seconds, disk = time.perf_counter() - t0, self._waited() - w0
-        self.chunk_clock.record(n, seconds, context, disk)
-        log.debug("seq %d: prefill chunk of %d tokens at %d, %.1f ms (%.1f ms waiting for experts)",
-                  p.active.seq, n, context, seconds * 1e3, disk * 1e3)
+        p.feed(self.model, self.chunk_clock, self._waited)
         if p.done:
             self.prefilling.remove(p)
             self._start(p.active, p.handoff(), p.cache, p.tokens)

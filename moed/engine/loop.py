@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         engine = Engine(model, tokenizer, manager, options)
         channel.send(Progress("loading", "measuring prefill speed", 1.0))
         try:
-            engine.calibrate()
+            log.info("prefill speed measured at start: %s", engine.calibrate())
         except Exception:  # the clock then starts from its first guess; a model that cannot compute fails its requests
             log.exception("prefill calibration failed")
         info = model_info(path, model, tokenizer)

@@ -27,12 +27,15 @@ first chunk is sized by this device's speed too, not by a guess.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger("moed.engine")
 
 FIRST_CHUNK = 128  # tokens, before anything was measured
 MIN_CHUNK = 16
@@ -210,14 +213,17 @@ class Prefill:
     chunks: int = 0
     started_at: float = field(default_factory=time.perf_counter)
 
-    def feed(self, model, n: int) -> int:
-        """Feed the next ``n`` tokens to the model (evaluated); how many were fed."""
-        import mlx.core as mx
-
+    def feed(self, model, clock: ChunkClock, waited=lambda: 0.0) -> int:
+        """Feed the next chunk, as long as ``clock`` says, to the model (evaluated), and tell the
+        clock what it took (``waited``: the manager's seconds waiting for experts); how many were fed."""
+        context = len(self.fed())
+        n = clock.size(context)
         chunk, self.todo = self.todo[:n], self.todo[n:]
-        model(mx.array(chunk)[None], cache=self.cache)
-        mx.eval([c.state for c in self.cache])
+        seconds, disk = _timed_forward(model, self.cache, chunk, waited)
+        clock.record(len(chunk), seconds, context, disk)
         self.chunks += 1
+        log.debug("seq %d: prefill chunk of %d tokens at %d, %.1f ms (%.1f ms waiting for experts)",
+                  self.active.seq, len(chunk), context, seconds * 1e3, disk * 1e3)
         return len(chunk)
 
     @property
