@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -190,15 +191,19 @@ def stream_gaps(d, n: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]  # from the first token on: the wait for it is TTFT
 
 
-def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float) -> dict:
+def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float, serve_args: tuple = ()) -> dict:
     from bench.launch import DaemonProcess
 
     ctx = max(prompts) + 64
     d = DaemonProcess(model_dir, ("--stream-interval", "0", "--max-context", str(ctx), "--prefill-chunk-ms", str(chunk_ms),
-                                  "--no-editor"))
+                                  "--no-editor", "--debug", *serve_args))  # --debug: the engine logs every chunk and decode step
     try:
         d.wait_ready(timeout=600)
+        load_before = os.getloadavg()
         stream_gaps(d, 8)  # warm-up
+        time.sleep(1.2)  # the engine's stats reach the front once a second
+        with d.client(timeout=60) as c:
+            calibration = (c.status().get("prefill") or {}).get("calibration")
         solo = stream_gaps(d, tokens)
         stop = threading.Event()
         sent = []
@@ -225,11 +230,28 @@ def bench_gaps(model_dir: Path, prompts: list[int], tokens: int, chunk_ms: float
         t.join(timeout=60)  # a long prompt still being fed goes with the daemon
         out = {"solo_p99_s": p99(solo), "solo_median_s": statistics.median(solo),
                "busy_p99_s": p99(busy), "busy_median_s": statistics.median(busy), "busy_max_s": max(busy),
-               "long_prompts": sent, "prompt_lengths": prompts, "tokens": tokens}
+               "long_prompts": sent, "prompt_lengths": prompts, "tokens": tokens, "calibration": calibration,
+               "chunks": engine_timeline(d.log_text(), chunk_ms), "chunk_target_ms": chunk_ms, "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
         out["busy_p99_vs_target"] = out["busy_p99_s"] / (2 * out["solo_p99_s"] + 0.3)
         return out
     finally:
         d.kill()
+
+
+CHUNK_LINE = re.compile(r"prefill chunk of (\d+) tokens at (\d+), ([\d.]+) ms \(([\d.]+) ms waiting")
+DECODE_LINE = re.compile(r"decode step: \d+ events, ([\d.]+) ms")
+
+
+def engine_timeline(log_text: str, target_ms: float) -> dict:
+    """The engine's own clock (its --debug log): prefill chunks and decode steps, as the gaps' causes."""
+    chunks = [(int(n), int(c), float(ms), float(disk)) for n, c, ms, disk in CHUNK_LINE.findall(log_text)]
+    decodes = sorted(float(ms) for ms in DECODE_LINE.findall(log_text))
+    ms = sorted(c[2] for c in chunks)
+    q = lambda xs, f: xs[min(len(xs) - 1, int(f * (len(xs) - 1)))] if xs else None  # noqa: E731
+    return {"chunks": len(chunks), "chunk_ms_p50": q(ms, 0.5), "chunk_ms_p99": q(ms, 0.99), "chunk_ms_max": q(ms, 1.0),
+            "chunks_over_target_x1_5": sum(m > 1.5 * target_ms for m in ms), "decode_ms_p50": q(decodes, 0.5),
+            "decode_ms_p99": q(decodes, 0.99), "longest_chunks": sorted(chunks, key=lambda c: -c[2])[:5],
+            "tokens_at_deepest_context": max(chunks, key=lambda c: c[1])[:3] if chunks else None}
 
 
 def markdown(result: dict) -> str:
@@ -255,6 +277,13 @@ def markdown(result: dict) -> str:
                   f"solo p99 {g['solo_p99_s'] * 1e3:.0f} ms, beside {g['prompt_lengths']}-token prompts p99 "
                   f"{g['busy_p99_s'] * 1e3:.0f} ms (max {g['busy_max_s'] * 1e3:.0f} ms); p99 / (2 x solo + 300 ms) = "
                   f"{g['busy_p99_vs_target']:.2f}", ""]
+        t = g.get("chunks") or {}
+        if t.get("chunks"):
+            lines += [f"engine clock: {t['chunks']} prefill chunks, p50 {t['chunk_ms_p50']:.0f} ms, p99 "
+                      f"{t['chunk_ms_p99']:.0f} ms, max {t['chunk_ms_max']:.0f} ms ({t['chunks_over_target_x1_5']} over 1.5 x {g['chunk_target_ms']:.0f} ms); "
+                      f"decode steps p50 {t['decode_ms_p50']:.1f} ms, p99 {t['decode_ms_p99']:.1f} ms; load average "
+                      f"{g['load_avg_before'][0]:.1f} before, {g['load_avg_after'][0]:.1f} after; calibration at start "
+                      f"{g.get('calibration')}", ""]
     return "\n".join(lines)
 
 
@@ -267,6 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gap-model", type=Path)
     ap.add_argument("--gap-prompts", default="8000,28000")
     ap.add_argument("--gap-tokens", type=int, default=64)
+    ap.add_argument("--gap-serve-args", default="", help="more `moed serve` flags for the gap daemon, e.g. '--capacity 128'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -283,7 +313,8 @@ def main(argv=None) -> int:
         result["models"][name] = bench_model(name, Path(path), args.prompt_tokens, args.chunk_ms, args.seed)
     if args.gap_model:
         result["gaps"] = bench_gaps(args.gap_model, [int(x) for x in args.gap_prompts.split(",")], args.gap_tokens,
-                                    args.chunk_ms)
+                                    args.chunk_ms, tuple(args.gap_serve_args.split()))
+        result["gaps"]["serve_args"] = args.gap_serve_args
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["load_avg_end"] = os.getloadavg()
     md = markdown(result)

@@ -245,6 +245,15 @@ def test_human_status_shows_a_quantized_kv_cache():
     assert "4-bit (group 64), 3.0 MiB in use" in text
 
 
+def test_human_status_shows_the_prefill_clock_measured_at_start():
+    prefill = {"target_ms": 250.0, "next_chunk": 256, "prefilling": 1,
+               "calibration": {"forwards": [{"tokens": 16, "ms": 7.9, "disk_ms": 0.0}, {"tokens": 128, "ms": 62.5, "disk_ms": 0.0}],
+                               "first_chunk": 256}}
+    text = cli_status.format_status({**SAMPLE_STATUS, "prefill": prefill})
+    assert "chunks of 256 tokens for 250 ms (measured at start: 16 tokens in 8 ms, 128 tokens in 62 ms); 1 prompt(s) being fed" in text
+    assert "prefill" not in cli_status.format_status(SAMPLE_STATUS)
+
+
 def test_human_status_while_loading():
     text = cli_status.format_status({**SAMPLE_STATUS, "state": "loading", "progress": {"stage": "download", "message": "2 of 4 GB", "fraction": 0.5}})
     assert text.splitlines()[0] == "moed is running (loading): [download] 2 of 4 GB 50%"

@@ -49,6 +49,17 @@ def test_hello_status_ping(shared_daemon):
         assert c.ping() < 5
 
 
+def test_status_shows_the_prefill_speed_measured_at_start(shared_daemon):
+    deadline = time.monotonic() + 10  # the engine's stats reach the front once a second
+    with shared_daemon.client() as c:
+        while not (prefill := c.status().get("prefill")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert prefill["target_ms"] == 250.0
+    forwards = prefill["calibration"]["forwards"]
+    assert forwards[0]["tokens"] == 16 and all(f["ms"] > 0 for f in forwards)
+    assert prefill["calibration"]["first_chunk"] >= 16
+
+
 def test_socket_permissions(shared_daemon):
     assert stat.S_IMODE(os.stat(shared_daemon.runtime_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(shared_daemon.socket).st_mode) == 0o600

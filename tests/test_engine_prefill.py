@@ -87,24 +87,81 @@ def test_chunk_clock_sizes_chunks_by_time():
     clock = ChunkClock(0.25, 2048)
     assert clock.size() == 128  # nothing measured yet
     for n in (128, 64, 256):
-        clock.record(n, 0.01 + n * 0.001)  # 10 ms fixed, 1 ms a token
-    fixed, per = clock.fit()
-    assert fixed == pytest.approx(0.01) and per == pytest.approx(0.001)
-    assert clock.size() == 240  # (250 - 10) ms / 1 ms
-    slow = ChunkClock(0.25, 2048)
-    for n in (16, 32, 64):
-        slow.record(n, 1.0 + n * 0.002)  # a second of expert reads whatever the length
-    assert slow.size() == 128  # grows (at most doubling) until compute matches the fixed cost, not to the minimum
-    slow.record(128, 1.0 + 128 * 0.002)
-    slow.record(256, 1.0 + 256 * 0.002)
-    assert slow.size() == 500
+        clock.record(n, n * 0.001)  # 1 ms a token, whatever the context
+    assert clock.fit() == (0.0, pytest.approx(0.001), 0.0)
+    assert clock.size() == 250 and clock.size(context=10_000) == 250
     fast = ChunkClock(0.25, 512)
     fast.record(100, 0.001)
     assert fast.size() == 200 and ChunkClock(0.0, 64).size() == 64  # doubling, then the --prefill-step cap
-    noisy = ChunkClock(0.25, 2048)
-    for n, s in ((100, 0.30), (300, 0.25), (200, 0.28)):  # longer chunks looked cheaper: no trust in the slope
-        noisy.record(n, s)
-    assert noisy.size() == int(0.25 / (0.83 / 600))
     tiny = ChunkClock(0.25, 2048)
     tiny.record(100, 10.0)
     assert tiny.size() == MIN_CHUNK
+    overhead = ChunkClock(0.25, 2048)  # a small model: 2 ms a forward whatever its length, 0.1 ms a token
+    for n in (16, 32, 64, 128):
+        overhead.record(n, 0.002 + n * 0.0001)
+    assert overhead.fit() == pytest.approx((0.002, 0.0001, 0.0))
+    assert overhead.size() == 256  # (250 - 2) ms / 0.1 ms, after doubling
+
+
+def test_chunk_clock_counts_the_context_attention_grows_with():
+    # a token at context c costs 0.5 ms + 0.1 ms per 1000 tokens of context (attention)
+    cost = lambda n, c: n * (0.0005 + 1e-7 * (c + n / 2))  # noqa: E731
+    clock = ChunkClock(0.25, 4096)
+    context = 0
+    for _ in range(40):  # a long prompt, chunk after chunk, each sized by the clock
+        n = clock.size(context)
+        assert cost(n, context) <= 0.25 * 1.05  # never overshoots (the old fit reached 4x, see prefill.py)
+        clock.record(n, cost(n, context), context)
+        context += n
+    assert clock.fit() == pytest.approx((0.0, 0.0005, 1e-7))
+    assert cost(clock.size(context), context) == pytest.approx(0.25, rel=0.01)  # and fills the target
+    # the measured failure: chunks shrinking as the context grew, each ~300 ms; the fit of
+    # seconds = fixed + per_token * tokens took the growth for a fixed cost and asked for 760 tokens
+    seen = ChunkClock(0.25, 2048)
+    for n, ms, c in ((369, 341, 2350), (359, 358, 2719), (341, 362, 3078), (312, 348, 3419), (288, 338, 3731),
+                     (267, 320, 4019), (251, 304, 4286)):
+        seen.record(n, ms / 1e3, c)
+    assert 180 <= seen.size(4537) <= 230  # what fits 250 ms at the next context: shorter, not 3x longer
+
+
+def test_chunk_clock_grows_chunks_to_match_disk_reads():
+    slow = ChunkClock(0.25, 2048)
+    for n in (16, 32, 64):
+        slow.record(n, 1.0 + n * 0.002, disk_s=1.0)  # a second of expert reads whatever the length
+    assert slow.disk_s() == pytest.approx(1.0)
+    assert slow.size() == 128  # grows (at most doubling) until compute matches the reads, not to the minimum
+    slow.record(128, 1.0 + 128 * 0.002, disk_s=1.0)
+    slow.record(256, 1.0 + 256 * 0.002, disk_s=1.0)
+    assert slow.size() == 500
+    some = ChunkClock(0.25, 2048)
+    some.record(100, 0.15, disk_s=0.05)  # 50 ms of reads: the compute gets the other 200 ms
+    assert some.size() == 200
+
+
+def test_calibrate_feeds_the_clock(loaded):
+    target_ms = 2000  # long enough that a 16-token forward of the test model cannot end it, even on a busy box
+    engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=target_ms))
+    result = engine.calibrate()
+    forwards = result["forwards"]
+    tokens = [f["tokens"] for f in forwards]
+    assert tokens[0] == MIN_CHUNK and len(tokens) >= 2 and tokens[1] > MIN_CHUNK  # then as the clock says
+    # it stops once a forward takes most of a quarter of the target, or after six
+    quarter = target_ms / 4
+    assert forwards[-1]["ms"] >= 0.8 * quarter or len(forwards) == 6 or tokens[-1] == engine.chunk_clock.most
+    assert all(f["ms"] < 0.8 * quarter for f in forwards[:-1])
+    assert len(engine.chunk_clock.recent) == len(forwards) and result["first_chunk"] == engine.chunk_clock.size()
+    assert engine.stats()["prefill"]["calibration"] == result
+    assert not engine.busy and not engine.prompt_caches.nbytes  # nothing of it stays
+    assert Engine(*loaded, None, engine_args(prefill_chunk_ms=0)).calibrate() == {}  # chunks by count: nothing to measure
+
+
+def test_chunk_clock_leaves_room_for_chunks_that_ran_long():
+    quiet, busy = ChunkClock(0.25, 2048), ChunkClock(0.25, 2048)
+    for i in range(20):
+        quiet.record(100, 0.1)
+        busy.record(100, 0.2 if i % 4 == 3 else 0.1)  # a quarter of the chunks ran twice as long (a busy machine)
+    assert quiet.margin() == pytest.approx(1.0) and quiet.size() == 200  # (the doubling cap; the fit says 250)
+    assert busy.margin() > 1.5
+    per = busy.fit()[1]
+    assert busy.size() * per * busy.margin() == pytest.approx(0.25, rel=0.02)  # the budget shrinks by the margin
+    assert busy.size() * 0.002 <= 0.26  # so a chunk that runs long (2 ms a token) still stays near the target

@@ -99,6 +99,8 @@ def format_status(obj: dict) -> str:
         rows.append(("kv cache", f"{kv['bits']}-bit (group {kv.get('group_size')}), {size(kv.get('active_bytes'))} in use"))
     for r in obj.get("ranks") or []:
         rows.append((f"rank {r.get('rank')}", format_rank(r)))
+    if isinstance(obj.get("prefill"), dict) and obj["prefill"].get("target_ms"):
+        rows.append(("prefill", format_prefill(obj["prefill"])))
     rows.append(("socket", obj["socket"]))
     if obj.get("http"):
         no_auth = obj.get("http_auth") == "none"
@@ -112,6 +114,17 @@ def format_status(obj: dict) -> str:
         rows.append(("service", f"{service['manager']} (installed)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def format_prefill(prefill: dict) -> str:
+    """The chunk clock: how long a prompt chunk may take, and what calibration at start measured."""
+    text = f"chunks of {prefill.get('next_chunk')} tokens for {prefill['target_ms']:.0f} ms"
+    forwards = (prefill.get("calibration") or {}).get("forwards") or []
+    if forwards:
+        text += " (measured at start: " + ", ".join(f"{f['tokens']} tokens in {f['ms']:.0f} ms" for f in forwards) + ")"
+    if prefill.get("prefilling"):
+        text += f"; {prefill['prefilling']} prompt(s) being fed"
+    return text
 
 
 def format_experts(experts: dict) -> str:

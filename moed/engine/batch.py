@@ -22,7 +22,7 @@ from moed_client import protocol as P
 
 from moed.channel import EngineOptions, Event, Submit
 from moed.engine.loading import encode_prompt
-from moed.engine.prefill import ChunkClock, Prefill
+from moed.engine.prefill import ChunkClock, Prefill, calibrate
 from moed.engine.sampling import StopText, make_request_processors, make_request_sampler
 from moed.engine.solo import Solo
 from moed.engine.structured import Grammars
@@ -91,6 +91,14 @@ class Engine:
         self.chunk_clock = ChunkClock(chunk_ms / 1e3, args.prefill_step)
         self.progress = 0  # steps and prefill chunks done: what the watchdog judges (loop.py)
         self.grammars = Grammars(tokenizer, self.model_vocab())  # constrained decoding (structured.py)
+
+    def _waited(self) -> float:
+        """Seconds forwards have waited for experts to load, so far (0 without lazy experts)."""
+        return getattr(self.manager, "wait_time", 0.0)
+
+    def calibrate(self) -> dict:
+        """Measure prefill speed before serving (prefill.calibrate): the chunk clock's first samples."""
+        return calibrate(self.model, self.chunk_clock, min(self.model_vocab(), 1024), self.new_cache, self._waited)
 
     @property
     def busy(self) -> bool:
@@ -170,7 +178,7 @@ class Engine:
                         ignore_eos=sampling.ignore_eos, max_tokens=sampling.max_tokens, tools=make_tool_calls(msg.request, self.tokenizer))
         if self.solo is not None:
             self._join_batch()  # the solo loop defers its checks: no other forward may run beside it
-        if len(rest) - 1 > self.chunk_clock.size() and not self.kv:  # quantized: generate_step prefills as stock's does
+        if len(rest) - 1 > self.chunk_clock.size(cached) and not self.kv:  # quantized: generate_step prefills as stock's does
             # longer than a chunk: all but the last token are fed a chunk per step, between the others'
             # steps (a shorter prompt is fed by the decode loop's first step, as mlx-lm does)
             cache = cache if cache is not None else self.new_cache()
@@ -194,9 +202,7 @@ class Engine:
         """Feed one chunk of the prompt next in turn; a prompt fed whole starts decoding."""
         p = self.prefilling[0]
         self.prefilling.rotate(-1)
-        t0 = time.perf_counter()
-        n = p.feed(self.model, self.chunk_clock.size())
-        self.chunk_clock.record(n, time.perf_counter() - t0)
+        p.feed(self.model, self.chunk_clock, self._waited)
         if p.done:
             self.prefilling.remove(p)
             self._start(p.active, p.handoff(), p.cache, p.tokens)
@@ -269,7 +275,10 @@ class Engine:
 
     def step(self) -> list[Event]:
         """One decode step (solo, or of the whole batch) and one prefill chunk; the events produced."""
+        t0 = time.perf_counter()
         events = self._decode() if self.solo is not None or self.active else []
+        if events:
+            log.debug("decode step: %d events, %.1f ms", len(events), (time.perf_counter() - t0) * 1e3)
         if self.prefilling:
             self._prefill_chunk()
         self.progress += 1

@@ -114,11 +114,11 @@ class PinnedChunks:
     def __init__(self, clock):
         self.clock, self.n = clock, clock.size()
 
-    def size(self) -> int:
+    def size(self, context: int = 0) -> int:
         return self.n
 
-    def record(self, tokens: int, seconds: float) -> None:
-        self.clock.record(tokens, seconds)
+    def record(self, tokens: int, seconds: float, context: int = 0, disk_s: float = 0.0) -> None:
+        self.clock.record(tokens, seconds, context, disk_s)
 
     def stats(self) -> dict:
         return self.clock.stats()

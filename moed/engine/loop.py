@@ -133,8 +133,7 @@ def _serve(channel, engine: Engine, outbox: Outbox, tokenizing, front_alive, loc
                 turn, last_stats = _decide(channel, engine, tokenizing, events, last_stats, idle_ms)
         if lockstep is not None:
             turn = lockstep.share(turn)
-            if not leader:
-                engine.chunk_clock.n = turn.chunk
+            engine.chunk_clock.n = turn.chunk
         if gone:
             return
         if turn.shutdown:
@@ -184,7 +183,7 @@ def _serve(channel, engine: Engine, outbox: Outbox, tokenizing, front_alive, loc
 
 def _decide(channel: Channel, engine: Engine, tokenizing: Tokenizing, events: list, last_stats: float, idle_ms: int):
     """Rank 0's (or the only engine's) turn: the front's messages and the prompts tokenized since."""
-    turn = Turn(chunk=engine.chunk_clock.size())
+    turn = Turn(chunk=getattr(engine.chunk_clock, "clock", engine.chunk_clock).size())  # a job's: PinnedChunks
     # an idle engine has flushed everything; one waiting only for the tokenizer looks again soon
     timeout = 0 if engine.busy else min(TOKENIZE_POLL_MS, idle_ms) if tokenizing.jobs else idle_ms
     MARK.waiting = timeout > 0
@@ -323,8 +322,16 @@ def _run(options: EngineOptions, args, channel: Channel | None, lockstep) -> int
 
         info["ranks"] = lockstep.gather(pieces[0].describe())  # also: every rank has loaded
         new_seed(lockstep)
-        if not lockstep.leader:
-            engine.chunk_clock = PinnedChunks(engine.chunk_clock)
+        # every rank feeds the chunk length rank 0 chose for the turn (not measured at start: a forward
+        # on one rank alone would wait for the others)
+        engine.chunk_clock = PinnedChunks(engine.chunk_clock)
+    else:
+        if channel is not None:
+            channel.send(Progress("loading", "measuring prefill speed", 1.0))
+        try:
+            log.info("prefill speed measured at start: %s", engine.calibrate())
+        except Exception:  # the clock then starts from its first guess; a model that cannot compute fails its requests
+            log.exception("prefill calibration failed")
     log.info("model %s loaded in %.1f s (pid %d)", info["name"], time.monotonic() - t0, os.getpid())
     if channel is not None:
         channel.send(Ready(info, os.getpid()))

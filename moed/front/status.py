@@ -87,6 +87,7 @@ def report(daemon) -> dict:
         "ranks": sup.engine_stats.get("ranks"),
         "prompt_cache": sup.engine_stats.get("prompt_cache"),
         "kv_cache": sup.engine_stats.get("kv_cache"),  # {bits, group_size, active_bytes} (moed serve --kv-bits)
+        "prefill": sup.engine_stats.get("prefill"),  # the chunk clock: target, next chunk, calibration at start
         "editor_socket": str(daemon.editor.path) if daemon.editor else None,
         "http": daemon.http.url if daemon.http else None,
         "http_auth": daemon.http.auth if daemon.http else None,  # "token", or "none" under --http-no-auth
