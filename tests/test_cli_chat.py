@@ -116,7 +116,8 @@ def test_local_commands(tmp_path):
 @pytest.mark.slow
 def test_run_cut_short_by_stop_now_says_why(env, started, tiny_model, capsys):  # noqa: F811
     start(tiny_model, capsys)
-    run = subprocess.Popen([sys.executable, "-m", "moed.cli", "run", "def f(x):", "--max-tokens", "20000", "--temperature", "1"],
+    run = subprocess.Popen([sys.executable, "-m", "moed.cli", "run", "def f(x):", "--max-tokens", "20000", "--temperature", "1",
+                            "--ignore-eos"],  # an early end-of-sequence would finish the run before the stop
                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = run.stdout.read(1)  # it streams
     assert first

@@ -236,19 +236,25 @@ def test_front_memory_does_not_grow_under_junk(shared_daemon):
             r.until(lambda m: m["type"] == P.CHUNK)
             r.close()  # vanish mid-stream
 
+    def settled():
+        with shared_daemon.client() as c:
+            deadline = time.monotonic() + 10
+            while c.status()["requests"]["active"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return c.status()
+
     engine = shared_daemon.engine_pid()
     round_of_junk(20)  # warm up allocator pools and caches (the prompt-cache LRU fills up here too)
-    before, engine_before = _rss(shared_daemon.pid), _rss(engine)
-    round_of_junk(100)
-    with shared_daemon.client() as c:
-        deadline = time.monotonic() + 10
-        while c.status()["requests"]["active"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        status = c.status()
-    growth, engine_growth = _rss(shared_daemon.pid) - before, _rss(engine) - engine_before
-    assert status["requests"]["active"] == 0 and status["clients"] == 0
-    assert growth < 4 * 1024 * 1024, f"front grew by {growth} bytes over 100 vanished clients"
-    assert engine_growth < 16 * 1024 * 1024, f"engine grew by {engine_growth} bytes over 100 vanished clients"
+    engine_growth = []
+    for _ in range(2):  # a leak grows in both rounds; the allocator's pools settle in one of them
+        before, engine_before = _rss(shared_daemon.pid), _rss(engine)
+        round_of_junk(100)
+        status = settled()
+        growth = _rss(shared_daemon.pid) - before
+        engine_growth.append(_rss(engine) - engine_before)
+        assert status["requests"]["active"] == 0 and status["clients"] == 0
+        assert growth < 4 * 1024 * 1024, f"front grew by {growth} bytes over 100 vanished clients"
+    assert min(engine_growth) < 16 * 1024 * 1024, f"engine grew by {engine_growth} bytes in two rounds of 100 vanished clients"
 
 
 def test_dropped_client_frees_batch_slots_for_the_queue(daemon):

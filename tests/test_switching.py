@@ -72,7 +72,7 @@ def test_load_swaps_the_model_and_tells_clients(daemon, tiny_model, second_model
 def test_load_cancels_in_flight_work_when_told(daemon, tiny_model, second_model):
     d = daemon(tiny_model)
     with d.client(timeout=60) as c, d.client(timeout=30) as ctl:
-        s = c.generate("hello world", max_tokens=20000, temperature=1.0)
+        s = c.generate("hello world", max_tokens=20000, temperature=1.0, ignore_eos=True)
         next(iter(s))  # decoding
         ctl.load(str(second_model), drain=False)
         for _ in s:

@@ -52,6 +52,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", default=None, help="go on past end-of-sequence tokens, to --max-tokens")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep the top tokens holding P of the mass")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (0: off)")
     p.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P times the likeliest one's probability")

@@ -31,6 +31,8 @@ def sampling(args, cfg: Config) -> dict:
         params["seed"] = args.seed
     if getattr(args, "stop", None):
         params["stop"] = args.stop
+    if getattr(args, "ignore_eos", None):
+        params["ignore_eos"] = True
     for name in ("top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if getattr(args, name, None) is not None:  # the daemon checks their ranges
             params[name] = getattr(args, name)
