@@ -70,9 +70,11 @@ def run(big: Path, sibling: Path, memory_budget: str, tokens: int, repeats: int,
     for i in range(repeats):
         progress(f"round {i + 1}/{repeats}: stock mlx-lm on the sibling ({layers(sibling)} layers)")
         rounds["stock-sibling"].append(_subprocess(sibling, None, tokens, prompts, True))
+        progress(f"  {json.dumps(summarize(rounds['stock-sibling'][-1]) | {'tokens': None})}")
         for name in names:
             progress(f"round {i + 1}/{repeats}: {name} on the big model, budget {memory_budget}")
             rounds[name].append(_subprocess(big, None, tokens, prompts, True, memory_budget=memory_budget, **CONFIGS[name]))
+            progress(f"  {json.dumps(summarize(rounds[name][-1]) | {'tokens': None})}")  # a run cut short keeps these
     errors = {n: r["error"] for n, rs in rounds.items() for r in rs if "error" in r}
     stock = [r.get("decode_tps") for r in rounds["stock-sibling"]]
     out = {"big": {"path": str(big), "layers": layers(big), "bytes": checkpoint_bytes(big)},
