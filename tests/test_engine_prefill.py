@@ -4,6 +4,8 @@ tokens stay mlx-lm's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from moed.engine.batch import Engine
@@ -165,3 +167,18 @@ def test_chunk_clock_leaves_room_for_chunks_that_ran_long():
     per = busy.fit()[1]
     assert busy.size() * per * busy.margin() == pytest.approx(0.25, rel=0.02)  # the budget shrinks by the margin
     assert busy.size() * 0.002 <= 0.26  # so a chunk that runs long (2 ms a token) still stays near the target
+
+
+def test_the_vocabulary_is_found_for_every_family(tmp_path):
+    """Kimi's wrapper keeps vocab_size in text_config: the engine read model.args.vocab_size and failed."""
+    import mlx_lm
+
+    from families import FAMILIES, build
+    from moed.engine.batch import vocab_size
+
+    for family in FAMILIES:
+        path = build(family, tmp_path / family)
+        config = json.loads((path / "config.json").read_text())
+        want = config.get("vocab_size") or config["text_config"]["vocab_size"]
+        model, _ = mlx_lm.load(str(path), lazy=True)
+        assert vocab_size(model) == want, family

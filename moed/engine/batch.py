@@ -137,7 +137,7 @@ class Engine:
         return encode_prompt(tok, req.prompt)
 
     def model_vocab(self) -> int:
-        return self.model.args.vocab_size if hasattr(self.model, "args") else 1 << 62
+        return vocab_size(self.model)
 
     def submit(self, msg: Submit, tokens: list[int] | None = None) -> None:
         seq, sampling = msg.seq, msg.request.sampling
@@ -377,3 +377,13 @@ class Engine:
         caches += [p.cache for p in self.prefilling]
         live = sum(c.nbytes for cache in caches for c in cache if hasattr(c, "nbytes"))
         return {"bits": self.kv.get("kv_bits"), "group_size": self.kv.get("kv_group_size"), "active_bytes": live}
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's embedding table, from its args: a wrapper's (Kimi's) are in ``text_config``."""
+    args = getattr(model, "args", None)
+    for source in (args, getattr(args, "text_config", None)):
+        n = source.get("vocab_size") if isinstance(source, dict) else getattr(source, "vocab_size", None)
+        if isinstance(n, int):
+            return n
+    return 1 << 62
