@@ -132,6 +132,8 @@ def _serve(channel, engine: Engine, outbox: Outbox, tokenizing, front_alive, loc
                 idle_ms = IDLE_TURN_MS if lockstep is not None else int(STATS_INTERVAL_S * 1000)
                 turn, last_stats = _decide(channel, engine, tokenizing, events, last_stats, idle_ms)
         if lockstep is not None:
+            if leader:  # every rank feeds the chunk length rank 0's clock gives (a single engine's sizes itself)
+                turn.chunk = engine.chunk_clock.clock.size()
             turn = lockstep.share(turn)
             engine.chunk_clock.n = turn.chunk
         if gone:
@@ -183,7 +185,7 @@ def _serve(channel, engine: Engine, outbox: Outbox, tokenizing, front_alive, loc
 
 def _decide(channel: Channel, engine: Engine, tokenizing: Tokenizing, events: list, last_stats: float, idle_ms: int):
     """Rank 0's (or the only engine's) turn: the front's messages and the prompts tokenized since."""
-    turn = Turn(chunk=getattr(engine.chunk_clock, "clock", engine.chunk_clock).size())  # a job's: PinnedChunks
+    turn = Turn()
     # an idle engine has flushed everything; one waiting only for the tokenizer looks again soon
     timeout = 0 if engine.busy else min(TOKENIZE_POLL_MS, idle_ms) if tokenizing.jobs else idle_ms
     MARK.waiting = timeout > 0
