@@ -14,6 +14,7 @@ which the benchmarks use too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -112,6 +113,16 @@ def _factory(default_model: Path):
         return d
 
     return start, started
+
+
+@contextlib.contextmanager
+def gateway_daemon(model: Path, *args: str):
+    """A ready daemon with the HTTP gateway on an ephemeral loopback port: ``(daemon, base url)``; killed after."""
+    d = DaemonProcess(model, ("--http", "127.0.0.1:0", *args))
+    try:
+        yield d, d.wait_ready()["http"]
+    finally:
+        d.kill()
 
 
 @pytest.fixture

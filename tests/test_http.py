@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from bench.launch import http_auth
-from conftest import DaemonProcess, find_long_generation
+from conftest import DaemonProcess, find_long_generation, gateway_daemon
 from moed.doors import http as gateway
 from moed.doors import http_token
 
@@ -22,13 +22,9 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 @pytest.fixture(scope="module")
 def served(test_model):
     """(daemon, base url) of one daemon with the gateway on an ephemeral loopback port."""
-    d = DaemonProcess(test_model, ("--http", "127.0.0.1:0"))
-    try:
-        status = d.wait_ready()
-        assert status["http"].startswith("http://127.0.0.1:")
-        yield d, status["http"]
-    finally:
-        d.kill()
+    with gateway_daemon(test_model) as (d, url):
+        assert url.startswith("http://127.0.0.1:")
+        yield d, url
 
 
 def oai(url: str, key: str | None = None, **kwargs) -> openai.OpenAI:

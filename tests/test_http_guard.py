@@ -28,13 +28,10 @@ def served(shared_daemon_http):
 
 @pytest.fixture(scope="module")
 def shared_daemon_http(test_model):
-    from conftest import DaemonProcess
+    from conftest import gateway_daemon
 
-    d = DaemonProcess(test_model, ("--http", "127.0.0.1:0", "--max-clients", "4"))
-    try:
-        yield d, d.wait_ready()["http"]
-    finally:
-        d.kill()
+    with gateway_daemon(test_model, "--max-clients", "4") as served:
+        yield served
 
 
 def read_reply(s: socket.socket) -> bytes:

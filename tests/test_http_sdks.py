@@ -16,13 +16,10 @@ GREEDY = {"temperature": 0}  # the SDK (2.x) has no sampling arguments of its ow
 
 @pytest.fixture(scope="module")
 def served(test_model):
-    from conftest import DaemonProcess
+    from conftest import gateway_daemon
 
-    d = DaemonProcess(test_model, ("--http", "127.0.0.1:0"))
-    try:
-        yield d, d.wait_ready()["http"]
-    finally:
-        d.kill()
+    with gateway_daemon(test_model) as served:
+        yield served
 
 
 def claude(url: str, **kwargs) -> anthropic.Anthropic:

@@ -35,13 +35,10 @@ def tool_model(test_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(tool_model):
-    from conftest import DaemonProcess
+    from conftest import gateway_daemon
 
-    d = DaemonProcess(tool_model, ("--http", "127.0.0.1:0"))
-    try:
-        yield d, d.wait_ready()["http"]
-    finally:
-        d.kill()
+    with gateway_daemon(tool_model) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -162,19 +159,15 @@ def test_json_object_starts_an_object(served):
 
 
 def test_a_template_without_tools_gets_400(test_model):
-    from conftest import DaemonProcess
+    from conftest import gateway_daemon
 
-    d = DaemonProcess(test_model, ("--http", "127.0.0.1:0"))
-    try:
-        url = d.wait_ready()["http"]
+    with gateway_daemon(test_model) as (_, url):
         with pytest.raises(openai.BadRequestError) as e:
             oai(url).chat.completions.create(model="embedded", messages=ASK, tools=[WEATHER], max_tokens=4)
         assert "no tool calling support" in str(e.value)
         with pytest.raises(anthropic.BadRequestError) as e:
             claude(url).messages.create(model="embedded", max_tokens=4, messages=ASK, tools=[{"name": "f", "input_schema": {"type": "object"}}])
         assert "no tool calling support" in str(e.value)
-    finally:
-        d.kill()
 
 
 @pytest.mark.parametrize("extra, words", [
