@@ -8,6 +8,8 @@
 #   bench/gpu_run.sh bench NAME ARGS  python -m bench ARGS --out $OUT/NAME.json, in the foreground (nothing of
 #                                     ours runs between calls, when the GPU may be someone else's)
 #   bench/gpu_run.sh module NAME MOD ARGS  python -m MOD ARGS --out $OUT/NAME.json (one bench module alone)
+#   bench/gpu_run.sh train TOKENS ARGS  training/train_embedded.py on TOKENS (tokens.npz or .npz.xz) into
+#                                     $OUT/model, its log beside it (issue 21: the embedded model)
 #
 # Every Python process (the daemon's engine, mlx_lm server, bench subprocesses) caps MLX's memory at
 # MOED_MLX_MEMORY_LIMIT bytes through sitecustomize.py: MLX's CUDA backend uses managed memory, and
@@ -106,6 +108,13 @@ module)
     mkdir -p "$OUT"
     python3 -m "$mod" --out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" | tail -40
     ;;
+train)
+    data=$2; shift 2
+    mkdir -p "$OUT/model"
+    case "$data" in *.xz) xz -dkc "$data" > "$ROOT/tokens.npz"; data=$ROOT/tokens.npz ;; esac
+    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
+    python3 training/train_embedded.py --data "$data" --out "$OUT/model" "$@" 2>&1 | tee "$OUT/train.log" | tail -40
+    ;;
 *)
-    sed -n 2,16p "$0"; exit 2 ;;
+    sed -n 2,18p "$0"; exit 2 ;;
 esac

@@ -87,3 +87,28 @@ def test_prefetcher_loads_are_not_read_again(family_dir, reference):
         assert max(reads.values()) == 1
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("backend_name", ["cuda", "metal"])
+def test_streamed_pieces_take_stock_kernel_class(backend_name, family_dir, reference, monkeypatch):
+    """With a GPU backend's kernel rule (kernels.py), no streamed piece is left in another kernel
+    class than stock's whole-chunk call, and the output stays stock's."""
+    import moed.experts.kernels as kernels
+    from moed.experts.lazy import LazySwitch
+
+    monkeypatch.setattr(kernels, "backend", lambda: backend_name)
+    path = family_dir["qwen3_moe"]
+    model, tok, manager = load_model(path, capacity=max(1, num_experts(path) // 4), prefetch=False, profile=None)
+    try:
+        calls = []
+        for m in model.modules():
+            if isinstance(m, LazySwitch):
+                same, inner = m._same_kernel, m._same_kernel.inner
+                same.inner = lambda x, idx, _inner=inner: calls.append(idx.size) or _inner(x, idx)
+        assert run(model, tok)[0] == reference["qwen3_moe"][0]
+        switches = [m._same_kernel for m in model.modules() if isinstance(m, LazySwitch)]
+        assert sum(s.padded + s.split for s in switches) > 0  # the rule changed some calls
+        if backend_name == "cuda":  # under 8 pairs only where stock has them too: a decode step's top-k
+            assert {n for n in calls if n < 8} <= {top_k(path)}, sorted(calls)[:10]
+    finally:
+        manager.close()

@@ -15,6 +15,7 @@ import numpy as np
 
 from .cache import LayerCache, Part
 from .families import MoESite, projections, require_moe_sites
+from .kernels import SameKernel
 from .manager import ExpertManager
 from .store import Checkpoint, Reader, expert_extents
 
@@ -53,9 +54,11 @@ class LazySwitch(nn.Module):
         for name, arr in cache.slots.items():
             proj, arr_name = name.split(".")
             setattr(inner[proj], arr_name, arr)
+        quantized = any("scales" in proj for proj in projections(inner).values())
+        self._same_kernel = SameKernel(inner, cache.num_experts, cache.capacity, quantized)
 
     def __call__(self, x, indices):
-        return self._manager.route(self._cache, self.inner, x, indices)
+        return self._manager.route(self._cache, self._same_kernel, x, indices)
 
 
 def _hook_forward(model: nn.Module, manager: ExpertManager) -> None:

@@ -11,8 +11,9 @@ once the group's compute has run. No expert is read twice for one layer of
 one forward.
 
 Exactness: every piece is the layer's own switch module (mlx-lm's SwitchGLU,
-gather_qmm) applied to the pairs of that piece, so each pair's arithmetic is
-the one stock mlx-lm does; the pieces are put back in pair order.
+gather_qmm) applied to the pairs of that piece, made to pick the kernel stock's
+call over the whole chunk picks (kernels.py), so each pair's arithmetic is the
+one stock mlx-lm does; the pieces are put back in pair order.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ExpertStream:
                 if len(piece):
                     pos = np.flatnonzero(np.isin(flat, piece))
                     slots = mx.array(cache.slot_of[flat[pos]].astype(np.uint32))[:, None]
-                    out = inner(xs[mx.array(pos // k)], slots)
+                    out = inner(xs[mx.array(pos // k)], slots, like=flat.size)  # stock's kernel (kernels.py)
                     mx.eval(out)  # before a later group may take these slots
                     outs.append(out[:, 0])
                     where.append(pos)
