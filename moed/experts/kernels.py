@@ -27,6 +27,7 @@ H100 (bench/results); the Metal rules are read from MLX's source, not run here.
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 
@@ -34,8 +35,9 @@ SORT_AT = 64  # mlx-lm's SwitchGLU / SwitchMLP sort the pairs at this many
 
 
 def backend() -> str:
-    """The backend the default device computes on: "cpu", "cuda" or "metal"."""
-    if mx.default_device().type != mx.DeviceType.gpu:
+    """The backend the default device computes on: "cpu", "cuda" or "metal". ``MOED_STOCK_KERNELS=off``
+    (diagnostics: to measure what the matching is for) treats every backend as the CPU's."""
+    if mx.default_device().type != mx.DeviceType.gpu or os.environ.get("MOED_STOCK_KERNELS") == "off":
         return "cpu"
     return "metal" if mx.metal.is_available() else "cuda"
 
