@@ -117,7 +117,7 @@ the CPU, with `training/quality.py`).
 | FIM infill returns code that fits | {sum(f['parses'] for f in q['fim'])} of {len(q['fim'])} infills make the file parse | {'yes' if all(f['parses'] for f in q['fim']) else 'no'} |
 
 The previous model (6 layers, 30.6M parameters, 13.5M training tokens seen 18
-times) scores 3.686 nats/token, 1.798 bits/byte on these held-out files (same
+times) scores 3.660 nats/token, 1.793 bits/byte on these held-out files (same
 tokenizer; measured with `quality.held_out_loss(model, tokenizer, corpus, 48,
 512)`){previous}. The one before it (4 layers of 128, stdlib only) looped on
 `self.assertEqual(self.get_f_f_f...`.
