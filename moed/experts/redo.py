@@ -33,7 +33,7 @@ REDO_MODES = ("sync", "resume")
 
 
 class Redos:
-    """The manager's redo of a pass that missed, and its choice of decode mode.
+    """The manager's redo of a pass that missed, and its choice of mode for decode steps and prefill chunks.
     Uses the manager's ``caches``, ``_mode``, ``_records``, ``_outputs``,
     ``_sync_from``, ``_load``, ``_pass``, ``_check``, ``_undo``, ``mode_cost``,
     ``redo_rate`` and counters; ``redo_mode`` picks the scheme above."""
