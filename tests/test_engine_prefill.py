@@ -9,7 +9,7 @@ import json
 import pytest
 
 from moed.engine.batch import Engine
-from moed.engine.prefill import MIN_CHUNK, ChunkClock
+from moed.engine.prefill import CALIBRATION_CHUNK, MIN_CHUNK, ChunkClock
 from test_engine import engine_args, loaded, request, run  # noqa: F401  (fixtures)
 
 LONG = "the quick brown fox jumps over the lazy dog. " * 40
@@ -105,6 +105,17 @@ def test_chunk_clock_sizes_chunks_by_time():
     assert overhead.size() == 256  # (250 - 2) ms / 0.1 ms, after doubling
 
 
+def test_chunk_clock_goes_below_sixteen_tokens_when_a_token_is_slow():
+    # measured at 25% residency on the CPU: 16 tokens in 1.84 s; the old floor of 16 held every chunk there
+    slow = ChunkClock(0.25, 2048)
+    slow.record(16, 1.84)
+    assert slow.size() == 2 == MIN_CHUNK
+    for n in (2, 2, 2):
+        slow.record(n, 0.06 * n)  # tokens got cheaper (experts now resident): the chunks grow back
+    assert MIN_CHUNK < slow.size() <= 4  # at most twice the last
+    assert MIN_CHUNK >= 2  # a one-token forward would count as a decode step in the expert manager
+
+
 def test_chunk_clock_counts_the_context_attention_grows_with():
     # a token at context c costs 0.5 ms + 0.1 ms per 1000 tokens of context (attention)
     cost = lambda n, c: n * (0.0005 + 1e-7 * (c + n / 2))  # noqa: E731
@@ -146,7 +157,7 @@ def test_calibrate_feeds_the_clock(loaded):
     result = engine.calibrate()
     forwards = result["forwards"]
     tokens = [f["tokens"] for f in forwards]
-    assert tokens[0] == MIN_CHUNK and len(tokens) >= 2 and tokens[1] > MIN_CHUNK  # then as the clock says
+    assert tokens[0] == CALIBRATION_CHUNK and len(tokens) >= 2 and tokens[1] > CALIBRATION_CHUNK  # then as the clock says
     # it stops once a forward takes most of a quarter of the target, or after six
     quarter = target_ms / 4
     assert forwards[-1]["ms"] >= 0.8 * quarter or len(forwards) == 6 or tokens[-1] == engine.chunk_clock.most

@@ -112,3 +112,57 @@ def test_streamed_pieces_take_stock_kernel_class(backend_name, family_dir, refer
             assert {n for n in calls if n < 8} <= {top_k(path)}, sorted(calls)[:10]
     finally:
         manager.close()
+
+
+def stock_chunked(path: Path, chunk: int):
+    model, tok = mlx_lm.load(str(path))
+    out = list(mlx_lm.stream_generate(model, tok, PROMPT, max_tokens=NEW_TOKENS, prefill_step_size=chunk))
+    return [r.token for r in out], out[0].logprobs
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25])
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_two_token_chunks_exact(family, share, family_dir):
+    """Chunks as short as the engine's clock may ask for at partial residency (MIN_CHUNK), where a
+    chunk's pairs often fit the slots and the manager picks speculative or sync per chunk."""
+    path = family_dir[family]
+    model, tok, manager = load_model(path, capacity=max(1, int(num_experts(path) * share)), prefetch=False, profile=None)
+    try:
+        reads = count_reads(manager)
+        out = list(mlx_lm.stream_generate(model, tok, PROMPT, max_tokens=NEW_TOKENS, prefill_step_size=2))
+        ref_tokens, ref_logprobs = stock_chunked(path, 2)
+        assert [r.token for r in out] == ref_tokens
+        assert mx.array_equal(out[0].logprobs, ref_logprobs)
+        assert max(reads.values()) == 1
+        modes = manager.stats()["chunk_modes"]
+        assert modes["sync"] > modes["speculative"]  # chunks that miss are not computed twice, chunk after chunk
+    finally:
+        manager.close()
+
+
+def test_chunk_speculates_only_after_two_chunks_that_hit(family_dir):
+    """A prefill chunk runs speculatively only if neither of the two chunks before it found an
+    expert missing (chunk_miss_rate, weight 1/2, under 1/4): one miss sends chunks to sync mode,
+    where they still tell whether they would have missed, so speculation comes back."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    path = family_dir["qwen3_moe"]
+    # all experts but one: some chunks route to the missing one, some do not
+    model, tok, manager = load_model(path, capacity=num_experts(path) - 1, prefetch=False, profile=None)
+    try:
+        cache = make_prompt_cache(model)
+        ids = tok.encode(PROMPT * 2)
+        seen = []
+        for i in range(0, len(ids) - 1, 2):
+            before = dict(manager.chunk_modes), sum(c.misses for c in manager.caches)
+            model(mx.array(ids[i:i + 2])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+            mode = next(m for m, n in manager.chunk_modes.items() if n > before[0][m])
+            seen.append((mode, sum(c.misses for c in manager.caches) > before[1]))
+        for t, (mode, _) in enumerate(seen):
+            hit_lately = not any(missed for _, missed in seen[max(0, t - 2):t])
+            assert (mode == "speculative") == hit_lately, seen[max(0, t - 2):t + 1]
+        speculative = [missed for mode, missed in seen if mode == "speculative"]
+        assert True in speculative and False in speculative and len(speculative) < len(seen)  # each case ran
+    finally:
+        manager.close()

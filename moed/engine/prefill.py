@@ -38,7 +38,11 @@ import numpy as np
 log = logging.getLogger("moed.engine")
 
 FIRST_CHUNK = 128  # tokens, before anything was measured
-MIN_CHUNK = 16
+# The shortest chunk. Not 1: a one-token forward is a decode step to the expert manager. Was 16,
+# which at 25% residency on the CPU held every chunk at 1.8-2.5 s for a 250 ms target (a token
+# cost 115 ms there, bench/results/README.md, prefill-gaps-qwen3next25)
+MIN_CHUNK = 2
+CALIBRATION_CHUNK = 16  # calibrate's first measured forward: long enough to time on any device
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.
     """Time short forwards of throwaway tokens into a fresh cache and feed them to ``clock``: the
     first chunk of the first long prompt is then sized by this device, not by ``FIRST_CHUNK``.
 
-    A 4-token forward first, unmeasured (MLX's first call pays for setup); then ``MIN_CHUNK``
+    A 4-token forward first, unmeasured (MLX's first call pays for setup); then ``CALIBRATION_CHUNK``
     tokens, and forwards as long as the clock says fit a quarter of the target (at most doubling
     each time) until one takes most of that quarter: calibrating costs about half the target.
     ``waited``: the manager's seconds spent waiting for experts so far.
@@ -177,7 +181,7 @@ def calibrate(model, clock: ChunkClock, vocab: int, new_cache, waited=lambda: 0.
     _timed_forward(model, cache, ids(4), waited)
     measured, context = [], 4
     quarter = ChunkClock(clock.target_s / 4, clock.most)
-    n = MIN_CHUNK
+    n = min(CALIBRATION_CHUNK, clock.most)
     for _ in range(most_forwards):
         seconds, disk = _timed_forward(model, cache, ids(n), waited)
         quarter.record(n, seconds, context, disk)

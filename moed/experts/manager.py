@@ -45,7 +45,8 @@ class ExpertManager(PassChecks, Redos):
     a redo otherwise), "sync" (a readback per MoE layer, never a redo), or
     "auto" (default): speculative while redos are rare (under a quarter of
     steps lately), else whichever mode has cost less per decode step lately,
-    trying the other every 16th step. Prefill chunks always go speculative.
+    trying the other every 16th step. Prefill chunks go speculative while recent
+    chunks found their experts resident, else sync (redo.py, ``_pick_chunk_mode``).
     """
 
     EXPLORE_EVERY = 16
@@ -243,9 +244,9 @@ class ExpertManager(PassChecks, Redos):
                 trimmable = cache is None or all(c.is_trimmable() for c in cache)
                 if decode and trimmable:
                     used = self._pick_decode_mode()
-                elif trimmable and self.speculate and ntok * self._top_k <= min(c.capacity for c in self.caches):
-                    used = "speculative"
-                else:  # a long prefill chunk: some layer is bound to miss, skip the pass that would be thrown away
+                elif trimmable:  # a prefill chunk (redo.py): sync when it is likely to miss
+                    used = self._pick_chunk_mode(ntok)
+                else:
                     used = "sync"
                 defer = self._defer and decode and trimmable and used == "speculative"
                 if not defer:
@@ -280,6 +281,8 @@ class ExpertManager(PassChecks, Redos):
                     parts["eval"] = (t := time.perf_counter()) - t1
                     first = self._check(this, decode)
                     parts["check"] = time.perf_counter() - t
+                    if not decode:
+                        self._note_chunk(used, first is not None)
                     if first is None:
                         return out
                     t, missed = time.perf_counter(), True
@@ -294,6 +297,8 @@ class ExpertManager(PassChecks, Redos):
             mx.eval(out)
             if decode and used == "sync":  # a sync step that loaded nothing: speculative would have done
                 self.redo_rate = 0.9 * self.redo_rate + 0.1 * self._step_missed
+            elif not decode and trimmable:
+                self._note_chunk("sync", self._step_missed)
             parts["sync"] = time.perf_counter() - t
             self._count_readback()
             return out

@@ -188,10 +188,11 @@ class Prefetcher:
         """Start loads of those ``experts`` that are neither resident nor in flight."""
         cache = self.caches[position]
         started = 0
+        keep = set(protect) | set(np.asarray(experts, dtype=np.int64).tolist())  # once: a chunk asks for hundreds
         for e in cache.missing(experts).tolist():
             if (position, e) in self.inflight:
                 continue
-            slot = cache.reserve(set(protect) | set(int(x) for x in experts))
+            slot = cache.reserve(keep)
             if slot is None:
                 self.dropped += 1
                 continue

@@ -33,7 +33,7 @@ REDO_MODES = ("sync", "resume")
 
 
 class Redos:
-    """The manager's redo of a pass that missed, and its choice of decode mode.
+    """The manager's redo of a pass that missed, and its choice of mode for decode steps and prefill chunks.
     Uses the manager's ``caches``, ``_mode``, ``_records``, ``_outputs``,
     ``_sync_from``, ``_load``, ``_pass``, ``_check``, ``_undo``, ``mode_cost``,
     ``redo_rate`` and counters; ``redo_mode`` picks the scheme above."""
@@ -47,6 +47,9 @@ class Redos:
         self.resumes = self.resume_misses = 0  # resumed passes, and those that missed again
         self.redo_time = 0.0  # seconds spent finishing passes that missed, loads included
         self.speculate = True  # whether a forward may run speculatively (and so be redone)
+        # EWMA share of recent multi-token forwards (prefill chunks) that found an expert missing
+        self.chunk_miss_rate = 0.0
+        self.chunk_modes = {"speculative": 0, "sync": 0}
 
     def lockstep(self) -> None:
         """Never redo: on one rank of a distributed job a redo would run the forward's pipeline
@@ -55,6 +58,7 @@ class Redos:
 
     def _redo_stats(self) -> dict:
         return {"redo_mode": self.redo_mode, "resumes": self.resumes, "resume_misses": self.resume_misses,
+                "chunk_modes": dict(self.chunk_modes), "chunk_miss_rate": round(self.chunk_miss_rate, 3),
                 # what a miss costs, loads included
                 "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None}
 
@@ -71,6 +75,23 @@ class Redos:
             return "sync"
         best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
         return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
+
+    CHUNK_MISS_WEIGHT = 0.5
+
+    def _pick_chunk_mode(self, ntok: int) -> str:
+        """A multi-token forward's mode: speculative only while recent chunks found their experts
+        resident and its pairs fit the slots. A speculative chunk that misses is computed twice
+        (its redo starts at the first missed layer, at partial residency the first layer): at 25%
+        on a Qwen3-Next synth, chunks of 2-12 tokens cost 2x sync mode's per token
+        (bench/results/README.md, prefill-gaps-qwen3next25). Sync chunks tell whether they would
+        have missed too, so speculation returns by itself once chunks stop missing."""
+        fits = ntok * self._top_k <= min(c.capacity for c in self.caches)
+        return "speculative" if self.speculate and fits and self.chunk_miss_rate < 0.25 else "sync"
+
+    def _note_chunk(self, used: str, missed: bool) -> None:
+        w = self.CHUNK_MISS_WEIGHT  # one miss is enough to go sync; two chunks that hit bring speculation back
+        self.chunk_miss_rate = (1 - w) * self.chunk_miss_rate + w * missed
+        self.chunk_modes[used] += 1
 
     @staticmethod
     def _needed_at(p: Pass, order: int, orders: dict) -> np.ndarray:
