@@ -242,3 +242,33 @@ def test_moectl_console_log_is_private(tmp_path, monkeypatch):
     cfg = config.load({"log_dir": str(tmp_path / "logs")}, env={}, path=tmp_path / "none.toml")
     cli_daemon.spawn_detached(cfg)
     assert spawned and mode(cli_runtime.console_log(cfg)) == 0o600
+
+
+def test_editor_socket_is_born_private(tmp_path, monkeypatch):
+    """The editor socket is 0600 from the moment it exists, not only after the chmod that follows (a
+    rebind under a running daemon showed it 0755 in that window)."""
+    import asyncio
+
+    from moed.doors import editor
+
+    seen = {}
+    start = asyncio.start_unix_server
+
+    async def start_and_look(*args, path, **kwargs):
+        server = await start(*args, path=path, **kwargs)
+        seen["mode"] = stat.S_IMODE(os.lstat(path).st_mode)  # before editor.py's chmod runs
+        return server
+
+    monkeypatch.setattr(editor.asyncio, "start_unix_server", start_and_look)
+    monkeypatch.setattr(os, "umask", os.umask)
+    old = os.umask(0o022)  # a usual login umask: sockets would be born 0755
+    try:
+        async def run():
+            server = editor.EditorServer(backend=None, path=tmp_path / "run" / "editor.sock")
+            await server.start()
+            server._server.close()
+
+        asyncio.run(run())
+    finally:
+        os.umask(old)
+    assert seen["mode"] == 0o600, oct(seen["mode"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .paths import ensure_private_dir
+from .paths import born_private, ensure_private_dir
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,8 @@ def _keypair(name: str) -> tuple[bytes, bytes]:
     directory = ensure_private_dir(curve_dir())
     secret_file = directory / f"{name}.key_secret"
     if not secret_file.exists():
-        old = os.umask(0o077)
-        try:
+        with born_private():
             zmq.auth.create_certificates(directory, name)
-        finally:
-            os.umask(old)
         for f in (directory / f"{name}.key", secret_file):
             os.chmod(f, 0o600)
     public, secret = zmq.auth.load_certificate(secret_file)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 import platformdirs
@@ -42,6 +43,18 @@ def endpoint(socket_path: Path | str | None = None) -> str:
     if s.startswith(("ipc://", "tcp://")):
         return s
     return "ipc://" + s
+
+
+@contextmanager
+def born_private():
+    """Files and sockets made inside are born 0600 (umask 177: a socket is made 0777 less the umask), so
+    none is ever open to others between its creation and a chmod. Not for making directories (they
+    would lack x). The umask is the process's: other threads' files made meanwhile are only more private."""
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def ensure_private_dir(path: Path, what: str = "sockets") -> Path:

@@ -64,7 +64,8 @@ class EditorServer:
     async def start(self) -> None:
         paths.ensure_private_dir(self.path.parent)
         _remove_stale_socket(self.path)
-        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=READ_SIZE)
+        with paths.born_private():  # a rebind after a tmp cleaner made it 0755 until the chmod (found by a test)
+            self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=READ_SIZE)
         os.chmod(self.path, 0o600)  # the 0700 directory already keeps others out; this says so twice
         st = self.path.lstat()
         self._file = (st.st_dev, st.st_ino)

@@ -22,12 +22,9 @@ class DaemonError(Exception):
 
 def bind_private(sock, path: Path) -> None:
     """Bind a ZeroMQ socket to an ipc path that is born 0600: no window where others could connect."""
-    old_umask = os.umask(0o077)
-    try:
+    with paths.born_private():
         sock.bind(paths.endpoint(path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)  # libzmq leaves it 0700 under that umask
+    os.chmod(path, 0o600)  # says so twice, as the editor door does
 
 
 class RuntimeFiles:
