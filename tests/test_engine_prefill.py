@@ -151,6 +151,19 @@ def test_chunk_clock_grows_chunks_to_match_disk_reads():
     assert some.size() == 200
 
 
+def test_calibration_reads_are_not_a_chunk_cost(loaded):
+    """Reads while calibrating fill empty caches: reported, but the clock is not fed them (they sized
+    the first real chunk by a start-up cost)."""
+    from moed.engine.prefill import calibrate
+
+    engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=2000))
+    waits = iter(range(1000))
+    waited = lambda: next(waits) * 0.001  # noqa: E731  every forward "waits" 1 ms for experts
+    result = calibrate(engine.model, engine.chunk_clock, 1024, engine.new_cache, waited)
+    assert all(f["disk_ms"] > 0 for f in result["forwards"])
+    assert engine.chunk_clock.disk_s() == 0.0
+
+
 def test_calibrate_feeds_the_clock(loaded):
     target_ms = 2000  # long enough that a 16-token forward of the test model cannot end it, even on a busy box
     engine = Engine(*loaded, None, engine_args(prefill_chunk_ms=target_ms))
