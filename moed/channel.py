@@ -44,7 +44,9 @@ class EngineOptions:
     max_batch: int = _option(8, "requests decoded together")
     prefill_step: int = _option(2048, "prompt tokens per prefill step (2048 as mlx_lm.generate: smaller steps let "
                                       "other streams decode sooner but change long-prompt numerics)")
-    prefill_chunk_ms: float = _option(250.0, "target milliseconds per prefill chunk: a long prompt is fed in chunks "
+    # 200, not 250: a stream's gap is a chunk plus a decode step plus jitter, and with 250 the p99 gap beside
+    # 8k+28k-token prompts was 329 ms against the 310 ms bound (bench/results/prefill-gaps-28k-*-cpu.json)
+    prefill_chunk_ms: float = _option(200.0, "target milliseconds per prefill chunk: a long prompt is fed in chunks "
                                              "of about this long, other streams decode between them (0: chunks of "
                                              "--prefill-step tokens)", kind=float)
     max_context: int = _option(32768, "largest prompt + max_tokens")

@@ -11,7 +11,7 @@ loop or the batch, as it does for a prompt-cache hit.
 Chunk size is chosen by time, not by a fixed count (``ChunkClock``): each
 chunk's seconds are measured, split into the time its forward waited for
 experts read from disk (the manager's ``wait_time``) and compute, and the next
-chunk is as long as fits the target (250 ms by default). Compute per token is
+chunk is as long as fits the target (200 ms by default). Compute per token is
 fitted as a line in the context the chunk attends to (attention grows with
 it), so chunks shrink as a long prompt fills the cache instead of
 overshooting. The disk part is what a chunk costs whatever its length at
@@ -92,7 +92,7 @@ class ChunkClock:
 
     def margin(self) -> float:
         """How much longer than predicted chunks ran lately (the 98th percentile, 1 to 2): the
-        compute budget is divided by it, so that a chunk stays within the target ("at most 250 ms")
+        compute budget is divided by it, so that a chunk stays within the target
         on a busy machine (others' processes, a page fault) nearly always, not half of the time.
         On the shared 2-core box, aiming the mean at the target left a p99 of 1.4x it."""
         if len(self.misses) < 4:
