@@ -64,10 +64,7 @@ class SameKernel:
         self.backend = backend_name or backend()
         self.stock_at = threshold(self.backend, quantized, num_experts)
         self.slots_at = threshold(self.backend, quantized, slots)
-        self.padded = self.split = 0  # calls changed, for tests and stats
-
-    def __getitem__(self, name):
-        return self.inner[name]
+        self.padded = self.split = 0  # calls changed (the tests read them)
 
     def __call__(self, x, indices, like: int | None = None):
         if self.stock_at is None:
