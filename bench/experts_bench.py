@@ -121,12 +121,16 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
                 profile: str | None = "auto", always_check: bool = False, defer: bool = True,
-                redo_mode: str = "sync", memory_budget: str | None = None) -> dict:
+                redo_mode: str = "sync", memory_budget: str | None = None, restart_clears: bool = False) -> dict:
     """Load (stock when ``capacity`` and ``memory_budget`` are None), greedy-decode each prompt, report.
     Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
     ``generate_step``, with the residency checks one token late unless ``defer``
-    is off). Always a cold start: no warm-start state is read or written."""
+    is off). Always a cold start: no warm-start state is read or written. ``restart_clears``: a restart
+    after a rollback empties MLX's buffer cache as generate_step does by itself (decode.py)."""
     import mlx.core as mx
+
+    if restart_clears:
+        os.environ["MOED_RESTART_CLEARS_CACHE"] = "1"
 
     from moed.experts import load_model
     from moed.experts.decode import generate
@@ -282,6 +286,9 @@ SYNC_REDO = {f"{name}-sync-redo": (share, {**opts, "redo_mode": "sync"}) for nam
              if share < 1.0}
 SYNC_REDO.update({f"{name}-resume": (share, {**opts, "redo_mode": "resume"})
                   for name, (share, opts) in {**CONFIGS, **INLINE}.items() if share < 1.0})
+# "NAME-clears": NAME with generate_step's buffer-cache clear at every restart after a rollback (decode.py)
+SYNC_REDO.update({f"{name}-clears": (share, {**opts, "restart_clears": True})
+                  for name, (share, opts) in CONFIGS.items() if share < 1.0})
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),
@@ -318,7 +325,7 @@ def paired_in_process(model_dir: str, names: list[str], rounds: int, tokens: int
             stats[name] = {k: r["stats"].get(k) for k in ("hit_rate", "redos", "readbacks_per_token",
                                                           "expert_wait_share", "mode_steps", "deferred_checks",
                                                           "rollbacks", "resumes", "resume_misses",
-                                                          "ms_per_redo", "decode_step_ms")}
+                                                          "ms_per_redo", "ms_per_redo_parts", "decode_step_ms")}
             stats[name]["payoff"] = (r["stats"].get("prefetch") or {}).get("payoff")
     return {"rounds": rounds, "tps": tps, "last_round_stats": stats}
 
@@ -381,6 +388,8 @@ def _summary(r: dict, ref: list, stock: dict, raw_gb_s: float | None) -> dict:
         "precision": pf.get("precision"),
         "predictors": {k: v["recall"] for k, v in pf.get("predictors", {}).items()},
         "decode_step_ms": s.get("decode_step_ms"),
+        "ms_per_redo": s.get("ms_per_redo"),
+        "ms_per_redo_parts": s.get("ms_per_redo_parts"),
         "payoff": pf.get("payoff"),
         "load_gb_s": load_gb_s,
         "load_vs_raw_pread": load_gb_s / raw_gb_s if load_gb_s and raw_gb_s else None,
@@ -410,10 +419,11 @@ def _ratio(configs: dict, a: str, b: str):
 
 def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: bool, repeats: int = 1,
                 configs: dict = CONFIGS, approximate_too: bool = False, paired_rounds: int = 0,
-                progress=print) -> dict:
+                progress=print, save_rounds=None) -> dict:
     """Stock and every config, ``repeats`` interleaved rounds; per config the
     fastest round is kept (the least disturbed by other load on the machine),
-    and every round must be exact."""
+    and every round must be exact. ``save_rounds(rounds)`` after each round: the
+    raw rounds of a run cut short survive."""
     num_experts = experts_per_layer(model_dir)
     progress(f"{model_dir.name}: raw expert preads")
     raw = raw_expert_preads(model_dir)
@@ -435,6 +445,8 @@ def bench_model(model_dir: Path, *, tokens: int, prompts: list[str], uncached: b
             progress(f"{model_dir.name}: {name} ({cap} experts/layer, round {i + 1}/{repeats})")
             extra = {"reference": ref} if opts.get("approximate") else {}
             rounds.setdefault(name, []).append(_subprocess(model_dir, cap, tokens, prompts, uncached, **opts, **extra))
+        if save_rounds:
+            save_rounds(rounds)
     stock = max(rounds["stock"], key=lambda r: r["decode_tps"])
     out["stock"] = {"decode_tps": stock["decode_tps"], "all_decode_tps": [r["decode_tps"] for r in rounds["stock"]],
                     "rss_bytes": stock["rss_end"], "load_s": stock["load_s"],
@@ -549,7 +561,7 @@ def pick_configs(names: list[str]) -> dict:
 
 def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, uncached: bool = True,
         synthetic_layers: int = 16, repeats: int = 3, synthetic_repeats: int | None = None, paired_rounds: int = 8,
-        progress=print, checkpoint=None, configs: list[str] | None = None) -> dict:
+        progress=print, checkpoint=None, configs: list[str] | None = None, save_rounds=None) -> dict:
     """The whole benchmark as a JSON-safe dict (``python -m bench`` calls this).
 
     The embedded (or given) model: every config, ``repeats`` rounds, plus the
@@ -574,7 +586,7 @@ def run(*, model: Path | None = None, synthetic: bool = True, tokens: int = 32, 
                 chosen = {"configs": pick_configs(configs)} if configs else {"approximate_too": True}
                 result["models"].append(bench_model(model, tokens=tokens, prompts=PROMPTS, uncached=uncached,
                                                     repeats=repeats, paired_rounds=paired_rounds, progress=progress,
-                                                    **chosen))
+                                                    save_rounds=save_rounds, **chosen))
                 if checkpoint:  # a partial result survives a run cut short
                     checkpoint(result)
             else:
@@ -632,9 +644,11 @@ def main(argv=None) -> int:
         emit(result, args.out)
         return 0
     save = (lambda r: args.out.write_text(json.dumps(r, indent=1))) if args.out else None
+    rounds_file = args.out.with_suffix(".rounds.json") if args.out else None
+    save_rounds = (lambda r: rounds_file.write_text(json.dumps(r, indent=1))) if rounds_file else None
     result = run(model=args.model, synthetic=not args.no_synthetic, tokens=args.tokens, uncached=not args.cached,
                  synthetic_layers=args.synthetic_layers, repeats=args.repeats, paired_rounds=args.paired_rounds,
-                 progress=log, checkpoint=save, configs=args.configs)
+                 progress=log, checkpoint=save, configs=args.configs, save_rounds=save_rounds)
     emit(result, args.out)
     return 0
 

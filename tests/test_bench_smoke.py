@@ -219,3 +219,12 @@ def test_disk_per_token_leaves_the_initial_fill_out(tmp_path):
         assert s["disk_bytes_per_token"] == pytest.approx((s["bytes_read"] - s["fill_bytes"]) / s["decode_steps"])
     finally:
         manager.close()
+
+
+def test_slot_write_bench_reads_back_what_it_wrote():
+    from bench import slot_write
+
+    r = slot_write.measure(64 * 1024, slots=4, repeats=3)
+    assert r["expert_bytes"] == 64 * 1024 and r["slots"] == 4
+    for key in ("host_copy_ms", "slot_write_ms", "steady_read_ms", "read_after_write_ms"):
+        assert r[key] > 0

@@ -263,3 +263,36 @@ def test_each_redo_mode_equals_stock(family, share, redo_mode, family_dir, stock
             assert stats["resumes"] > 0
     finally:
         manager.close()
+
+
+def test_a_restart_after_a_rollback_keeps_the_buffer_cache(family_dir, stock, monkeypatch):
+    """generate_step empties MLX's buffer cache after its first token; a restart after a rollback
+    must not (every later step would allocate afresh), and the tokens stay stock's. With
+    MOED_RESTART_CLEARS_CACHE=1 each restart clears it again: the count tells the two apart."""
+    fam = families.FAMILIES[0]
+    path = family_dir[fam]
+    clears = []
+    real = mx.clear_cache
+    monkeypatch.setattr(mx, "clear_cache", lambda: (clears.append(1), real())[1])
+
+    def run(restarts_clear: bool) -> tuple[int, int]:
+        if restarts_clear:
+            monkeypatch.setenv("MOED_RESTART_CLEARS_CACHE", "1")
+        else:
+            monkeypatch.delenv("MOED_RESTART_CLEARS_CACHE", raising=False)
+        model, tok, manager = load_model(path, capacity=max(1, num_experts(path) // 4), profile=None,
+                                         warm_start=False, decode_mode="speculative")
+        try:
+            clears.clear()
+            ids = mx.array(tok.encode(PROMPT))
+            assert [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS)] == stock[fam]["greedy"]
+            return len(clears), manager.rollbacks
+        finally:
+            manager.close()
+
+    kept, rollbacks = run(False)
+    cleared, rollbacks_again = run(True)
+    assert rollbacks > 0 and rollbacks_again == rollbacks
+    # one clear per restart that got past its first token (the last may end the stream there): what the change removes
+    assert rollbacks - 1 <= cleared - kept <= rollbacks
+    assert sys.modules["mlx_lm.generate"].mx is mx

@@ -76,7 +76,8 @@ class FrequencyRecency:
     def touch(self, experts) -> None:
         self.clock += 1
         experts = np.asarray(experts, dtype=np.int64)
-        self.score[experts] = self.scores()[experts] + 1.0
+        # decayed to the new clock, the touched experts only: scores() would price every expert per touch
+        self.score[experts] = self.score[experts] * self.decay ** (self.clock - self.stamp[experts]) + 1.0
         self.stamp[experts] = self.clock
 
     def scores(self) -> np.ndarray:
@@ -163,7 +164,11 @@ class LayerCache:
         self.policy.touch(experts)
 
     def count(self, ids: np.ndarray) -> None:
-        self.activations += np.bincount(np.asarray(ids).ravel(), minlength=self.num_experts)[: self.num_experts]
+        ids = np.asarray(ids).ravel()
+        if ids.size <= self.num_experts // 8:  # a decode step's top-k: a scatter beats a full-length bincount
+            np.add.at(self.activations, ids, 1)
+        else:
+            self.activations += np.bincount(ids, minlength=self.num_experts)[: self.num_experts]
 
     # -- loading -----------------------------------------------------------
     def reserve(self, protect=()) -> int | None:

@@ -17,9 +17,19 @@ what it was before the rolled-back token was drawn, so a request with a seed
 gets the tokens it would get with every expert resident. (A sampler that draws
 from MLX's global random state cannot be put back: after a rollback its draws
 differ from an uninterrupted run's, from the same distribution.)
+
+A restart is not a new request, so it keeps MLX's buffer cache: ``generate_step``
+empties that cache (``mx.clear_cache``) right after its first token, and each
+restart would then make the steps after a rollback allocate their buffers anew
+(``restarts_keep_cache`` below; ``MOED_RESTART_CLEARS_CACHE=1`` restores
+generate_step's own behaviour, to measure what it costs).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -54,6 +64,43 @@ class DrawLog:
         if self.keyed and len(self.key_before) > n:
             self.sampler.key = self.key_before[n]
         del self.key_before[n:]
+
+
+class _CacheKept:
+    """mlx.core as ``mlx_lm.generate`` sees it while a restarted generate_step yields its first
+    token: everything but ``clear_cache``, which does nothing."""
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+    @staticmethod
+    def clear_cache() -> None:
+        pass
+
+
+@contextmanager
+def _no_clear_cache():
+    module = sys.modules["mlx_lm.generate"]
+    module.mx = _CacheKept()
+    try:
+        yield
+    finally:
+        module.mx = mx
+
+
+def restarts_keep_cache(steps):
+    """``steps``, a generate_step restarted after a rollback, without the ``mx.clear_cache`` it runs
+    after its first token (``n % 256 == 0`` at n = 0). Its later ones, every 256 tokens, stay."""
+    if os.environ.get("MOED_RESTART_CLEARS_CACHE") == "1":
+        yield from steps
+        return
+    for _ in range(2):  # the clear runs when the second item is asked for
+        with _no_clear_cache():
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item
+    yield from steps
 
 
 def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, max_tokens: int = 256, sampler=None,
@@ -91,7 +138,7 @@ def generate(prompt: mx.array, model, manager: DeferredCheck | None = None, *, m
             processors = logits_processors and with_history(logits_processors, seen[:len(seen) - feed.size] if feed is not prompt else [])
             steps = generate_step(feed, model, max_tokens=max_tokens - done, sampler=sample, logits_processors=processors, **kw)
             try:
-                for token, logprobs in steps:
+                for token, logprobs in (steps if feed is prompt else restarts_keep_cache(steps)):
                     manager.check_through(made_by[done])
                     handed_out = done + 1
                     yield token, logprobs

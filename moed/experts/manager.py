@@ -138,7 +138,9 @@ class ExpertManager(PassChecks, Redos):
         self._top_k = indices.shape[-1]
         pf = self.prefetcher
         ahead = pf.predict(order, x, indices) if pf is not None and pf.wants_ahead() else []
+        t = time.perf_counter()
         mx.eval(indices, *[guess for _, guess, _ in ahead])
+        self.readback_time += time.perf_counter() - t
         self.readbacks += 1
         self._step_readbacks += 1
         ids = np.array(indices)

@@ -24,6 +24,8 @@ readback costs more than a layer's compute (GPUs), resume is the one to measure.
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import numpy as np
 
@@ -46,6 +48,10 @@ class Redos:
         self.redo_mode = redo_mode
         self.resumes = self.resume_misses = 0  # resumed passes, and those that missed again
         self.redo_time = 0.0  # seconds spent finishing passes that missed, loads included
+        # where that time goes: waiting for loads, sync mode's per-layer readbacks, the last evaluation
+        # (the rest is building graphs and bookkeeping)
+        self.redo_seconds = {"loads": 0.0, "readbacks": 0.0, "final_eval": 0.0}
+        self.readback_time = 0.0  # sync mode's per-layer readbacks, whichever forward ran them
         self.speculate = True  # whether a forward may run speculatively (and so be redone)
         # EWMA share of recent multi-token forwards (prefill chunks) that found an expert missing
         self.chunk_miss_rate = 0.0
@@ -59,8 +65,10 @@ class Redos:
     def _redo_stats(self) -> dict:
         return {"redo_mode": self.redo_mode, "resumes": self.resumes, "resume_misses": self.resume_misses,
                 "chunk_modes": dict(self.chunk_modes), "chunk_miss_rate": round(self.chunk_miss_rate, 3),
-                # what a miss costs, loads included
-                "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None}
+                # what a miss costs, loads included, and its parts
+                "ms_per_redo": self.redo_time / self.redos * 1e3 if self.redos else None,
+                "ms_per_redo_parts": {k: v / self.redos * 1e3 for k, v in self.redo_seconds.items()}
+                if self.redos else None}
 
     def _pick_decode_mode(self) -> str:
         """The decode step's mode under ``decode_mode`` "auto": speculative while
@@ -109,6 +117,19 @@ class Redos:
         ``kv``) whose layers before position ``first`` are ``outputs`` (exact), the
         KV caches already trimmed back to before it. ``need``: layer ``first``'s
         experts (None: unknown, redo sync)."""
+        wait0, readback0 = self.wait_time, self.readback_time
+        try:
+            return self._finish_pass(call, first, outputs, need, kv, ntok, inputs)
+        finally:
+            self.redo_seconds["loads"] += self.wait_time - wait0
+            self.redo_seconds["readbacks"] += self.readback_time - readback0
+
+    def _evaluate(self, *arrays) -> None:
+        t = time.perf_counter()
+        mx.eval(*arrays)
+        self.redo_seconds["final_eval"] += time.perf_counter() - t
+
+    def _finish_pass(self, call, first: int, outputs: dict, need, kv, ntok: int, inputs):
         if self.redo_mode == "resume" and need is not None:
             for _ in range(self.RESUME_TRIES):
                 cache = self.caches[first]
@@ -119,7 +140,7 @@ class Redos:
                 self._mode, self._records, self._outputs, self._sync_from = "resume", [], dict(outputs), first
                 out = call()
                 this = self._pass(out, kv, ntok, inputs, None)
-                mx.eval(out, this.routing)
+                self._evaluate(out, this.routing)
                 self.resumes += 1
                 missed = self._check(this, decode=False)
                 if missed is None:
@@ -130,6 +151,6 @@ class Redos:
                 self.redos -= 1  # _undo counts a redo; this is still the first one
         self._mode, self._records, self._outputs, self._sync_from = "sync", [], dict(outputs), first
         out = call()
-        mx.eval(out)
+        self._evaluate(out)
         self._count_readback()
         return out
