@@ -129,8 +129,12 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
     after a rollback empties MLX's buffer cache as generate_step does by itself (decode.py)."""
     import mlx.core as mx
 
+    # set or removed on every call: paired_in_process runs every config in one process, and a "-clears"
+    # config must not leave the old behaviour on for the configs after it
     if restart_clears:
         os.environ["MOED_RESTART_CLEARS_CACHE"] = "1"
+    else:
+        os.environ.pop("MOED_RESTART_CLEARS_CACHE", None)
 
     from moed.experts import load_model
     from moed.experts.decode import generate
