@@ -121,12 +121,14 @@ def teacher_forced_nll(model, tok, text: str, continuation: list[int]) -> float:
 def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list[str], uncached: bool,
                 prefetch: bool = False, approximate: bool = False, reference: list | None = None,
                 profile: str | None = "auto", always_check: bool = False, defer: bool = True,
-                redo_mode: str = "sync", memory_budget: str | None = None, restart_clears: bool = False) -> dict:
+                redo_mode: str = "sync", memory_budget: str | None = None, restart_clears: bool = False,
+                decode_mode: str = "auto") -> dict:
     """Load (stock when ``capacity`` and ``memory_budget`` are None), greedy-decode each prompt, report.
     Decoding is the engine's solo loop (``moed.experts.decode.generate``: mlx-lm's
     ``generate_step``, with the residency checks one token late unless ``defer``
     is off). Always a cold start: no warm-start state is read or written. ``restart_clears``: a restart
-    after a rollback empties MLX's buffer cache as generate_step does by itself (decode.py)."""
+    after a rollback empties MLX's buffer cache as generate_step does by itself (decode.py). ``decode_mode``:
+    the manager's (auto, speculative or sync; manager.py)."""
     import mlx.core as mx
 
     # set or removed on every call: paired_in_process runs every config in one process, and a "-clears"
@@ -152,6 +154,7 @@ def measure_one(model_dir: str, capacity: int | None, tokens: int, prompts: list
         manager.always_check = always_check
         manager.defer_checks = defer
         manager.redo_mode = redo_mode
+        manager.decode_mode = decode_mode
     load_s = time.perf_counter() - t0
     rss_loaded = process_rss_bytes()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
@@ -293,6 +296,9 @@ SYNC_REDO.update({f"{name}-resume": (share, {**opts, "redo_mode": "resume"})
 # "NAME-clears": NAME with generate_step's buffer-cache clear at every restart after a rollback (decode.py)
 SYNC_REDO.update({f"{name}-clears": (share, {**opts, "restart_clears": True})
                   for name, (share, opts) in CONFIGS.items() if share < 1.0})
+# "NAME-sync-decode" / "NAME-speculative": NAME with the decode mode fixed instead of chosen by auto (manager.py)
+SYNC_REDO.update({f"{name}-{mode}": (share, {**opts, "decode_mode": mode.removesuffix("-decode")})
+                  for name, (share, opts) in CONFIGS.items() if share < 1.0 for mode in ("sync-decode", "speculative")})
 APPROXIMATE = {
     "approximate-50": (0.5, {"prefetch": False, "profile": None, "approximate": True}),
     "approximate-25": (0.25, {"prefetch": False, "profile": None, "approximate": True}),

@@ -296,3 +296,53 @@ def test_a_restart_after_a_rollback_keeps_the_buffer_cache(family_dir, stock, mo
     # one clear per restart that got past its first token (the last may end the stream there): what the change removes
     assert rollbacks - 1 <= cleared - kept <= rollbacks
     assert sys.modules["mlx_lm.generate"].mx is mx
+
+
+def _auto_decode(path, monkeypatch, stock_tokens, slow, share):
+    """Decode at ``share`` of the experts in auto mode with ``slow`` (redos or sync steps) made 30 ms
+    dearer: the mode steps each ran, and the tokens, which must be stock's whatever mode ran."""
+    import time
+
+    from moed.experts.manager import ExpertManager
+    from moed.experts.redo import Redos
+
+    def slowed(real):
+        def run(*args, **kwargs):
+            time.sleep(0.03)
+            return real(*args, **kwargs)
+        return run
+
+    if slow == "redos":
+        monkeypatch.setattr(Redos, "_redo_from", slowed(Redos._redo_from))
+    else:
+        monkeypatch.setattr(ExpertManager, "_count_readback", slowed(ExpertManager._count_readback))
+    model, tok, manager = load_model(path, capacity=max(1, int(num_experts(path) * share)), profile=None,
+                                     warm_start=False, decode_mode="auto")
+    try:
+        ids = mx.array(tok.encode(PROMPT))
+        tokens = []
+        for _ in range(3):
+            tokens = [t for t, _ in generate(ids, model, manager, max_tokens=TOKENS)]
+            assert tokens == stock_tokens
+        return manager.stats()
+    finally:
+        manager.close()
+
+
+def test_auto_mode_runs_sync_where_redos_cost_more(family_dir, stock, monkeypatch):
+    """Auto picks the decode mode by measured cost per token, redos included: with every redo made
+    dear it settles on sync (which never redoes), still retrying speculative now and then."""
+    stats = _auto_decode(family_dir["qwen3_moe"], monkeypatch, stock["qwen3_moe"]["greedy"], "redos", 0.25)
+    steps = stats["mode_steps"]
+    assert steps["sync"] > 2 * steps["speculative"] > 0, steps
+    assert stats["mode_costs"]["best"] == "sync"
+
+
+def test_auto_mode_stays_speculative_where_readbacks_cost_more(family_dir, stock, monkeypatch):
+    """The other way round (a GPU's regime): every readback made dear and misses rare (14 of 16
+    experts resident; with misses on most steps sync wins even so, as it should), auto settles on
+    speculative, still retrying sync (test_experts_prefetch.py checks the growing gap)."""
+    stats = _auto_decode(family_dir["qwen3_moe"], monkeypatch, stock["qwen3_moe"]["greedy"], "readbacks", 0.875)
+    steps = stats["mode_steps"]
+    assert steps["speculative"] > 4 * steps["sync"] > 0, steps
+    assert stats["mode_costs"]["best"] == "speculative"

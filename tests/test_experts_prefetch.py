@@ -278,3 +278,44 @@ def test_decode_step_breakdown_and_checked_full_residency(family_dir, reference)
         assert parts["eval"] > 0 and parts["build"] > parts["route"] > 0
     finally:
         manager.close()
+
+
+def test_payoff_per_token_counts_the_rare_dear_steps_a_median_ignores():
+    """A speculative decode step that misses makes no token of its own and costs several steps:
+    per token the arm that sometimes redoes is dearer, though its median step is cheaper."""
+    from moed.experts.payoff import Payoff
+
+    def fill(meter):
+        for i in range(32):
+            meter.record("speculative", 0.010)
+            if i % 4 == 0:
+                meter.record("speculative", 0.040, tokens=0)  # the redo
+            meter.record("sync", 0.016)
+
+    per_token, median = Payoff(("speculative", "sync"), window=40, per_token=True), Payoff(("speculative", "sync"), window=40)
+    fill(per_token), fill(median)
+    assert per_token.best() == "sync" and per_token.cost("speculative") == pytest.approx(0.020, rel=0.05)
+    assert median.best() == "speculative"
+
+
+def test_payoff_explores_a_steady_loser_ever_more_rarely_and_resets_when_it_wins():
+    from moed.experts.payoff import Payoff
+
+    meter = Payoff(("a", "b"), explore_every=4, window=4, warmup=1, max_explore_every=32)
+    cost = {"a": 0.001, "b": 0.010}
+    explored = []
+    for step in range(200):
+        arm = meter.choose()
+        if arm == "b":
+            explored.append(step)
+        meter.record(arm, cost[arm])
+    gaps = [b - a for a, b in zip(explored, explored[1:])]
+    assert explored[0] == 1 and gaps[1:5] == [4, 8, 16, 32] and set(gaps[5:]) == {32}, gaps  # [0]: its warm-up
+    cost = {"a": 0.010, "b": 0.001}  # the regime changes: b wins when next tried, and the gap starts over
+    arms, gaps = [], []
+    for step in range(100):
+        arm = meter.choose()
+        arms.append(arm)
+        gaps.append(meter.gap)
+        meter.record(arm, cost[arm])
+    assert min(gaps) == 4 and arms[-20:].count("b") > 15 and meter.best() == "b"

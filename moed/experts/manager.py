@@ -29,9 +29,10 @@ import numpy as np
 
 from .approximate import approximate_forward
 from .cache import LayerCache
-from .deferred import PassChecks
+from .deferred import PassChecks, Rollback
 from .redo import Redos
 from .families import MoESite
+from .payoff import Payoff
 from .store import Reader
 from .streaming import ExpertStream
 
@@ -43,13 +44,13 @@ class ExpertManager(PassChecks, Redos):
 
     ``decode_mode``: "speculative" (one readback when everything is resident,
     a redo otherwise), "sync" (a readback per MoE layer, never a redo), or
-    "auto" (default): speculative while redos are rare (under a quarter of
-    steps lately), else whichever mode has cost less per decode step lately,
-    trying the other every 16th step. Prefill chunks go speculative while recent
+    "auto" (default): whichever has cost less per token lately, redos and
+    rollbacks included, the other retried at gaps that grow while it keeps
+    losing (redo.py, ``_pick_decode_mode``). Prefill chunks go speculative while recent
     chunks found their experts resident, else sync (redo.py, ``_pick_chunk_mode``).
     """
 
-    EXPLORE_EVERY = 16
+    EXPLORE_EVERY = 16  # the decode modes' first gap between explorations; it doubles up to 256
     STEP_PARTS = ("prefetch", "build", "route", "eval", "check", "record", "sync")
 
     def __init__(self, caches: list[LayerCache], sites: list[MoESite], reader: Reader, *, approximate: bool = False,
@@ -86,7 +87,9 @@ class ExpertManager(PassChecks, Redos):
         self.always_check = False  # diagnostics: run the exactness scheme even when every expert is resident
         self._init_redos(redo_mode)  # redo.py: how a pass that missed is finished
         self._init_checks()  # deferred.py: the checks of speculative passes, now or one token late
-        self.mode_cost = {"speculative": None, "sync": None}  # EWMA seconds per decode step
+        # seconds per token of each decode mode lately, a miss's redo and rollback counted in
+        self.modes = Payoff(("speculative", "sync"), explore_every=self.EXPLORE_EVERY, window=32, warmup=2,
+                            per_token=True, max_explore_every=16 * self.EXPLORE_EVERY)
         self.mode_steps = {"speculative": 0, "sync": 0}
         # EWMA share of decode steps that found an expert missing: a redo in a speculative
         # step, a load at some layer in a sync step (the redo a speculative pass would have needed)
@@ -215,6 +218,7 @@ class ExpertManager(PassChecks, Redos):
         t0 = time.perf_counter()
         wait0 = self.wait_time
         used = None
+        rolled_back = False
         missed = False  # a redo, or a sync-mode step: the steps where how experts are found matters
         parts = dict.fromkeys(self.STEP_PARTS, 0.0)
         if self.prefetcher is not None:
@@ -304,6 +308,9 @@ class ExpertManager(PassChecks, Redos):
             parts["sync"] = time.perf_counter() - t
             self._count_readback()
             return out
+        except Rollback:
+            rolled_back = True
+            raise
         finally:
             self._mode, self._records, self._outputs = "direct", [], {}
             for c in self.caches:
@@ -320,8 +327,8 @@ class ExpertManager(PassChecks, Redos):
                 for k, v in parts.items():
                     self.step_seconds[k] += v
                 if used is not None:
-                    old = self.mode_cost[used]
-                    self.mode_cost[used] = dt if old is None else 0.8 * old + 0.2 * dt
+                    # a rolled-back forward made no token, and a redo remakes one already counted
+                    self.modes.record(used, dt, tokens=int(redo is None and not rolled_back))
                     self.mode_steps[used] += 1
 
     def _count_readback(self):
@@ -367,6 +374,7 @@ class ExpertManager(PassChecks, Redos):
             "seeded": self.seeded,
             "decode_mode": self.decode_mode,
             "mode_steps": dict(self.mode_steps),
+            "mode_costs": self.modes.stats(),
             "expert_wait_s": round(self.wait_time, 6),
             "prefill_stream": self.stream.stats(),
             "decode_step_ms": {k: v / self.decode_steps * 1e3 for k, v in self.step_seconds.items()}

@@ -37,7 +37,7 @@ REDO_MODES = ("sync", "resume")
 class Redos:
     """The manager's redo of a pass that missed, and its choice of mode for decode steps and prefill chunks.
     Uses the manager's ``caches``, ``_mode``, ``_records``, ``_outputs``,
-    ``_sync_from``, ``_load``, ``_pass``, ``_check``, ``_undo``, ``mode_cost``,
+    ``_sync_from``, ``_load``, ``_pass``, ``_check``, ``_undo``, ``modes``,
     ``redo_rate`` and counters; ``redo_mode`` picks the scheme above."""
 
     RESUME_TRIES = 3
@@ -71,18 +71,21 @@ class Redos:
                 if self.redos else None}
 
     def _pick_decode_mode(self) -> str:
-        """The decode step's mode under ``decode_mode`` "auto": speculative while
-        misses are rare (one readback per token), else the one that cost less
-        per step lately, trying the other every ``EXPLORE_EVERY``-th step."""
+        """The decode step's mode under ``decode_mode`` "auto": the one that cost less per token
+        lately (``modes``, a per-token ``Payoff``), the other retried now and then. Sync mode is
+        not tried until a recent step missed: with nothing to load it can only add readbacks.
+        Where a readback stalls a GPU, speculative wins and sync is retried ever more rarely;
+        on a CPU, where a readback is cheap and a redo costs most of a token, sync wins as soon
+        as misses are common."""
         if self.decode_mode != "auto":
             return self.decode_mode
-        spec, sync = self.mode_cost["speculative"], self.mode_cost["sync"]
-        if spec is None or self.redo_rate < 0.25:
+        if self.redo_rate < self.SYNC_AFTER_MISSES and not self.modes.costs["sync"]:
             return "speculative"
-        if sync is None:
-            return "sync"
-        best, other = ("speculative", "sync") if spec <= sync else ("sync", "speculative")
-        return other if self.decode_steps % self.EXPLORE_EVERY == 0 else best
+        return self.modes.choose()
+
+    # the share of recent decode steps that missed (an EWMA) before sync mode is first tried:
+    # one miss lifts it to 0.1
+    SYNC_AFTER_MISSES = 0.02
 
     CHUNK_MISS_WEIGHT = 0.5
 
