@@ -37,7 +37,8 @@ CONFIGS = {
 }
 # the decode mode fixed instead of chosen by auto (manager.py): "NAME-sync-decode", "NAME-speculative"
 CONFIGS.update({f"{name}-{mode}": {**opts, "decode_mode": mode.removesuffix("-decode")}
-                for name, opts in list(CONFIGS.items()) if not name.endswith("-resume") for mode in ("sync-decode", "speculative")})
+                for name, opts in list(CONFIGS.items()) if not name.endswith("-resume")
+                for mode in ("sync-decode", "speculative")})
 
 
 def layers(model_dir: Path) -> int:
@@ -62,7 +63,8 @@ def summarize(run: dict) -> dict:
             "disk_bytes_per_token": s.get("disk_bytes_per_token"), "fill_bytes": s.get("fill_bytes"),
             "expert_wait_share": s.get("expert_wait_share"), "mode_steps": s.get("mode_steps"),
             "decode_step_ms": s.get("decode_step_ms"), "ms_per_redo": s.get("ms_per_redo"),
-            "ms_per_redo_parts": s.get("ms_per_redo_parts"), "mode_costs": s.get("mode_costs"), "rss_end": run.get("rss_end"), "load_s": run.get("load_s"),
+            "ms_per_redo_parts": s.get("ms_per_redo_parts"), "mode_costs": s.get("mode_costs"),
+            "rss_end": run.get("rss_end"), "load_s": run.get("load_s"),
             "tokens": [x["tokens"] for x in run.get("runs", [])]}
 
 

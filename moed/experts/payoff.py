@@ -55,9 +55,8 @@ class Payoff:
         best = self.best()
         done = sum(self.steps.values())
         if self._explored is not None:
-            seconds, tokens = self._fresh
-            fresh = seconds / max(tokens, 1) if self.per_token else seconds
-            lost = fresh >= self._explored[1]
+            seconds, tokens = self._fresh  # without per_token every step records one token: a mean step
+            lost = seconds / max(tokens, 1) >= self._explored[1]
             self.gap = min(self.gap * 2, self.max_explore_every) if lost else self.explore_every
             self._explored = None
         if done < self._next:
